@@ -1,0 +1,210 @@
+"""``bin/fetch``: arguments, dataset lookup, the run, and its summary.
+
+Exit codes: 0 every selected unit done; 1 some units failed (rerun to retry them);
+2 bad arguments or unusable input; 130 / 143 after a clean stop on SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastfetch import __version__
+from fastfetch.http import USER_AGENT, FetchConfig, Fetcher
+from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
+from fastfetch.manifest import Manifest
+from fastfetch.pipeline import Pipeline, Selection
+from fastfetch.resizer import ResizePool, default_workers
+from fastfetch.sources import SOURCES, RunContext, UsageError
+from fastfetch.stats import RunCounters, print_summary, write_stats
+
+EXIT_OK, EXIT_FAILED_UNITS, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fetch",
+        description="Download an image-caption dataset, keep images whose short side is at least "
+        "--min-size, resize the short side down to --max-size, and pack them into MosaicML "
+        "Streaming (MDS) shards. Resumable: rerun the same command after any interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset", default="demo", choices=sorted(SOURCES),
+        help="what to fetch: " + "; ".join(f"{n}: {c.help}" for n, c in sorted(SOURCES.items())),
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (MDS under OUT/mds, OUT/stats.json, manifest); default: data/<dataset>")
+    parser.add_argument("--version", action="version", version=f"fastfetch {__version__}")
+
+    sel = parser.add_argument_group("what to fetch")
+    sel.add_argument("--subset", choices=("all", "small"), default="all", help="small = a deterministic ~1%% of the units (at least one), for trying things out")
+    sel.add_argument("--ids", type=int, nargs="+", default=None, help="explicit unit numbers to fetch (e.g. archive numbers); default: all")
+    sel.add_argument("--limit", type=int, default=None, help="only the first N rows of a URL list (for trying things out); default: all")
+    sel.add_argument("--unit-size", type=int, default=10_000, help="rows of a URL list per work unit (one MDS folder, committed as a whole)")
+
+    img = parser.add_argument_group("images")
+    img.add_argument("--min-size", type=int, default=256, help="drop images whose short side is smaller (pixels)")
+    img.add_argument("--max-size", type=int, default=512, help="resize images whose short side is larger down to this (pixels, aspect ratio kept)")
+    img.add_argument("--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)")
+    img.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (untouched JPEGs keep their bytes)")
+    img.add_argument("--workers", type=int, default=default_workers(), help="resize processes (default: cores available)")
+
+    net = parser.add_argument_group("network")
+    net.add_argument("--concurrency", type=int, default=256, help="requests in flight at once")
+    net.add_argument("--per-host", type=int, default=16, help="connections at once to one host")
+    net.add_argument("--timeout", type=float, default=20.0, help="seconds per attempt (connect + read), after which a request counts as timeout")
+    net.add_argument("--retries", type=int, default=2, help="extra attempts on timeouts, connection errors, 5xx and 429 (exponential backoff with jitter; Retry-After honoured)")
+    net.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024, help="largest response body accepted (bytes); larger counts as too_large")
+    net.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL")
+    net.add_argument("--ignore-robots", action="store_true", help="ignore X-Robots-Tag noai/noimageai/noindex/noimageindex opt-outs (honoured by default)")
+    net.add_argument("--user-agent", default=USER_AGENT, help="User-Agent header sent with every request")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+
+    for name, cls in sorted(SOURCES.items()):
+        cls.add_arguments(parser.add_argument_group(f"--dataset {name}"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out or Path("data") / args.dataset
+    try:
+        _check_args(args)
+        return _run_loop(_fetch(args))
+    except UsageError as exc:
+        print(f"fetch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag in ("min_size", "max_size", "concurrency", "per_host", "unit_size", "max_bytes"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
+    if args.min_size > args.max_size:
+        raise UsageError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
+    if not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality must be in 1..100 (got {args.quality})")
+    if args.workers < 0 or args.retries < 0 or (args.limit is not None and args.limit <= 0):
+        raise UsageError("--workers and --retries must be ≥ 0 and --limit ≥ 1")
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+
+
+def _settings(args: argparse.Namespace, resize: ResizeConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What decides the content of a unit: a rerun into the same --out must not change it."""
+    return {
+        "dataset": args.dataset,
+        "min_size": resize.min_size,
+        "max_size": resize.max_size,
+        "resize_filter": resize.resize_filter,
+        "quality": resize.quality,
+        "unit_size": args.unit_size,
+        **fingerprint,
+    }
+
+
+async def _fetch(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    resize = ResizeConfig(args.min_size, args.max_size, args.resize_filter, args.quality)
+    fetch_cfg = FetchConfig(
+        concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
+        connect_timeout=min(10.0, args.timeout), read_timeout=min(10.0, args.timeout), retries=args.retries,
+        max_bytes=args.max_bytes, max_redirects=args.max_redirects, respect_robots=not args.ignore_robots,
+        user_agent=args.user_agent,
+    )
+    manifest = Manifest(out)
+    counters = RunCounters()
+    stopping: dict[str, int] = {}
+    main_task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping:  # second signal: leave at once; the manifest is still consistent
+            os._exit(EXIT_SIGNAL[signal.Signals(signum)])
+        stopping["code"] = EXIT_SIGNAL[signal.Signals(signum)]
+        print("\nstopping: rolling back units in flight (press Ctrl-C again to quit at once)", file=sys.stderr)
+        assert main_task is not None
+        main_task.cancel()
+
+    for sig in EXIT_SIGNAL:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    resizer = ResizePool(resize, args.workers)
+    status = "done"
+    settings: dict[str, Any] = {}
+    pipeline: Pipeline | None = None
+    try:
+        async with Fetcher(fetch_cfg) as fetcher:
+            ctx = RunContext(out=out, fetcher=fetcher, work_dir=out / "_work" / args.dataset, args=args)
+            source = SOURCES[args.dataset](args, ctx)
+            await source.open()
+            try:
+                settings = _settings(args, resize, source.fingerprint())
+                _check_settings(manifest, settings, out)
+                pipeline = Pipeline(source, out, fetcher, resizer, manifest, counters, not args.no_progress)
+                todo = await pipeline.prepare(Selection(args.subset, tuple(args.ids or ())))
+                manifest.set_meta("settings", settings)
+                if not todo:
+                    print("nothing to do: every selected unit is already done", file=sys.stderr)
+                await pipeline.run(todo)
+            finally:
+                await source.close()
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        status = "interrupted"
+    finally:
+        resizer.close()
+        for sig in EXIT_SIGNAL:
+            loop.remove_signal_handler(sig)
+        if pipeline is not None:
+            pipeline.merge()
+        if settings:
+            stats = write_stats(out, manifest, counters, settings, status)
+            print_summary(stats, out)
+        manifest.close()
+        lock.close()
+    if stopping:
+        return stopping["code"]
+    return EXIT_FAILED_UNITS if counters.units_failed else EXIT_OK
+
+
+def _check_settings(manifest: Manifest, settings: dict[str, Any], out: Path) -> None:
+    previous = manifest.get_meta("settings")
+    if previous is None or previous == settings:
+        return
+    diff = ", ".join(
+        f"{k}: {previous.get(k)!r} → {settings.get(k)!r}" for k in sorted(set(previous) | set(settings))
+        if previous.get(k) != settings.get(k)
+    )
+    raise UsageError(
+        f"{out} was built with other settings ({diff}); rerun with the original flags to resume, "
+        "or choose a new --out"
+    )
+
+
+def _lock(out: Path) -> Any:
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise UsageError(f"another fetch is already writing into {out}; wait for it or choose another --out") from exc
+    return f

@@ -1,0 +1,242 @@
+"""One aiohttp session for the whole run: limits, retries, timeouts and guards.
+
+The fetcher turns a URL into bytes or into a named rejection reason; it never raises for a bad
+URL or a bad server, because bad input must never stop a run. Redirects are followed by hand so
+that every hop is checked (scheme, redirect limit) before anything is sent to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import urljoin
+
+import aiohttp
+from yarl import URL
+
+from fastfetch import __version__
+
+USER_AGENT = (
+    f"fastfetch/{__version__} (image-caption dataset builder; honours X-Robots-Tag noai/noimageai)"
+)
+_OPTOUT_TOKENS = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """Network settings of a run (the CLI's flags)."""
+
+    concurrency: int = 256
+    per_host: int = 16
+    timeout: float = 20.0  # total seconds per attempt
+    connect_timeout: float = 10.0
+    read_timeout: float = 10.0  # seconds without a byte
+    retries: int = 2
+    backoff: float = 0.5  # first retry waits ~backoff s, doubling, with jitter
+    max_retry_after: float = 60.0
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    respect_robots: bool = True
+    user_agent: str = USER_AGENT
+
+
+class FetchResult(NamedTuple):
+    """Bytes of a successful download, or the reason it failed (``data`` is then ``None``)."""
+
+    data: bytes | None
+    reason: str | None
+    attempts: int = 1
+
+
+class _Retry(Exception):
+    """A failure worth another attempt; ``reason`` is what is counted if attempts run out."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class _Reject(Exception):
+    """A final failure for this URL."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def robots_optout(values: list[str], agent: str = "fastfetch") -> bool:
+    """Does an ``X-Robots-Tag`` header opt this image out of AI training or indexing?
+
+    Directives may be global (``noai``) or addressed to a user agent (``otherbot: noindex``);
+    only the global ones and those addressed to us count.
+    """
+    for value in values:
+        for part in value.split(","):
+            part = part.strip().lower()
+            if ":" in part:
+                bot, _, part = part.partition(":")
+                if bot.strip() not in (agent, "*"):
+                    continue
+            if any(tok.strip() in _OPTOUT_TOKENS for tok in part.split()):
+                return True
+    return False
+
+
+def parse_retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), cap)
+
+
+def status_reason(status: int) -> str:
+    """The stats name of a final HTTP status: each 4xx by number, 5xx together."""
+    return "http_5xx" if status >= 500 else f"http_{status}"
+
+
+class Fetcher:
+    """Downloads URLs with bounded concurrency; use as an async context manager."""
+
+    def __init__(self, cfg: FetchConfig) -> None:
+        self.cfg = cfg
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self.bytes_in = 0
+
+    async def __aenter__(self) -> Fetcher:
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.concurrency,
+            limit_per_host=self.cfg.per_host,
+            ttl_dns_cache=300,
+            use_dns_cache=True,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": self.cfg.user_agent},
+            timeout=aiohttp.ClientTimeout(
+                total=self.cfg.timeout,
+                sock_connect=self.cfg.connect_timeout,
+                sock_read=self.cfg.read_timeout,
+            ),
+            auto_decompress=True,
+            trust_env=True,
+        )
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Fetcher used outside 'async with'"
+        return self._session
+
+    async def fetch(self, url: str) -> FetchResult:
+        """GET ``url`` with retries; never raises for network or server trouble."""
+        attempt = 0
+        async with self._slots:
+            while True:
+                attempt += 1
+                try:
+                    data = await self._attempt(url)
+                    return FetchResult(data, None, attempt)
+                except _Reject as exc:
+                    return FetchResult(None, exc.reason, attempt)
+                except _Retry as exc:
+                    if attempt > self.cfg.retries:
+                        return FetchResult(None, exc.reason, attempt)
+                    delay = exc.delay
+                    if delay is None:
+                        delay = self.cfg.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
+                    await asyncio.sleep(delay)
+
+    async def _attempt(self, url: str) -> bytes:
+        current = url
+        for _ in range(self.cfg.max_redirects + 1):
+            try:
+                target = _checked_url(current)
+                async with self.session.get(target, allow_redirects=False) as resp:
+                    if resp.status in _REDIRECTS:
+                        location = resp.headers.get("Location")
+                        if not location:
+                            raise _Reject(status_reason(resp.status))
+                        current = urljoin(str(resp.url), location)
+                        continue
+                    self._check_status(resp)
+                    if self.cfg.respect_robots and robots_optout(resp.headers.getall("X-Robots-Tag", [])):
+                        raise _Reject("robots_optout")
+                    return await self._read_body(resp)
+            except (_Retry, _Reject):
+                raise
+            except asyncio.TimeoutError as exc:
+                raise _Retry("timeout") from exc
+            except aiohttp.ClientPayloadError as exc:
+                raise _Retry("connection") from exc
+            except (aiohttp.InvalidURL, ValueError, UnicodeError) as exc:
+                raise _Reject("invalid_url") from exc
+            except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError, OSError) as exc:
+                raise _Retry("connection") from exc
+        raise _Reject("too_many_redirects")
+
+    def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+        status = resp.status
+        if status == 429:
+            delay = parse_retry_after(resp.headers.get("Retry-After"), self.cfg.max_retry_after)
+            raise _Retry("http_429", delay)
+        if status >= 500:
+            raise _Retry("http_5xx")
+        if status != 200:
+            raise _Reject(status_reason(status))
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        limit = self.cfg.max_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise _Reject("too_large")
+        chunks = bytearray()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            chunks += chunk
+            if len(chunks) > limit:
+                raise _Reject("too_large")
+        self.bytes_in += len(chunks)
+        return bytes(chunks)
+
+    async def stream(self, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        """Yield the body of a (large) response in chunks; for archives and list files.
+
+        Errors propagate: a unit that cannot be read is failed and retried as a whole.
+        """
+        async with self.session.get(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=self.cfg.read_timeout * 6)
+        ) as resp:
+            resp.raise_for_status()
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                self.bytes_in += len(chunk)
+                yield chunk
+
+
+def _checked_url(url: str) -> URL:
+    """Parse and check a URL before anything is sent to it (http and https only)."""
+    parsed = URL(url, encoded=False)
+    if parsed.scheme not in ("http", "https"):
+        raise _Reject("bad_scheme")
+    if not parsed.host:
+        raise _Reject("invalid_url")
+    return parsed

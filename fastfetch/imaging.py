@@ -1,0 +1,187 @@
+"""Decode → filter → resize → encode, once per image, entirely in memory.
+
+These are pure functions so that they run unchanged in the resize process pool, in the
+benchmarks' ceiling loop and in tests. The fast paths matter more than anything else in the
+project, because decoding is where a fetch spends its CPU:
+
+* the size filter is decided from the header alone (no pixel is decoded for a too-small image);
+* a JPEG that needs no resize, no rotation and no colour conversion is kept byte for byte;
+* a JPEG that must shrink by 2× or more is decoded at reduced scale by libjpeg (``Image.draft``),
+  which skips most of the IDCT work;
+* everything else is decoded once, resized once (antialiased) and encoded once.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Truncated files are rejected, not silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+RESIZE_FILTERS: dict[str, Image.Resampling] = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX,
+}
+
+# EXIF orientation → the transpose that undoes it (values 2..8; 1 means "as stored").
+_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeConfig:
+    """The rules every stored image obeys (short side in [min_size, max_size])."""
+
+    min_size: int = 256
+    max_size: int = 512
+    resize_filter: str = "bicubic"
+    quality: int = 95
+    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    reduced_decode: bool = True  # libjpeg DCT scaling when shrinking ≥ 2×
+    keep_original_jpeg: bool = True  # store untouched JPEG bytes when nothing needs changing
+
+
+class Processed(NamedTuple):
+    """What the resizer returns for one image.
+
+    ``reason`` is ``None`` for a kept image, else the rejection reason counted in stats.
+    ``data`` is ``None`` when the caller's original bytes are to be stored as they are: the
+    original never crosses the process boundary a second time.
+    """
+
+    reason: str | None
+    data: bytes | None = None
+    width: int = 0
+    height: int = 0
+    original_width: int = 0
+    original_height: int = 0
+
+
+def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """Size with the short side scaled down to ``max_size``, aspect ratio kept (no upscaling)."""
+    short = min(width, height)
+    if short <= max_size:
+        return width, height
+    scale = max_size / short
+    if width <= height:
+        return max_size, max(1, round(height * scale))
+    return max(1, round(width * scale)), max_size
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # corrupt EXIF must not reject an otherwise good image
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    """True when the JPEG ends with its end-of-image marker (padding bytes allowed)."""
+    return data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency is composited on white, 16-bit is scaled to 8-bit."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode.startswith("I;16"):
+        # 16-bit greyscale: scale to 0..255 instead of clipping as Pillow's convert does.
+        im = im.convert("I").point(lambda v: v / 256).convert("L")
+    elif im.mode == "I":
+        scale = 1 / 256 if im.getextrema()[1] > 255 else 1
+        im = im.point(lambda v: v * scale).convert("L")
+    elif im.mode == "F":
+        im = im.convert("L")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def process(data: bytes, cfg: ResizeConfig) -> Processed:
+    """Turn downloaded bytes into the stored JPEG, or into a counted rejection reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return Processed("decompression_bomb")
+    except Image.DecompressionBombWarning:
+        return Processed("decompression_bomb")
+    except UnidentifiedImageError:
+        return Processed("not_an_image")
+    except Exception:
+        return Processed("decode_error")
+    try:
+        return _process_open(im, data, cfg)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return Processed("decompression_bomb")
+    except MemoryError:
+        return Processed("decompression_bomb")
+    except Exception:
+        return Processed("decode_error")
+    finally:
+        im.close()
+
+
+def _process_open(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Processed:
+    raw_w, raw_h = im.size
+    if raw_w * raw_h > cfg.max_pixels:
+        return Processed("decompression_bomb")
+    orientation = _orientation(im)
+    swap = orientation in (5, 6, 7, 8)
+    width, height = (raw_h, raw_w) if swap else (raw_w, raw_h)
+    if min(width, height) < cfg.min_size:
+        return Processed("too_small", original_width=width, original_height=height)
+
+    tw, th = target_size(width, height, cfg.max_size)
+    is_jpeg = im.format == "JPEG"
+    if (
+        cfg.keep_original_jpeg
+        and is_jpeg
+        and (tw, th) == (width, height)
+        and orientation == 1
+        and im.mode == "RGB"
+        and _ends_with_eoi(data)
+    ):
+        # Nothing to do: the caller stores its own bytes. A file cut short has no end-of-image
+        # marker; such a file takes the full decode below, which rejects it.
+        return Processed(None, None, width, height, width, height)
+
+    # Work in stored (unrotated) orientation until the end: rotating the small image is cheaper.
+    raw_tw, raw_th = (th, tw) if swap else (tw, th)
+    if is_jpeg and cfg.reduced_decode and (raw_tw, raw_th) != (raw_w, raw_h):
+        # draft picks the largest DCT scale (1/2, 1/4, 1/8) that keeps the image ≥ the target.
+        im.draft("RGB", (raw_tw, raw_th))
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im.load()
+    im = _to_rgb(im)
+    if im.size != (raw_tw, raw_th):
+        im = im.resize((raw_tw, raw_th), RESIZE_FILTERS[cfg.resize_filter], reducing_gap=None)
+    if orientation != 1:
+        im = im.transpose(_TRANSPOSE[orientation])
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=cfg.quality)
+    return Processed(None, out.getvalue(), tw, th, width, height)

@@ -1,0 +1,175 @@
+"""Read URL lists (txt, csv, tsv, jsonl, json, parquet; optionally gzipped) as Arrow batches.
+
+Lists can hold billions of rows, so every format is read as a stream of record batches and
+never as a whole (except a plain ``.json`` array, which has no streaming form). Column lookup is
+case-insensitive because the same dataset is published as ``URL``/``url``/``Url``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from fastfetch.sources.base import UsageError
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
+BATCH_ROWS = 65_536
+
+
+def list_format(path: Path) -> str | None:
+    """The format of a list file from its name (``x.csv.gz`` → ``csv``), or None."""
+    suffixes = [s.lower().lstrip(".") for s in path.suffixes]
+    if suffixes and suffixes[-1] == "gz":
+        suffixes.pop()
+    if not suffixes:
+        return None
+    ext = {"ndjson": "jsonl", "tab": "tsv"}.get(suffixes[-1], suffixes[-1])
+    return ext if ext in FORMATS else None
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files and folders → the sorted list files (a folder contributes its list files, recursively)."""
+    files: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"URL list {path} does not exist; pass an existing file or folder to --urls")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and list_format(p))
+            if not found:
+                raise UsageError(
+                    f"folder {path} holds no URL list (looked for {', '.join(FORMATS)}, optionally .gz)"
+                )
+            files.extend(found)
+        elif list_format(path) is None:
+            raise UsageError(
+                f"cannot tell the format of {path}: name it with one of the endings "
+                f"{', '.join('.' + f for f in FORMATS)} (optionally + .gz)"
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def read_batches(
+    path: Path, columns: list[str] | None = None, skipped: Counter[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a list file as record batches of strings/numbers.
+
+    ``columns`` restricts what is read (parquet reads only those column chunks). For ``txt``
+    the only column is ``url``. Lines that are not valid JSON in a jsonl list are counted in
+    ``skipped`` under ``malformed_row`` instead of failing the whole list.
+    """
+    skipped = skipped if skipped is not None else Counter()
+    fmt = list_format(path)
+    try:
+        if fmt == "parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        elif fmt in ("csv", "tsv"):
+            yield from _csv_batches(path, "\t" if fmt == "tsv" else ",")
+        elif fmt == "jsonl":
+            yield from _jsonl_batches(path, skipped)
+        elif fmt == "json":
+            yield from _json_batches(path)
+        elif fmt == "txt":
+            yield from _txt_batches(path)
+        else:
+            raise UsageError(f"unsupported list format for {path}")
+    except (pa.ArrowInvalid, OSError, orjson.JSONDecodeError, UnicodeDecodeError, EOFError) as exc:
+        raise UsageError(f"cannot read URL list {path}: {exc}") from exc
+
+
+def _open_text(path: Path) -> pa.NativeFile:
+    return pa.input_stream(str(path), compression="gzip" if path.suffix.lower() == ".gz" else None)
+
+
+def _csv_batches(path: Path, delimiter: str) -> Iterator[pa.RecordBatch]:
+    # Every column as string: a caption column of digits must not become an integer, and a
+    # column whose first million rows are empty must not fail later.
+    header = pacsv.open_csv(
+        _open_text(path), parse_options=pacsv.ParseOptions(delimiter=delimiter)
+    ).schema.names
+    reader = pacsv.open_csv(
+        _open_text(path),
+        read_options=pacsv.ReadOptions(block_size=8 << 20),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, quote_char='"'),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
+    )
+    yield from reader
+
+
+def _jsonl_batches(path: Path, skipped: Counter[str]) -> Iterator[pa.RecordBatch]:
+    rows: list[dict] = []
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                skipped["malformed_row"] += 1
+                continue
+            if isinstance(row, dict):
+                rows.append({k: v if v is None or isinstance(v, (str, int, float)) else orjson.dumps(v).decode()
+                             for k, v in row.items()})
+            else:
+                skipped["malformed_row"] += 1
+            if len(rows) >= BATCH_ROWS:
+                yield _batch_from_rows(rows)
+                rows = []
+    if rows:
+        yield _batch_from_rows(rows)
+
+
+def _batch_from_rows(rows: list[dict]) -> pa.RecordBatch:
+    """Rows → batch; a column whose values mix types (``1`` and ``"1"``) becomes strings."""
+    try:
+        return pa.RecordBatch.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.RecordBatch.from_pylist(
+            [{k: v if v is None or isinstance(v, str) else str(v) for k, v in r.items()} for r in rows]
+        )
+
+
+def _json_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as f:
+        doc = orjson.loads(f.read())
+    if isinstance(doc, dict):  # {"url": [...], "caption": [...]} column form
+        doc = [dict(zip(doc, values)) for values in zip(*doc.values())]
+    if not isinstance(doc, list):
+        raise UsageError(f"{path}: expected a JSON array of objects or URLs")
+    rows = [r if isinstance(r, dict) else {"url": r} for r in doc]
+    for start in range(0, len(rows), BATCH_ROWS):
+        yield _batch_from_rows(rows[start : start + BATCH_ROWS])
+
+
+def _txt_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    urls: list[str] = []
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                urls.append(line)
+            if len(urls) >= BATCH_ROWS:
+                yield pa.RecordBatch.from_pydict({"url": urls})
+                urls = []
+    if urls:
+        yield pa.RecordBatch.from_pydict({"url": urls})
+
+
+def find_column(names: list[str], wanted: str) -> str | None:
+    """The actual name of column ``wanted`` (exact match first, then case-insensitive)."""
+    if wanted in names:
+        return wanted
+    lowered = {n.lower(): n for n in names}
+    return lowered.get(wanted.lower())

@@ -1,0 +1,77 @@
+"""The process pool that runs ``imaging.process``: bytes in, bytes (or a reason) out.
+
+The rules travel to each worker once (pool initializer), so a task pickles only the image
+bytes; a kept-as-is JPEG comes back as a flag rather than as a second copy of its bytes.
+Workers are spawned, not forked: the parent runs an event loop and threads, which ``fork``
+does not copy safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from fastfetch.imaging import Processed, ResizeConfig, process
+
+_CFG: ResizeConfig | None = None
+
+
+def _init(cfg: ResizeConfig) -> None:
+    global _CFG
+    _CFG = cfg
+    # A worker must not die of the parent's Ctrl-C: the parent decides when the pool stops.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run(data: bytes) -> Processed:
+    assert _CFG is not None
+    return process(data, _CFG)
+
+
+class ResizePool:
+    """Bounded asynchronous front of a process pool (``workers=0`` runs inline, for debugging)."""
+
+    def __init__(self, cfg: ResizeConfig, workers: int) -> None:
+        self.cfg = cfg
+        self.workers = workers
+        self._pool = self._new_pool() if workers > 0 else None
+        # Enough queued work to keep every worker busy while results travel back.
+        self._slots = asyncio.Semaphore(max(1, workers) * 4)
+
+    async def process(self, data: bytes) -> Processed:
+        async with self._slots:
+            if self._pool is None:
+                return process(data, self.cfg)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, _run, data)
+            except BrokenProcessPool:
+                # A worker died (out of memory on a hostile image, killed): count and go on.
+                self._restart()
+                return Processed("decode_error")
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(self.cfg,)
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def default_workers() -> int:
+    """One resize process per core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

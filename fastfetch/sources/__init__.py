@@ -1,0 +1,11 @@
+"""The registry of source recipes: ``--dataset NAME`` → the class that plans and reads it."""
+
+from __future__ import annotations
+
+from fastfetch.sources.base import Item, RunContext, Source, Unit, UsageError
+from fastfetch.sources.demo import DemoSource
+from fastfetch.sources.urls import LaionSource, UrlsSource
+
+SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (DemoSource, UrlsSource, LaionSource)}
+
+__all__ = ["SOURCES", "Item", "RunContext", "Source", "Unit", "UsageError"]

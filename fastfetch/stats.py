@@ -1,0 +1,150 @@
+"""Counters by reason, the progress bar, the final summary table and ``stats.json``.
+
+Dataset totals come from the manifest (the done units' counts), so ``stats.json`` always
+describes exactly what the merged index holds, however many runs built it; the throughput
+figures describe the run that just ended.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from fastfetch.manifest import DONE, FAILED, Manifest
+
+
+@dataclass
+class RunCounters:
+    """What this run did (all units it touched, finished or not)."""
+
+    started: float = field(default_factory=time.monotonic)
+    items: int = 0
+    kept: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    units_done: int = 0
+    units_failed: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Progress:
+    """A tqdm bar over items with kept/rejected counts and throughput."""
+
+    def __init__(self, total: int, counters: RunCounters, enabled: bool = True) -> None:
+        self.counters = counters
+        self.bar = tqdm(
+            total=total, unit="img", dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
+            disable=not enabled, file=sys.stderr, desc="fetch",
+        )
+        self._last = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        now = time.monotonic()
+        if now - self._last > 0.5:
+            self._last = now
+            c = self.counters
+            self.bar.set_postfix(
+                kept=c.kept, rejected=sum(c.rejected.values()),
+                MBps=f"{c.bytes_in / 1e6 / max(c.seconds, 1e-9):.1f}", refresh=False,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def dataset_totals(manifest: Manifest) -> dict[str, Any]:
+    """Totals over the done units (what the merged index contains)."""
+    records = manifest.records()
+    counts: Counter[str] = Counter()
+    bytes_in = bytes_out = 0
+    for r in records:
+        if r.state == DONE:
+            counts.update(r.counts)
+            bytes_in += r.bytes_in
+            bytes_out += r.bytes_out
+    kept = counts.pop("kept", 0)
+    states = Counter(r.state for r in records)
+    return {
+        "units": {"total": len(records), **{s: states.get(s, 0) for s in ("done", "pending", "running", "failed")}},
+        "items": kept + sum(counts.values()),
+        "kept": kept,
+        "rejected": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "bytes_downloaded": bytes_in,
+        "bytes_written": bytes_out,
+        "failed_units": {r.id: r.error for r in records if r.state == FAILED},
+    }
+
+
+def write_stats(out: Path, manifest: Manifest, run: RunCounters, settings: dict[str, Any], status: str) -> dict[str, Any]:
+    """Write ``out/stats.json`` atomically and return what was written."""
+    secs = run.seconds
+    stats = {
+        **dataset_totals(manifest),
+        "status": status,
+        "this_run": {
+            "seconds": round(secs, 3),
+            "items": run.items,
+            "kept": run.kept,
+            "rejected": dict(run.rejected),
+            "units_done": run.units_done,
+            "units_failed": run.units_failed,
+            "images_per_s": round(run.items / secs, 2) if secs else 0.0,
+            "kept_per_s": round(run.kept / secs, 2) if secs else 0.0,
+            "mb_per_s": round(run.bytes_in / 1e6 / secs, 2) if secs else 0.0,
+        },
+        "settings": settings,
+    }
+    tmp = out / "stats.json.tmp"
+    tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    os.replace(tmp, out / "stats.json")
+    return stats
+
+
+def print_summary(stats: dict[str, Any], out: Path) -> None:
+    """The human-readable end of a run: one table of kept and rejected, then where things are."""
+    console = Console(stderr=True)
+    run = stats["this_run"]
+    table = Table(title=f"fastfetch: {stats['status']}", show_edge=False)
+    table.add_column("", style="bold")
+    table.add_column("dataset", justify="right")
+    table.add_column("this run", justify="right")
+    table.add_row("units done", f"{stats['units']['done']}/{stats['units']['total']}", str(run["units_done"]))
+    table.add_row("items", f"{stats['items']:,}", f"{run['items']:,}")
+    table.add_row("kept", f"{stats['kept']:,}", f"{run['kept']:,}")
+    reasons = sorted(set(stats["rejected"]) | set(run["rejected"]), key=lambda r: -stats["rejected"].get(r, 0))
+    for reason in reasons:
+        table.add_row(f"  rejected: {reason}", f"{stats['rejected'].get(reason, 0):,}", f"{run['rejected'].get(reason, 0):,}")
+    table.add_row("downloaded", _human(stats["bytes_downloaded"]), "")
+    table.add_row("written", _human(stats["bytes_written"]), "")
+    table.add_row("seconds", "", f"{run['seconds']:.1f}")
+    table.add_row("images/s", "", f"{run['images_per_s']:.1f}")
+    table.add_row("kept/s", "", f"{run['kept_per_s']:.1f}")
+    console.print(table)
+    if stats["failed_units"]:
+        console.print(f"[red]{len(stats['failed_units'])} unit(s) failed[/red] (rerun the same command to retry):")
+        for uid, err in list(stats["failed_units"].items())[:10]:
+            console.print(f"  {uid}: {err}")
+    console.print(f"dataset: {out / 'mds'}   stats: {out / 'stats.json'}")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
