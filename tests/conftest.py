@@ -1,0 +1,149 @@
+"""Shared test machinery: a loopback HTTP server with per-path behaviours, image factories,
+a ``bin/fetch`` runner and an MDS reader. Every server listens on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+FETCH = ROOT / "bin" / "fetch"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- images ------------------------------------------------------------------------------------
+def make_image(width: int, height: int, fmt: str = "JPEG", mode: str = "RGB", seed: int = 0, **save: Any) -> bytes:
+    """A smooth random picture (compresses like a photo, decodes to known sizes)."""
+    rng = random.Random(seed)
+    small = Image.new("RGB", (4, 4))
+    small.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(16)])
+    im = small.resize((width, height), Image.Resampling.BICUBIC)
+    if mode != "RGB":
+        im = im.convert(mode)
+    out = io.BytesIO()
+    im.save(out, fmt, **save)
+    return out.getvalue()
+
+
+# -- server ------------------------------------------------------------------------------------
+@dataclass
+class LoopbackServer:
+    """An aiohttp server in a thread; ``routes`` maps a path to bytes or to a handler."""
+
+    routes: dict[str, bytes | Handler] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    port: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits[request.path] += 1
+        self.requests.append((request.path, dict(request.headers)))
+        route = self.routes.get(request.path)
+        if route is None:
+            raise web.HTTPNotFound()
+        if isinstance(route, bytes):
+            return web.Response(body=route, content_type="image/jpeg")
+        return await route(request)
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackServer]:
+    srv = LoopbackServer()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner_box: dict[str, web.AppRunner] = {}
+
+    async def start() -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", srv._handle)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        srv.port = runner.addresses[0][1]
+        runner_box["r"] = runner
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield srv
+    asyncio.run_coroutine_threadsafe(runner_box["r"].cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+# -- running bin/fetch -------------------------------------------------------------------------
+def fetch_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "AWS_"))}
+    env.update(HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env.pop("HTTP_PROXY", None)
+    env.pop("http_proxy", None)
+    env.update(extra)
+    return env
+
+
+def run_fetch(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``bin/fetch`` as a user would; returns the finished process (output captured)."""
+    cmd = [PYTHON, str(FETCH), "--no-progress", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or fetch_env(), timeout=timeout, cwd=ROOT)
+
+
+def start_fetch(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    cmd = [PYTHON, str(FETCH), "--no-progress", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or fetch_env(), cwd=ROOT)
+
+
+# -- reading MDS -------------------------------------------------------------------------------
+def read_mds(root: Path) -> list[dict[str, Any]]:
+    """All rows of an MDS dataset (merged index), with ``jpg`` left as raw bytes."""
+    import orjson
+    from streaming.base.format import reader_from_json
+
+    index = orjson.loads((root / "index.json").read_bytes())
+    rows: list[dict[str, Any]] = []
+    for info in index["shards"]:
+        shard = reader_from_json(str(root), None, info)
+        for i in range(shard.samples):
+            data = shard.get_sample_data(i)
+            sample = shard.decode_sample(data)
+            rows.append(sample)
+    return rows
+
+
+def jpeg_bytes(value: Any) -> bytes:
+    """The stored JPEG as bytes whether streaming decoded it to a PIL image or not."""
+    if isinstance(value, bytes):
+        return value
+    return Path(value.filename).read_bytes() if getattr(value, "filename", "") else _reencode(value)
+
+
+def _reencode(im: Image.Image) -> bytes:
+    fp = getattr(im, "fp", None)
+    if fp is not None and hasattr(fp, "getvalue"):
+        return fp.getvalue()
+    raise AssertionError("cannot recover the stored JPEG bytes")
