@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -32,7 +30,7 @@ def _from_pretrained(cls, name: str, subfolder: str | None, **kwargs):
     errors = []
     for sub in ([subfolder] if subfolder else []) + [None]:
         try:
-            return cls.from_pretrained(name, subfolder=sub or "", **kwargs)
+            return cls.from_pretrained(name, **({"subfolder": sub} if sub else {}), **kwargs)
         except (OSError, ValueError) as e:
             errors.append(f"{'/'.join(p for p in (name, sub) if p)}: {e}")
     hint = (
@@ -51,11 +49,11 @@ def load_vae(name: str, subfolder: str | None = None):
 
     if subfolder:
         try:
-            vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder)
+            vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder, low_cpu_mem_usage=False)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load the VAE from {name!r} subfolder {subfolder!r}: {e}") from e
     else:
-        vae = _from_pretrained(AutoencoderKL, name, "vae")
+        vae = _from_pretrained(AutoencoderKL, name, "vae", low_cpu_mem_usage=False)  # no accelerate needed
     return vae.eval().requires_grad_(False)
 
 
@@ -249,5 +247,3 @@ def describe(vae, vae_name: str, text: TextEncoder, spec: TextSpec) -> dict:
         "caption_latents_shape": [text.seq_len, text.dim],
     }
 
-
-Tokenizer = Callable[[str], tuple[torch.Tensor, torch.Tensor]]

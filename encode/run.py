@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Encode an image MDS dataset into VAE latents + text embeddings (a latent MDS dataset).
+
+    torchrun --nproc_per_node N encode/run.py --data DIR/mds --out DIR/latents \\
+        --vae stabilityai/stable-diffusion-xl-base-1.0 \\
+        --text-encoder openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378 --resolutions 256 512
+
+One process per device (nccl on CUDA, gloo on CPU; `python encode/run.py` is one process).
+The flow is setup → load models → loop → barrier → merge; rerunning the same command after a
+crash continues where each rank stopped. Multi-node runs need `--out` on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python encode/run.py`
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import encode  # noqa: E402
+from encode import data, models, writer  # noqa: E402
+from encode.paths import INDEX, is_remote, stream_location  # noqa: E402
+
+# Settings that change what is written: a resumed run must use the same ones.
+SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype",
+            "latent_mode", "seed", "keep_images")
+
+
+class UsageError(Exception):
+    """Something the user can fix in the command line or the folders; exits with status 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="image MDS folder written by bin/fetch (or a remote URL)")
+    p.add_argument("--out", required=True, help="latent MDS folder to create or resume")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local folder")
+    p.add_argument("--vae-subfolder", default=None, help="subfolder holding the VAE; default: try vae/, then the root")
+    p.add_argument("--text-encoder", required=True, type=models.TextSpec.parse,
+                   help="openclip:<name|hf-hub:repo|folder>, hf-clip:<id|folder>, or t5:<id|folder>")
+    p.add_argument("--max-length", type=int, default=77, help="T5 token length (CLIP models fix their own)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256], help="square crop sizes to encode")
+    p.add_argument("--batch-size", type=int, default=32, help="images per device step")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    p.add_argument("--prefetch-factor", type=int, default=2, help="batches loaded ahead per worker")
+    p.add_argument("--dtype", choices=sorted(models.DTYPES), default="bf16", help="autocast compute dtype")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the VAE encoder and text encoder; default: on for CUDA, off on CPU")
+    p.add_argument("--latent-mode", choices=["sample", "mean"], default="sample",
+                   help="sample: latent_dist.sample() seeded per row key; mean: latent_dist.mean")
+    p.add_argument("--seed", type=int, default=0, help="mixed into every row's sampling seed")
+    p.add_argument("--keep-images", action="store_true", help="copy each row's JPEG into the output")
+    p.add_argument("--chunk-rows", type=int, default=2048,
+                   help="rows per output chunk; a crash loses at most one unfinished chunk per rank")
+    p.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu or cuda")
+    p.add_argument("--cache-dir", default=None, help="local cache for a remote --data")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0 or args.prefetch_factor < 1 or args.chunk_rows < 1:
+        p.error("--batch-size, --prefetch-factor and --chunk-rows must be ≥ 1, --num-workers ≥ 0")
+    if is_remote(args.out):
+        p.error(f"--out {args.out}: remote outputs are not supported yet; write locally and upload")
+    return args
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+
+def setup(args: argparse.Namespace) -> Ctx:
+    """Process group (nccl on CUDA, gloo on CPU), device, and Streaming's leftover shared memory."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers tokenize; avoid fork warnings
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    clean_stale_shared_memory()  # a killed run leaves Streaming's shm behind, which blocks the next
+    return Ctx(dist.get_rank() if distributed else 0, dist.get_world_size() if distributed else 1,
+               device, distributed)
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout (recorded in latents.json)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{encode.__version__}+{rev}" if rev else encode.__version__
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Loaded:
+    encoder: models.Encoder
+    text: models.TextEncoder
+    meta: dict  # the sidecar JSON (the existing one when resuming)
+    noise_shapes: dict[int, tuple[int, ...]] | None  # per resolution, for --latent-mode sample
+
+
+def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
+    """The encode step and the sidecar metadata; checks that a resumed `--out` used the same settings."""
+    dtype = models.DTYPES[args.dtype]
+    vae = models.load_vae(args.vae, args.vae_subfolder)
+    text = models.load_text_encoder(args.text_encoder, args.max_length, dtype)
+    try:
+        shapes = {f"latents_{r}": list(models.latent_shape(vae, r)) for r in args.resolutions}
+    except ValueError as e:
+        raise UsageError(f"--resolutions: {e}") from e
+    shapes["caption_latents"] = [text.seq_len, text.dim]
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    settings["text_encoder"] = str(args.text_encoder)
+    meta = {
+        "format": "fastfetch-latents/1",
+        "code_version": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "models": models.describe(vae, args.vae, text, args.text_encoder),
+        "compute_dtype": args.dtype,
+        "storage_dtype": "float16",
+        "latent_mode": args.latent_mode,
+        "resolutions": args.resolutions,
+        "shapes": shapes,
+        "columns": writer.columns(args.resolutions, args.keep_images),
+    }
+    old = writer.read_meta(args.out)
+    if old is not None and old["settings"] != settings:
+        diff = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
+        raise UsageError(f"{args.out} holds latents made with other settings {diff} (old, new); "
+                         "rerun with the old settings or choose a new --out")
+    compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
+    enc = models.Encoder(vae, text, device=ctx.device, dtype=dtype, batch_size=args.batch_size,
+                         latent_mode=args.latent_mode, compile=compile_)
+    noise_shapes = {r: tuple(shapes[f"latents_{r}"]) for r in args.resolutions} if args.latent_mode == "sample" else None
+    return Loaded(enc, text, meta if old is None else old, noise_shapes)
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.Progress) -> None:
+    """Encode this rank's rows that no earlier run finished; counters go to `progress`."""
+    remote, local = stream_location(args.data, args.cache_dir)
+    if remote is None and not os.path.exists(os.path.join(local, INDEX)):
+        raise UsageError(f"--data {args.data}: no {INDEX} there; point it at the mds folder bin/fetch wrote")
+    source = data.open_source(args.data, args.cache_dir)
+    rows = data.rank_rows(source.num_samples, ctx.rank, ctx.world_size)
+    done = writer.done_keys(args.out)
+    indices = data.pending_rows(source, rows, done) if done else rows
+    stats = Counter(already_done=len(rows) - len(indices))
+    loader = torch.utils.data.DataLoader(
+        data.ImageRows(source, indices, args.resolutions, m.text.tokenize, m.noise_shapes, args.seed, args.keep_images),
+        batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=data.collate,
+        pin_memory=ctx.device.type == "cuda", prefetch_factor=args.prefetch_factor if args.num_workers else None)
+    total = torch.tensor([len(indices)])
+    if ctx.distributed:
+        dist.all_reduce(total)  # gloo path is fine on CPU tensors; only the bar total needs it
+    bar = tqdm(total=int(total), unit="img", dynamic_ncols=True, disable=not ctx.main)
+    out = writer.AsyncWriter(writer.ChunkWriter(args.out, ctx.rank, writer.columns(args.resolutions, args.keep_images),
+                                                args.chunk_rows), stats)
+    start, timing = time.perf_counter(), {}
+    for batch in loader:
+        stats.update(batch["errors"])
+        if batch["key"]:
+            out.submit(batch, m.encoder(batch))
+        stats["seen"] += len(batch["key"]) + sum(batch["errors"].values())
+        if "first_batch_s" not in timing:
+            timing["first_batch_s"], stats["seen_first_batch"] = time.perf_counter() - start, stats["seen"]
+        timing["seconds"] = time.perf_counter() - start
+        progress.update(stats, timing)
+        _advance(bar, progress)
+    out.close()
+    timing["seconds"] = time.perf_counter() - start
+    progress.update(stats, timing, done=True)
+    if ctx.main:  # keep the bar moving until every rank has finished
+        while not all(p["done"] for p in progress.read_all()) or len(progress.read_all()) < ctx.world_size:
+            _advance(bar, progress)
+            time.sleep(0.5)
+        _advance(bar, progress)
+    bar.close()
+
+
+def _advance(bar: tqdm, progress: writer.Progress) -> None:
+    if not bar.disable:
+        bar.update(sum(p["stats"].get("seen", 0) for p in progress.read_all()) - bar.n)
+
+
+# --------------------------------------------------------------------------- merge + summary
+
+
+def summarize(args: argparse.Namespace, ctx: Ctx, progress: writer.Progress) -> dict:
+    """Merged index, stats.json and the printed run summary (rank 0, after the barrier)."""
+    ranks = progress.read_all()
+    total: Counter = Counter()
+    for p in ranks:
+        total.update(p["stats"])
+    seconds = max(p["timing"].get("seconds", 0.0) for p in ranks)
+    steady = sum(
+        (p["stats"].get("seen", 0) - p["stats"].get("seen_first_batch", 0))
+        / max(p["timing"]["seconds"] - p["timing"]["first_batch_s"], 1e-9)
+        for p in ranks if "first_batch_s" in p["timing"]
+    )
+    skipped = {k: v for k, v in sorted(total.items()) if k.startswith(("skipped", "decode_error", "already"))}
+    stats = {
+        "rows": writer.merge(args.out),
+        "rows_this_run": total["rows"],
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(total["seen"] / seconds, 3) if seconds else 0.0,
+        "images_per_s_steady": round(steady, 3),
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+    }
+    writer.write_json(os.path.join(args.out, "stats.json"), stats)
+    print(f"encoded {stats['rows_this_run']} rows in {seconds:.1f} s ({stats['images_per_s']:.2f} img/s, "
+          f"{stats['images_per_s_steady']:.2f} img/s after the first batch) on {ctx.world_size} × {ctx.device.type}; "
+          f"{stats['rows']} rows in {args.out}")
+    for reason, n in skipped.items():
+        print(f"  {reason}: {n}")
+    if total["skipped_non_finite"]:
+        print("  non-finite latents were not written; the SDXL VAE overflows in fp16: use --dtype bf16 or fp32, "
+              "or an fp16-fixed VAE")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctx = setup(args)
+    try:
+        loaded = load_models(args, ctx)
+        if ctx.main:
+            os.makedirs(args.out, exist_ok=True)
+            writer.remove_unfinished(args.out)
+            writer.write_json(os.path.join(args.out, writer.META_NAME), loaded.meta)
+        ctx.barrier()  # nobody reads `out` before rank 0 has cleaned it
+        progress = writer.Progress(args.out, ctx.rank, ctx.world_size)
+        encode_loop(args, ctx, loaded, progress)
+        ctx.barrier()
+        if ctx.main:
+            summarize(args, ctx, progress)
+    except (UsageError, models.ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx.distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
