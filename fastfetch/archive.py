@@ -1,0 +1,438 @@
+"""Archive members without extracting anything: tar/tgz from a byte stream, zip by random access.
+
+Tar (and gzip-compressed tar) is parsed incrementally from the async stream of the download, one
+512-byte header at a time, so nothing of the archive ever lands on disk and memory holds at most
+one member. Zip keeps its table of contents at the end, so it is read by random access (ranged
+HTTP reads of a :class:`fastfetch.ranged.RemoteFile`, or a spooled :class:`LocalFile`): the end
+of central directory, then the central directory, then the members in file order, several per
+request. Only regular files with safe relative names are ever yielded; links, devices,
+absolute paths and ``..`` are skipped, and nothing is ever written to disk by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+import struct
+import tarfile
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+BLOCK = 512
+MAX_MEMBER = 256 * 1024 * 1024  # a member larger than this is never held in memory
+_THREAD_MIN = 1 << 16  # inflate chunks at least this large in a thread (zlib releases the GIL)
+
+
+class ArchiveError(Exception):
+    """The archive is unreadable (bad header, truncated, not a tar/zip)."""
+
+
+def safe_name(name: str) -> str | None:
+    """A member name normalised to a relative POSIX path, or None when it is unsafe."""
+    name = name.replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    if not name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return None
+    norm = posixpath.normpath(name)
+    if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
+        return None
+    return norm
+
+
+# -- byte streams ------------------------------------------------------------------------------
+async def gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Decompress a gzip stream (any number of concatenated members) chunk by chunk."""
+    d = zlib.decompressobj(31)
+    async for chunk in chunks:
+        while chunk:
+            out = await _inflate(d, chunk)
+            if out:
+                yield out
+            while d.unconsumed_tail:  # output was capped: keep draining the same input
+                out = await _inflate(d, d.unconsumed_tail)
+                if out:
+                    yield out
+            chunk = b""
+            if d.eof:
+                chunk = d.unused_data
+                d = zlib.decompressobj(31)
+                if chunk and chunk.lstrip(b"\0") == b"":  # trailing zero padding after the last member
+                    chunk = b""
+    tail = d.flush()
+    if tail:
+        yield tail
+
+
+async def _inflate(d: zlib._Decompress, data: bytes) -> bytes:  # type: ignore[name-defined]
+    if len(data) >= _THREAD_MIN:
+        return await asyncio.to_thread(d.decompress, data, 16 * 1024 * 1024)
+    return d.decompress(data, 16 * 1024 * 1024)
+
+
+async def maybe_gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Pass a stream through, decompressing it first if it starts with the gzip magic."""
+    it = chunks.__aiter__()
+    first = b""
+    async for chunk in it:
+        first = chunk
+        if len(first) >= 2:
+            break
+    async def replay() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in it:
+            yield chunk
+    if first[:2] == b"\x1f\x8b":
+        async for out in gunzip(replay()):
+            yield out
+    else:
+        async for out in replay():
+            yield out
+
+
+class _Reader:
+    """Exact-size reads over an async chunk stream (the tar parser's input)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._it = chunks.__aiter__()
+        self._buf = bytearray()
+        self._pos = 0
+        self.offset = 0  # bytes consumed so far
+
+    async def _fill(self, n: int) -> bool:
+        while len(self._buf) - self._pos < n:
+            try:
+                chunk = await self._it.__anext__()
+            except StopAsyncIteration:
+                return False
+            if self._pos:
+                del self._buf[: self._pos]
+                self._pos = 0
+            self._buf += chunk
+        return True
+
+    async def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or fewer only at the end of the stream."""
+        await self._fill(n)
+        out = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += len(out)
+        self.offset += len(out)
+        return out
+
+    async def skip(self, n: int) -> None:
+        while n > 0:
+            have = len(self._buf) - self._pos
+            if have == 0 and not await self._fill(1):
+                raise ArchiveError("archive truncated")
+            take = min(n, len(self._buf) - self._pos)
+            self._pos += take
+            self.offset += take
+            n -= take
+
+
+# -- tar ---------------------------------------------------------------------------------------
+class TarMember:
+    """A regular file of a streamed tar; its data must be read before the next member is asked for.
+
+    Unread data is skipped by the parser, so a recipe can ignore members (SA-1B's mask JSONs)
+    without holding them.
+    """
+
+    def __init__(self, name: str, size: int, reader: _Reader) -> None:
+        self.name = name
+        self.size = size
+        self._reader = reader
+        self._left = size
+
+    async def read(self, limit: int = MAX_MEMBER) -> bytes | None:
+        """All the data, or None (data skipped) when it is larger than ``limit``."""
+        if self.size > limit:
+            return None
+        data = await self._reader.read(self._left)
+        self._left -= len(data)
+        if self._left:
+            raise ArchiveError(f"archive truncated inside {self.name}")
+        return data
+
+    async def chunks(self, size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The data piece by piece (for members too large to hold, e.g. a JSONL of captions)."""
+        while self._left:
+            data = await self._reader.read(min(size, self._left))
+            if not data:
+                raise ArchiveError(f"archive truncated inside {self.name}")
+            self._left -= len(data)
+            yield data
+
+    async def _finish(self) -> None:
+        await self._reader.skip(self._left + (-self.size % BLOCK))
+        self._left = 0
+
+
+async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
+    """The regular-file members of a tar stream (gzip-compressed or not), in archive order."""
+    reader = _Reader(maybe_gunzip(chunks))
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = await reader.read(BLOCK)
+        if len(header) < BLOCK:
+            if not header and reader.offset == 0:
+                raise ArchiveError("empty archive")
+            if header.strip(b"\0"):
+                raise ArchiveError("archive truncated in a header")
+            return  # a stream may end without the two zero blocks
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.EOFHeaderError:
+            return
+        except tarfile.EmptyHeaderError:
+            continue  # the first of the two end-of-archive zero blocks (or padding)
+        except tarfile.HeaderError as exc:
+            raise ArchiveError(f"bad tar header at byte {reader.offset - BLOCK}: {exc}") from exc
+        size = info.size
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
+            meta = await reader.read(size)
+            await reader.skip(-size % BLOCK)
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = meta.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.XHDTYPE:
+                pax = _parse_pax(meta)
+            continue
+        name = pax.get("path") or long_name or info.name
+        if "size" in pax:
+            size = int(pax["size"])
+        long_name, pax = None, {}
+        safe = safe_name(name)
+        if info.type not in tarfile.REGULAR_TYPES or safe is None:
+            await reader.skip(size + (-size % BLOCK))
+            continue
+        member = TarMember(safe, size, reader)
+        yield member
+        await member._finish()
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """``"%d %s=%s\\n"`` records of a pax extended header."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            break
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+async def iter_tar_groups(chunks: AsyncIterator[bytes], want: Callable[[str], bool]) -> AsyncIterator[dict[str, bytes]]:
+    """Webdataset samples: adjacent members sharing a key (``dir/key.ext``) as {ext: data, "__key__": key}.
+
+    Only members whose extension ``want`` accepts are read; the key is the path up to the first
+    dot of the file name, as webdataset defines it.
+    """
+    current: str | None = None
+    group: dict[str, bytes] = {}
+    async for member in iter_tar(chunks):
+        folder, _, base = member.name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        key = f"{folder}/{stem}" if folder else stem
+        if key != current:
+            if group:
+                yield {"__key__": current.encode(), **group}  # type: ignore[union-attr]
+            current, group = key, {}
+        if dot and want(ext.lower()):
+            data = await member.read()
+            if data is not None:
+                group[ext.lower()] = data
+    if group and current is not None:
+        yield {"__key__": current.encode(), **group}
+
+
+# -- zip ---------------------------------------------------------------------------------------
+class RandomAccess(Protocol):
+    size: int
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ZipEntry:
+    name: str
+    offset: int  # of the local header
+    csize: int
+    usize: int
+    method: int
+    crc: int
+    flags: int
+
+
+@dataclass(slots=True)
+class ZipMember:
+    """A member's bytes, or the reason it was not read (``zip_bomb``, ``corrupt``, …)."""
+
+    name: str
+    data: bytes | None
+    problem: str | None = None
+
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOC = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CDIR = struct.Struct("<4s4B4HL2L5H2L")
+_LOCAL = struct.Struct("<4s2B4HL2L2H")
+_TAIL = 65535 + _EOCD.size + _EOCD64_LOC.size
+
+
+async def zip_entries(f: RandomAccess) -> list[ZipEntry]:
+    """The central directory of a zip (ZIP64 included), as entries sorted by file offset."""
+    tail_start = max(0, f.size - _TAIL)
+    tail = await f.read(tail_start, f.size - tail_start)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise ArchiveError("not a zip file (no end of central directory)")
+    _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+        loc = at - _EOCD64_LOC.size
+        sig, _, eocd64_offset, _ = _EOCD64_LOC.unpack_from(tail, loc) if loc >= 0 else (b"", 0, 0, 0)
+        if sig != b"PK\x06\x07":
+            raise ArchiveError("ZIP64 locator missing")
+        rec = await f.read(eocd64_offset, _EOCD64.size)
+        fields = _EOCD64.unpack(rec)
+        if fields[0] != b"PK\x06\x06":
+            raise ArchiveError("bad ZIP64 end of central directory")
+        count, cd_size, cd_offset = fields[7], fields[8], fields[9]
+    if cd_offset + cd_size > f.size:
+        raise ArchiveError("central directory beyond the end of the file")
+    cd = await f.read(cd_offset, cd_size)
+    entries: list[ZipEntry] = []
+    pos = 0
+    for _ in range(count):
+        if cd[pos : pos + 4] != b"PK\x01\x02":
+            raise ArchiveError("bad central directory entry")
+        rec = _CDIR.unpack_from(cd, pos)
+        flags, method, crc, csize, usize = rec[5], rec[6], rec[9], rec[10], rec[11]
+        name_len, extra_len, comment_len, offset = rec[12], rec[13], rec[14], rec[18]
+        pos += _CDIR.size
+        raw = cd[pos : pos + name_len]
+        extra = cd[pos + name_len : pos + name_len + extra_len]
+        pos += name_len + extra_len + comment_len
+        usize, csize, offset = _zip64_extra(extra, usize, csize, offset)
+        name = raw.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        safe = safe_name(name)
+        if safe is None or name.endswith("/"):
+            continue
+        entries.append(ZipEntry(safe, offset, csize, usize, method, crc, flags))
+    entries.sort(key=lambda e: e.offset)
+    return entries
+
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<2H", extra, pos)
+        if tag == 1:
+            vals = list(struct.unpack_from(f"<{size // 8}Q", extra, pos + 4))
+            if usize == 0xFFFFFFFF and vals:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF and vals:
+                csize = vals.pop(0)
+            if offset == 0xFFFFFFFF and vals:
+                offset = vals.pop(0)
+            break
+        pos += 4 + size
+    return usize, csize, offset
+
+
+def bomb_check(entry: ZipEntry, limit: int = MAX_MEMBER) -> str | None:
+    """Why a member must not be inflated, judged from its declared sizes (None when fine)."""
+    if entry.flags & 0x1:
+        return "encrypted"
+    if entry.method not in (0, 8):
+        return "unsupported_compression"
+    if entry.usize > limit:
+        return "too_large"
+    if entry.method == 8 and entry.usize > 1 << 20 and entry.usize > 200 * max(entry.csize, 1):
+        return "zip_bomb"
+    return None
+
+
+async def iter_zip(
+    f: RandomAccess,
+    entries: list[ZipEntry],
+    span: int = 16 * 1024 * 1024,
+    limit: int = MAX_MEMBER,
+) -> AsyncIterator[ZipMember]:
+    """The given members' data, reading runs of neighbouring members with one request each.
+
+    Each member is checked against its declared sizes before inflating (bomb check), inflated
+    with a cap one byte above its declared size, and verified against its CRC.
+    """
+    entries = sorted(entries, key=lambda e: e.offset)
+    i = 0
+    while i < len(entries):
+        first = entries[i]
+        problem = bomb_check(first, limit)
+        if problem:
+            yield ZipMember(first.name, None, problem)
+            i += 1
+            continue
+        # a member's local header + data fits in csize + 30 + name + extra (extra ≤ 64 KiB)
+        j, end = i + 1, _member_end(first)
+        while j < len(entries) and bomb_check(entries[j], limit) is None:
+            nxt = entries[j]
+            if nxt.offset - end > (1 << 20) or _member_end(nxt) - first.offset > span:
+                break
+            end = max(end, _member_end(nxt))
+            j += 1
+        end = min(end, f.size)
+        block = await f.read(first.offset, end - first.offset)
+        for entry in entries[i:j]:
+            yield await _carve(f, entry, block, entry.offset - first.offset)
+        i = j
+
+
+def _member_end(e: ZipEntry) -> int:
+    return e.offset + _LOCAL.size + len(e.name.encode()) + 1024 + e.csize
+
+
+async def _carve(f: RandomAccess, entry: ZipEntry, block: bytes, at: int) -> ZipMember:
+    header = block[at : at + _LOCAL.size]
+    if len(header) < _LOCAL.size or header[:4] != b"PK\x03\x04":
+        return ZipMember(entry.name, None, "corrupt")
+    rec = _LOCAL.unpack(header)
+    start = at + _LOCAL.size + rec[10] + rec[11]
+    data = block[start : start + entry.csize]
+    if len(data) < entry.csize:  # an unusually long local extra field: read the member alone
+        data = await f.read(entry.offset + (start - at), entry.csize)
+    try:
+        if entry.method == 8:
+            d = zlib.decompressobj(-15)
+            if len(data) >= _THREAD_MIN:
+                out = await asyncio.to_thread(d.decompress, data, entry.usize + 1)
+            else:
+                out = d.decompress(data, entry.usize + 1)
+        else:
+            out = data
+    except zlib.error:
+        return ZipMember(entry.name, None, "corrupt")
+    if len(out) != entry.usize:
+        return ZipMember(entry.name, None, "zip_bomb" if len(out) > entry.usize else "corrupt")
+    if zlib.crc32(out) != entry.crc:
+        return ZipMember(entry.name, None, "corrupt")
+    return ZipMember(entry.name, out)
+
+
+async def read_zip_member(f: RandomAccess, entry: ZipEntry, limit: int = MAX_MEMBER) -> bytes:
+    """One member's data (for side files such as a part's JSON); raises when unreadable."""
+    async for member in iter_zip(f, [entry], limit=limit):
+        if member.data is None:
+            raise ArchiveError(f"{entry.name}: {member.problem}")
+        return member.data
+    raise ArchiveError(f"{entry.name}: not found")

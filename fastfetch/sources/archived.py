@@ -1,0 +1,253 @@
+"""What the archive recipes share: archive streams and files, caption lookups, caption items.
+
+Every archive recipe (sa1b, jdb, diffdb, cc12m, textcaps, coco) does the same three things
+around its own layout: read one archive per unit without keeping it (a resumable stream for
+tar, ranged reads or a spooled file for zip and parquet), join each image to its caption
+through a lookup built once from a side file, and turn a caption-less image into a
+``no_caption`` count rather than a row. Those live here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fastfetch import hub
+from fastfetch.archive import RandomAccess, TarMember, iter_tar
+from fastfetch.ranged import AccessDenied, LocalFile, RemoteFile, ResumableStream, download_file, probe
+from fastfetch.sources.base import Item, Source, Unit, UsageError
+
+
+def add_once(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
+    """Add a flag shared by several recipes only once (every recipe's flags share one parser)."""
+    if flag not in group._option_string_actions:
+        group.add_argument(flag, **kwargs)
+
+
+def caption_item(key: str, data: bytes, caption: str | None, extra: dict[str, Any], reject: str | None = None) -> Item:
+    """An archive image as an item; a missing or blank caption is a ``no_caption`` rejection."""
+    caption = caption.strip() if isinstance(caption, str) else None
+    if reject is None and not caption:
+        reject = "no_caption"
+    return Item(key, caption or "", data=data, extra=extra, reject=reject)
+
+
+class CaptionIndex:
+    """A SQLite lookup ``name → (caption, extra)`` built once from a dataset's caption side file.
+
+    SA-1B has 11M captions and JourneyDB 4M prompts: a dict of them would cost gigabytes of
+    memory in every run, a keyed SQLite table costs a few microseconds per lookup. The file
+    is written under a temporary name and renamed when complete, so a killed build is redone.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.path.exists()
+
+    def build(self, rows: Iterable[tuple[str, str | None, dict[str, Any] | None]]) -> int:
+        """Write the lookup from (name, caption, extra) rows; the first row of a name wins."""
+        with self.writer() as add:
+            n = 0
+            for name, caption, extra in rows:
+                add(name, caption, extra)
+                n += 1
+        return n
+
+    @contextlib.contextmanager
+    def writer(self) -> Any:
+        """A context giving ``add(name, caption, extra)``; the lookup appears only on success."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(tmp)
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("CREATE TABLE captions (name TEXT PRIMARY KEY, caption TEXT, extra BLOB) WITHOUT ROWID")
+        batch: list[tuple[str, str | None, bytes | None]] = []
+
+        def add(name: str, caption: str | None, extra: dict[str, Any] | None = None) -> None:
+            batch.append((name, caption, orjson.dumps(extra) if extra else None))
+            if len(batch) >= 10_000:
+                flush()
+
+        def flush() -> None:
+            db.executemany("INSERT OR IGNORE INTO captions VALUES (?, ?, ?)", batch)
+            batch.clear()
+
+        try:
+            yield add
+            flush()
+            db.commit()
+            db.close()
+            os.replace(tmp, self.path)
+        except BaseException:
+            db.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def get(self, name: str) -> tuple[str | None, dict[str, Any]] | None:
+        """(caption, extra) for ``name``, or None when the side file does not know it."""
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        row = self._db.execute("SELECT caption, extra FROM captions WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return None
+        return row[0], orjson.loads(row[1]) if row[1] else {}
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class ArchiveSource(Source):
+    """Base of the recipes whose units are archives (tar streams, zips, parquet files)."""
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        add_once(
+            group, "--keep-archives", action="store_true",
+            help="archive datasets: also keep each downloaded archive under OUT/_archives/ (default: unpack "
+            "from the stream and keep nothing)",
+        )
+
+    # -- where things go -----------------------------------------------------------------------
+    @property
+    def keep_dir(self) -> Path | None:
+        return self.ctx.out / "_archives" / self.name if getattr(self.args, "keep_archives", False) else None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.ctx.work_dir / "spool"
+
+    @property
+    def session(self) -> Any:
+        return self.ctx.fetcher.session
+
+    # -- reading archives ----------------------------------------------------------------------
+    async def stream(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        """The bytes of one archive, resumed across broken connections (and kept if asked)."""
+        keep = self.keep_dir
+        if keep is not None and (keep / name).exists():
+            with open(keep / name, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+            return
+        body = ResumableStream(self.session, url, dict(headers or {}), read_timeout=max(60.0, self.ctx.fetcher.cfg.read_timeout))
+        if keep is None:
+            async for chunk in body:
+                yield chunk
+            return
+        keep.mkdir(parents=True, exist_ok=True)
+        part = keep / f"{name}.part"
+        with open(part, "wb") as f:
+            async for chunk in body:
+                f.write(chunk)
+                yield chunk
+        os.replace(part, keep / name)
+
+    async def tar_members(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[TarMember]:
+        async for member in iter_tar(self.stream(url, name, headers)):
+            yield member
+
+    @contextlib.asynccontextmanager
+    async def random_access(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[RandomAccess]:
+        """Random access to one archive: ranged reads when the server allows them, else a file
+        spooled under the work dir and deleted as soon as the caller is done with it."""
+        keep = self.keep_dir
+        if keep is not None:
+            path = await download_file(self.session, url, keep / name, headers)
+            local = LocalFile(path)
+            try:
+                yield local
+            finally:
+                local.close()
+            return
+        validator, ranged = await probe(self.session, url, headers)
+        if ranged and validator.length is not None:
+            yield RemoteFile(self.session, url, validator, headers)
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.spool_dir))
+        try:
+            local = LocalFile(await download_file(self.session, url, tmp / name, headers))
+            try:
+                yield local
+            finally:
+                local.close()
+        finally:
+            for leftover in tmp.iterdir():
+                leftover.unlink()
+            tmp.rmdir()
+
+    async def side_file(self, url: str, dest: Path, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
+        """Download a caption side file once (resumable); no access is a usage error."""
+        try:
+            return await download_file(self.session, url, dest, headers)
+        except AccessDenied as exc:
+            if repo is not None:
+                raise hub.access_error(repo, exc.status) from exc
+            raise UsageError(f"cannot download {url}: HTTP {exc.status}") from exc
+
+    async def check_access(self, url: str, repo: str | None = None, headers: dict[str, str] | None = None) -> tuple[Any, bool]:
+        """Probe a file before planning on it; 401/403 becomes the login message."""
+        try:
+            return await probe(self.session, url, headers)
+        except AccessDenied as exc:
+            if repo is not None:
+                raise hub.access_error(repo, exc.status) from exc
+            raise UsageError(f"no access to {url} (HTTP {exc.status})") from exc
+        except Exception as exc:
+            raise UsageError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
+
+
+class HubArchiveSource(ArchiveSource):
+    """An archive recipe whose units are files of a Hugging Face dataset repository."""
+
+    repo: str
+
+    async def hub_units(self, folder: str, pattern: str, unit_id: Any) -> list[Unit]:
+        """One unit per repo file matching ``pattern`` (a regex on the file name) under ``folder``.
+
+        The spec holds the file's path, size and LFS hash, so a file changed upstream is redone.
+        """
+        files = await hub.list_files(self.repo, folder, pattern)
+        if not files:
+            raise UsageError(
+                f"no file matching {pattern!r} under {folder or '/'} of {hub.dataset_page(self.repo)}; "
+                "check the dataset layout or HF_ENDPOINT"
+            )
+        units = []
+        for f in files:
+            match = re.fullmatch(pattern, f.path.rsplit("/", 1)[-1])
+            assert match is not None
+            units.append(Unit(unit_id(match), {"path": f.path, "size": f.size, "oid": f.oid}))
+        return units
+
+    def hub_url(self, path: str) -> str:
+        return hub.file_url(self.repo, path)
+
+    def hub_headers(self) -> dict[str, str]:
+        return hub.headers()
+
+    async def hub_side_file(self, path: str, dest: Path | None = None) -> Path:
+        """A side file of the repo (captions, metadata) downloaded once into the work dir."""
+        dest = dest or self.ctx.work_dir / path.rsplit("/", 1)[-1]
+        return await self.side_file(self.hub_url(path), dest, self.hub_headers(), repo=self.repo)
+
+    def unit_tar(self, unit: Unit) -> AsyncIterator[TarMember]:
+        path = unit.spec["path"]
+        return self.tar_members(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers())
