@@ -1,0 +1,117 @@
+"""SA-1B (Meta's Segment Anything images) with the LLaVA captions of PixArt-alpha.
+
+Meta hands out expiring CDN links in a links file (``file_name<TAB>cdn_link``, one header
+line); each ``sa_NNNNNN.tar`` (~11 GB, ~11k images) holds ``sa_N.jpg`` + ``sa_N.json`` (masks,
+never read). Captions come from ``SA1B_caption.tar.gz`` of the HF dataset
+``PixArt-alpha/SAM-LLaVA-Captions10M`` (``sa_N.txt``), streamed once into a SQLite lookup.
+A unit's spec holds the file name only: links expire and change, the archive does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastfetch import hub
+from fastfetch.ranged import AccessDenied
+from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
+from fastfetch.sources.base import Item, Unit, UsageError
+
+LINKS_PAGE = "https://ai.meta.com/datasets/segment-anything-downloads/"
+LINKS_NAME = "segment_anything_links.txt"
+CAPTION_FILE = "SA1B_caption.tar.gz"
+_TAR = re.compile(r"sa_(\d+)\.tar")
+_IMAGE = re.compile(r"(?:.*/)?(sa_(\d+))\.jpg")
+
+
+class SA1BSource(HubArchiveSource):
+    name = "sa1b"
+    help = "SA-1B from a Meta links file (1000 tars of ~11k images, ~11 TB) with the PixArt LLaVA captions"
+    repo = "PixArt-alpha/SAM-LLaVA-Captions10M"
+    columns = {"image_id": "int64"}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        group.add_argument(
+            "--links", type=Path, default=None,
+            help=f"sa1b: Meta's links file (default: {LINKS_NAME} in --out, else in the current folder); "
+            f"get it from {LINKS_PAGE}",
+        )
+
+    def links_path(self) -> Path:
+        if self.args.links is not None:
+            if not Path(self.args.links).is_file():
+                raise UsageError(f"--links {self.args.links}: no such file. Download the links file from {LINKS_PAGE}")
+            return Path(self.args.links)
+        for candidate in (self.ctx.out / LINKS_NAME, Path.cwd() / LINKS_NAME):
+            if candidate.is_file():
+                return candidate
+        raise UsageError(
+            f"--dataset sa1b needs Meta's links file: accept the terms at {LINKS_PAGE}, download "
+            f"{LINKS_NAME} and pass --links PATH (or put it in {self.ctx.out} or the current folder). "
+            "The links expire after a few days; download a fresh file when they do"
+        )
+
+    def read_links(self) -> dict[str, str]:
+        """file name → URL from the links file (tab-separated, one header line; blank lines ok)."""
+        path = self.links_path()
+        links: dict[str, str] = {}
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            parts = line.strip().split("\t") if "\t" in line else line.split()
+            if len(parts) < 2 or (n == 0 and not _TAR.fullmatch(parts[0])):
+                continue
+            name, url = parts[0].strip(), parts[1].strip()
+            if _TAR.fullmatch(name):
+                links[name] = url
+        if not links:
+            raise UsageError(f"{path} lists no sa_NNNNNN.tar links; download the links file from {LINKS_PAGE}")
+        return links
+
+    async def plan(self) -> list[Unit]:
+        self.links = self.read_links()
+        await self._caption_index()
+        names = sorted(self.links, key=lambda n: int(_TAR.fullmatch(n).group(1)))  # type: ignore[union-attr]
+        return [Unit(name[: -len(".tar")], {"file": name}) for name in names]
+
+    async def _caption_index(self) -> None:
+        """Stream SA1B_caption.tar.gz once into ``captions.sqlite`` (sa_N → caption)."""
+        self.captions = CaptionIndex(self.ctx.work_dir / "captions.sqlite")
+        if self.captions.ready:
+            return
+        url, headers = self.hub_url(CAPTION_FILE), self.hub_headers()
+        try:
+            with self.captions.writer() as add:
+                async for member in self.tar_members(url, CAPTION_FILE, headers):
+                    base = member.name.rsplit("/", 1)[-1]
+                    if base.startswith("sa_") and base.endswith(".txt"):
+                        data = await member.read(1 << 20)
+                        if data is not None:
+                            add(base[: -len(".txt")], data.decode("utf-8", "replace"))
+        except AccessDenied as exc:
+            raise hub.access_error(self.repo, exc.status) from exc
+
+    async def items(self, unit: Unit) -> AsyncIterator[Item]:
+        name = unit.spec["file"]
+        try:
+            async for member in self.tar_members(self.links[name], name):
+                match = _IMAGE.fullmatch(member.name)
+                if match is None:
+                    continue  # the masks JSON: skipped in the stream, never held
+                data = await member.read()
+                if data is None:
+                    continue
+                found = self.captions.get(match.group(1))
+                yield caption_item(match.group(1), data, found[0] if found else None, {"image_id": int(match.group(2))})
+        except AccessDenied as exc:
+            raise RuntimeError(
+                f"the link for {name} was refused (HTTP {exc.status}); Meta's links expire: download a fresh "
+                f"links file from {LINKS_PAGE} and rerun"
+            ) from exc
+
+    async def close(self) -> None:
+        captions = getattr(self, "captions", None)
+        if captions is not None:
+            captions.close()
