@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024, help="largest response body accepted (bytes); larger counts as too_large")
     net.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL")
     net.add_argument("--ignore-robots", action="store_true", help="ignore X-Robots-Tag noai/noimageai/noindex/noimageindex opt-outs (honoured by default)")
+    net.add_argument(
+        "--allow-private-networks", action="store_true",
+        help="allow URLs whose host is or resolves to a loopback, private, link-local or reserved address "
+        "(refused by default and counted as private_address, so a URL list cannot reach your own network)",
+    )
     net.add_argument("--user-agent", default=USER_AGENT, help="User-Agent header sent with every request")
 
     out = parser.add_argument_group("output")
@@ -128,7 +133,7 @@ async def _fetch(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
         connect_timeout=min(10.0, args.timeout), read_timeout=min(10.0, args.timeout), retries=args.retries,
         max_bytes=args.max_bytes, max_redirects=args.max_redirects, respect_robots=not args.ignore_robots,
-        user_agent=args.user_agent,
+        allow_private_networks=args.allow_private_networks or args.dataset == "demo", user_agent=args.user_agent,
     )
     manifest = Manifest(out)
     counters = RunCounters()

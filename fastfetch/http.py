@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from typing import NamedTuple
 from urllib.parse import urljoin
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from fastfetch import __version__
@@ -43,6 +47,7 @@ class FetchConfig:
     max_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 5
     respect_robots: bool = True
+    allow_private_networks: bool = False
     user_agent: str = USER_AGENT
 
 
@@ -69,6 +74,46 @@ class _Reject(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class BlockedAddress(Exception):
+    """A host that resolves only to addresses a public crawler must not reach (SSRF guard).
+
+    Deliberately not an ``OSError``: aiohttp would wrap that into a retryable connection error.
+    """
+
+
+def is_public_address(address: str) -> bool:
+    """True for globally routable unicast addresses (IPv4-mapped IPv6 judged as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves through aiohttp's default resolver and drops non-public answers.
+
+    Every connection resolves through here (redirect targets included), and cached answers
+    were checked when they were resolved, so a DNS answer that changes to a private address
+    is caught like any other.
+    """
+
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        public = [a for a in answers if is_public_address(a["host"])]
+        if not public:
+            raise BlockedAddress(host)
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def robots_optout(values: list[str], agent: str = "fastfetch") -> bool:
@@ -126,6 +171,7 @@ class Fetcher:
             ttl_dns_cache=300,
             use_dns_cache=True,
             enable_cleanup_closed=True,
+            resolver=None if self.cfg.allow_private_networks else GuardedResolver(),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -172,7 +218,7 @@ class Fetcher:
         current = url
         for _ in range(self.cfg.max_redirects + 1):
             try:
-                target = _checked_url(current)
+                target = _checked_url(current, self.cfg.allow_private_networks)
                 async with self.session.get(target, allow_redirects=False) as resp:
                     if resp.status in _REDIRECTS:
                         location = resp.headers.get("Location")
@@ -186,6 +232,8 @@ class Fetcher:
                     return await self._read_body(resp)
             except (_Retry, _Reject):
                 raise
+            except BlockedAddress as exc:
+                raise _Reject("private_address") from exc
             except asyncio.TimeoutError as exc:
                 raise _Retry("timeout") from exc
             except aiohttp.ClientPayloadError as exc:
@@ -232,11 +280,22 @@ class Fetcher:
                 yield chunk
 
 
-def _checked_url(url: str) -> URL:
-    """Parse and check a URL before anything is sent to it (http and https only)."""
+def _checked_url(url: str, allow_private: bool) -> URL:
+    """Parse and check a URL before anything is sent to it (http and https only; an address
+    literal must be public unless private networks are allowed: literals skip the resolver)."""
     parsed = URL(url, encoded=False)
     if parsed.scheme not in ("http", "https"):
         raise _Reject("bad_scheme")
-    if not parsed.host:
+    host = parsed.raw_host
+    if not host:
         raise _Reject("invalid_url")
+    if not allow_private:
+        try:
+            ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        except ValueError:
+            if host.rstrip(".").lower() == "localhost" or host.lower().endswith(".localhost"):
+                raise _Reject("private_address") from None
+        else:
+            if not is_public_address(host.strip("[]")):
+                raise _Reject("private_address")
     return parsed

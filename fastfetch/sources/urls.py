@@ -250,9 +250,11 @@ class UrlsSource(Source):
         if mask is not None:
             batch = batch.filter(mask)
         arrays = {"url": batch.column(mapping["url"]).cast(pa.string())}
+        # A missing caption is "" (rejected as no_caption); a list without a caption column at
+        # all (txt, --caption-col '') stores null, which is allowed and stored as "".
         arrays["caption"] = (
-            batch.column(mapping["caption"]).cast(pa.string())
-            if mapping["caption"] else pa.array([""] * batch.num_rows, pa.string())
+            pc.fill_null(batch.column(mapping["caption"]).cast(pa.string()), "")
+            if mapping["caption"] else pa.nulls(batch.num_rows, pa.string())
         )
         for name, (actual, mds) in mapping["keep"].items():
             col = batch.column(actual)
@@ -289,7 +291,6 @@ class UrlsSource(Source):
         table = pq.read_table(self.plan_dir / f"{unit.id}.parquet")
         encodings = (self._load_plan() or {}).get("columns", {})
         kept = [(c, encodings[c[2:]]) for c in table.column_names if c.startswith("x_")]
-        has_caption = bool(self.caption_col)
         width = max(4, len(str(self.args.unit_size - 1)))
         seen: set[str] = set()
         for row, rec in enumerate(table.to_pylist()):
@@ -301,7 +302,7 @@ class UrlsSource(Source):
                 reject = "invalid_url"
             elif url in seen:
                 reject = "duplicate_url"
-            elif has_caption and not (caption and caption.strip()):
+            elif caption is not None and not caption.strip():
                 reject = "no_caption"
             seen.add(url or "")
             yield Item(key, caption or "", url=(url or "").strip(), extra=extra, reject=reject)

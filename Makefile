@@ -1,0 +1,27 @@
+# Every target sets up the virtualenv first (scripts/setup-venv.sh), so each works on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastfetch-installed
+
+.PHONY: setup demo test test-quick simd bench clean
+
+$(STAMP): requirements.txt scripts/setup-venv.sh
+	bash scripts/setup-venv.sh $(VENV)
+	touch $@
+
+setup: $(STAMP)  ## create .venv with every dependency (Pillow-SIMD where it builds)
+
+demo: $(STAMP)  ## fetch the bundled demo source into data/demo (served on 127.0.0.1)
+	$(PY) bin/fetch --dataset demo --out data/demo
+
+test: $(STAMP)  ## the whole test suite, slow tests included (what CI runs)
+	$(PY) -m pytest -q
+
+test-quick: $(STAMP)  ## the suite without tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+simd: $(STAMP)  ## (re)build Pillow-SIMD into the venv, falling back to Pillow
+	bash scripts/install-pillow-simd.sh $(VENV)
+
+clean:
+	rm -rf data/demo .pytest_cache
