@@ -53,7 +53,8 @@ def resize_crop(img: Image.Image, size: int) -> np.ndarray:
 
 def jpeg_bytes(img: Image.Image) -> bytes:
     """The stored JPEG bytes behind a lazily opened image (Streaming's `jpeg` decoding wraps the
-    row's bytes in a BytesIO), so `--keep-images` copies them instead of re-encoding."""
+    row's bytes in a BytesIO), so `--keep-images` copies them instead of re-encoding.
+    Call it before the image is loaded: Pillow lets go of the buffer afterwards."""
     return img.fp.getvalue()
 
 
@@ -78,6 +79,7 @@ class ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.source[self.indices[i]]
         key, img = row["key"], row["jpg"]
+        raw = jpeg_bytes(img) if self.keep_images else None  # before decoding drops the buffer
         try:
             item = {"key": key, "caption": row["caption"], "images": self._images(img)}
         except DECODE_ERRORS as e:
@@ -86,8 +88,8 @@ class ImageRows(torch.utils.data.Dataset):
         if self.noise_shapes:
             gen = torch.Generator().manual_seed(key_seed(key, self.seed))
             item["noise"] = {r: torch.randn(s, generator=gen) for r, s in self.noise_shapes.items()}
-        if self.keep_images:
-            item["jpg"] = jpeg_bytes(img)
+        if raw is not None:
+            item["jpg"] = raw
         return item
 
     def _images(self, img: Image.Image) -> dict[int, torch.Tensor]:

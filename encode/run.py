@@ -29,7 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 import encode  # noqa: E402
 from encode import data, models, writer  # noqa: E402
-from encode.paths import INDEX, is_remote, stream_location  # noqa: E402
+from encode.paths import INDEX, is_remote  # noqa: E402
 
 # Settings that change what is written: a resumed run must use the same ones.
 SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype",
@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size, --prefetch-factor and --chunk-rows must be ≥ 1, --num-workers ≥ 0")
     if is_remote(args.out):
         p.error(f"--out {args.out}: remote outputs are not supported yet; write locally and upload")
+    if not is_remote(args.data) and not os.path.exists(os.path.join(args.data, INDEX)):
+        p.error(f"--data {args.data}: no {INDEX} there; point it at the mds folder bin/fetch wrote")
     return args
 
 
@@ -179,9 +181,6 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
 
 def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.Progress) -> None:
     """Encode this rank's rows that no earlier run finished; counters go to `progress`."""
-    remote, local = stream_location(args.data, args.cache_dir)
-    if remote is None and not os.path.exists(os.path.join(local, INDEX)):
-        raise UsageError(f"--data {args.data}: no {INDEX} there; point it at the mds folder bin/fetch wrote")
     source = data.open_source(args.data, args.cache_dir)
     rows = data.rank_rows(source.num_samples, ctx.rank, ctx.world_size)
     done = writer.done_keys(args.out)

@@ -221,6 +221,8 @@ class Progress:
 def merge(out: str) -> int:
     """Write `out/index.json` over all finished chunks; returns the number of rows."""
     indexes = [os.path.join(d, "index.json") for d in chunk_dirs(out)]
+    if os.path.exists(os.path.join(out, "index.json")):  # from an earlier run; merge_index won't overwrite
+        os.remove(os.path.join(out, "index.json"))
     if indexes:
         logging.disable(logging.WARNING)  # merge_index logs routine steps as warnings
         try:

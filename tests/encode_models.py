@@ -86,9 +86,13 @@ def make_image_mds(out: str, n: int, seed: int = 0, units: int = 2, prefix: str 
     return keys
 
 
-@functools.cache
 def image_mds(n: int = 37, seed: int = 0) -> tuple[str, tuple[str, ...]]:
     """(folder, keys) of a cached image MDS with `n` rows."""
+    return _image_mds(n, seed)
+
+
+@functools.cache  # behind a wrapper so that f(37) and f(37, 0) share one cache entry
+def _image_mds(n: int, seed: int) -> tuple[str, tuple[str, ...]]:
     out = os.path.join(root(), f"images-{n}-{seed}")
     return out, tuple(make_image_mds(out, n, seed, prefix=f"s{seed}"))
 
@@ -212,9 +216,13 @@ def run_encode(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedPro
     return subprocess.run(run_cmd(*args, **kwargs), env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-@functools.cache
 def latents_dataset(n: int = 37, seed: int = 0, resolutions: tuple[int, ...] = (64, 256)) -> str:
     """A cached latent dataset made by one `python encode/run.py` over `image_mds(n, seed)`."""
+    return _latents_dataset(n, seed, resolutions)
+
+
+@functools.cache
+def _latents_dataset(n: int, seed: int, resolutions: tuple[int, ...]) -> str:
     data, _ = image_mds(n, seed)
     out = os.path.join(root(), f"latents-{n}-{seed}-{'-'.join(map(str, resolutions))}")
     proc = run_encode(data, out, resolutions=resolutions)
