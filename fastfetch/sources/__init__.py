@@ -8,9 +8,10 @@ from fastfetch.sources.demo import DemoSource
 from fastfetch.sources.diffdb import DiffusionDBSource
 from fastfetch.sources.jdb import JourneyDBSource
 from fastfetch.sources.sa1b import SA1BSource
+from fastfetch.sources.textcaps import TextCapsSource
 from fastfetch.sources.urls import LaionSource, UrlsSource
 
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (DemoSource, UrlsSource, LaionSource)}
-SOURCES.update({cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource)})
+SOURCES.update({cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource, TextCapsSource)})
 
 __all__ = ["SOURCES", "Item", "RunContext", "Source", "Unit", "UsageError"]

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Iterable
@@ -31,6 +32,23 @@ def add_once(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
     """Add a flag shared by several recipes only once (every recipe's flags share one parser)."""
     if flag not in group._option_string_actions:
         group.add_argument(flag, **kwargs)
+
+
+def add_split_flag(group: argparse._ArgumentGroup) -> None:
+    """``--split``, shared by the recipes of datasets that come in splits."""
+    add_once(
+        group, "--split", default=None,
+        help="which split: jdb train|valid (default train); textcaps train|val|test (default train); "
+        "coco val|train (default val)",
+    )
+
+
+def split_of(args: argparse.Namespace, allowed: tuple[str, ...], dataset: str) -> str:
+    """The chosen split (the first allowed one by default); anything else is a usage error."""
+    split = getattr(args, "split", None) or allowed[0]
+    if split not in allowed:
+        raise UsageError(f"--split {split}: --dataset {dataset} has splits {', '.join(allowed)}")
+    return split
 
 
 def caption_item(key: str, data: bytes, caption: str | None, extra: dict[str, Any], reject: str | None = None) -> Item:
@@ -167,31 +185,32 @@ class ArchiveSource(Source):
     async def random_access(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[RandomAccess]:
         """Random access to one archive: ranged reads when the server allows them, else a file
         spooled under the work dir and deleted as soon as the caller is done with it."""
-        keep = self.keep_dir
-        if keep is not None:
-            path = await download_file(self.session, url, keep / name, headers)
+        if self.keep_dir is None:
+            validator, ranged = await probe(self.session, url, headers)
+            if ranged and validator.length is not None:
+                yield RemoteFile(self.session, url, validator, headers)
+                return
+        async with self.spooled(url, name, headers) as path:
             local = LocalFile(path)
             try:
                 yield local
             finally:
                 local.close()
-            return
-        validator, ranged = await probe(self.session, url, headers)
-        if ranged and validator.length is not None:
-            yield RemoteFile(self.session, url, validator, headers)
+
+    @contextlib.asynccontextmanager
+    async def spooled(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[Path]:
+        """One archive as a local file for the caller's lifetime: downloaded (resumably) into a
+        private folder of the work dir and deleted on exit, or kept under OUT/_archives/."""
+        keep = self.keep_dir
+        if keep is not None:
+            yield await download_file(self.session, url, keep / name, headers)
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.spool_dir))
         try:
-            local = LocalFile(await download_file(self.session, url, tmp / name, headers))
-            try:
-                yield local
-            finally:
-                local.close()
+            yield await download_file(self.session, url, tmp / name, headers)
         finally:
-            for leftover in tmp.iterdir():
-                leftover.unlink()
-            tmp.rmdir()
+            shutil.rmtree(tmp, ignore_errors=True)
 
     async def side_file(self, url: str, dest: Path, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
         """Download a caption side file once (resumable); no access is a usage error."""

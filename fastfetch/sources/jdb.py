@@ -15,29 +15,14 @@ import orjson
 
 from fastfetch import hub
 from fastfetch.ranged import AccessDenied
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, add_once, caption_item
-from fastfetch.sources.base import Item, Unit, UsageError
+from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, add_split_flag, caption_item, split_of
+from fastfetch.sources.base import Item, Unit
 
 ANNOTATIONS = {
     "train": "data/train/train_anno_realease_repath.jsonl.tgz",
     "valid": "data/valid/valid_anno_repath.jsonl.tgz",
 }
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def add_split_flag(group: argparse._ArgumentGroup) -> None:
-    add_once(
-        group, "--split", default=None,
-        help="which split: jdb train|valid (default train); textcaps train|val|test (default train); "
-        "coco val|train (default val)",
-    )
-
-
-def split_of(args: argparse.Namespace, allowed: tuple[str, ...], dataset: str) -> str:
-    split = args.split or allowed[0]
-    if split not in allowed:
-        raise UsageError(f"--split {split}: --dataset {dataset} has splits {', '.join(allowed)}")
-    return split
 
 
 class JourneyDBSource(HubArchiveSource):

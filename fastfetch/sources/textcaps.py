@@ -1,0 +1,62 @@
+"""TextCaps (HF dataset ``lmms-lab/TextCaps``): one unit per ``data/<split>-NNNNN-of-MMMMM.parquet``.
+
+Each row holds one image with its bytes embedded (``image.bytes``), ``image_id`` and the five
+human ``reference_strs``; the caption is the first reference, and all of them are kept as JSON.
+A parquet file cannot be read from a stream, so each unit's file is spooled to the work dir
+and deleted when the unit is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from fastfetch.sources.archived import HubArchiveSource, add_split_flag, caption_item, split_of
+from fastfetch.sources.base import Item, Unit
+
+SPLITS = ("train", "val", "test")
+
+
+class TextCapsSource(HubArchiveSource):
+    name = "textcaps"
+    help = "TextCaps (HF dataset lmms-lab/TextCaps): 28k images with text in them, 5 reference captions each"
+    repo = "lmms-lab/TextCaps"
+    columns = {"image_id": "str", "captions": "json"}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        add_split_flag(group)
+
+    @property
+    def split(self) -> str:
+        return split_of(self.args, SPLITS, self.name)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"split": self.split}
+
+    async def plan(self) -> list[Unit]:
+        pattern = rf"{self.split}-(\d{{5}})-of-\d{{5}}\.parquet"
+        return await self.hub_units("data", pattern, lambda m: f"{self.split}-{m.group(1)}")
+
+    async def items(self, unit: Unit) -> AsyncIterator[Item]:
+        path = unit.spec["path"]
+        async with self.spooled(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers()) as local:
+            f = pq.ParquetFile(local)
+            columns = [c for c in ("image", "image_id", "reference_strs", "caption_str") if c in f.schema_arrow.names]
+            seen: set[str] = set()
+            for group in range(f.num_row_groups):
+                rows = await asyncio.to_thread(lambda g=group: f.read_row_group(g, columns=columns).to_pylist())
+                for row in rows:
+                    image_id = str(row.get("image_id") or "")
+                    refs = [r for r in (row.get("reference_strs") or []) if isinstance(r, str) and r.strip()]
+                    caption = refs[0] if refs else row.get("caption_str")
+                    image = row.get("image") or {}
+                    data = image.get("bytes") if isinstance(image, dict) else None
+                    reject = "duplicate" if image_id in seen else None if data else "no_image"
+                    seen.add(image_id)
+                    yield caption_item(image_id, data or b"", caption, {"image_id": image_id, "captions": refs}, reject)
