@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastfetch.sources.base import Item, RunContext, Source, Unit, UsageError
 from fastfetch.sources.cc12m import CC12MSource
+from fastfetch.sources.coco import CocoSource
 from fastfetch.sources.demo import DemoSource
 from fastfetch.sources.diffdb import DiffusionDBSource
 from fastfetch.sources.jdb import JourneyDBSource
@@ -12,6 +13,6 @@ from fastfetch.sources.textcaps import TextCapsSource
 from fastfetch.sources.urls import LaionSource, UrlsSource
 
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (DemoSource, UrlsSource, LaionSource)}
-SOURCES.update({cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource, TextCapsSource)})
+SOURCES.update({cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource, TextCapsSource, CocoSource)})
 
 __all__ = ["SOURCES", "Item", "RunContext", "Source", "Unit", "UsageError"]

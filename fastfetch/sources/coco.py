@@ -1,0 +1,109 @@
+"""MS-COCO 2014 captions (val by default, for evaluation) from the COCO site or a mirror.
+
+The unit is ``zips/val2014.zip`` (~6 GB, 40k images ``val2014/COCO_val2014_<id>.jpg``), read by
+ranged requests; captions come from ``annotations/captions_val2014.json`` inside
+``annotations/annotations_trainval2014.zip``, of which only that member is fetched (by ranges),
+and are turned into a SQLite lookup keyed by file name. The caption is the first annotation of an
+image; all of them are kept as JSON, with the COCO image id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+
+from fastfetch.archive import iter_zip, read_zip_member, zip_entries
+from fastfetch.ranged import AccessDenied
+from fastfetch.sources.archived import ArchiveSource, CaptionIndex, add_split_flag, caption_item, split_of
+from fastfetch.sources.base import Item, Unit, UsageError
+
+DEFAULT_BASE = "http://images.cocodataset.org"
+ANNOTATIONS = "annotations/annotations_trainval2014.zip"
+
+
+class CocoSource(ArchiveSource):
+    name = "coco"
+    help = "MS-COCO 2014 captions (val2014 by default: 40k images, 6.2 GB zip) from images.cocodataset.org"
+    columns = {"image_id": "int64", "captions": "json"}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        add_split_flag(group)
+        group.add_argument(
+            "--coco-base-url", default=DEFAULT_BASE,
+            help="coco: where zips/<split>2014.zip and annotations/annotations_trainval2014.zip live (a mirror)",
+        )
+
+    @property
+    def split(self) -> str:
+        return split_of(self.args, ("val", "train"), self.name)
+
+    def url(self, path: str) -> str:
+        return f"{self.args.coco_base_url.rstrip('/')}/{path}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"split": self.split}
+
+    async def plan(self) -> list[Unit]:
+        path = f"zips/{self.split}2014.zip"
+        validator, _ = await self.check_access(self.url(path))
+        await self._caption_index()
+        spec = {"path": path, "size": validator.length, "etag": validator.etag or validator.last_modified}
+        return [Unit(f"{self.split}2014", spec)]
+
+    async def _caption_index(self) -> None:
+        """``captions_<split>2014.json`` (one member of the annotations zip) → ``captions-<split>.sqlite``."""
+        self.captions = CaptionIndex(self.ctx.work_dir / f"captions-{self.split}.sqlite")
+        if self.captions.ready:
+            return
+        member = f"annotations/captions_{self.split}2014.json"
+        try:
+            async with self.random_access(self.url(ANNOTATIONS), ANNOTATIONS.rsplit("/", 1)[-1]) as f:
+                entry = next((e for e in await zip_entries(f) if e.name == member), None)
+                if entry is None:
+                    raise UsageError(f"{self.url(ANNOTATIONS)} has no {member}")
+                data = await read_zip_member(f, entry)
+        except AccessDenied as exc:
+            raise UsageError(f"cannot download {self.url(ANNOTATIONS)} (HTTP {exc.status})") from exc
+        await asyncio.to_thread(self.captions.build, _caption_rows(orjson.loads(data)))
+
+    async def items(self, unit: Unit) -> AsyncIterator[Item]:
+        path = unit.spec["path"]
+        async with self.random_access(self.url(path), path.rsplit("/", 1)[-1]) as f:
+            images = [e for e in await zip_entries(f) if e.name.lower().endswith(".jpg")]
+            async for member in iter_zip(f, images):
+                base = member.name.rsplit("/", 1)[-1]
+                found = self.captions.get(base)
+                caption, extra = (found[0], found[1]) if found else (None, {})
+                extra = {"image_id": int(extra.get("image_id", _id_from_name(base))), "captions": extra.get("captions", [])}
+                if member.data is None:
+                    yield Item(base, caption or "", data=b"", extra=extra, reject=member.problem)
+                else:
+                    yield caption_item(base, member.data, caption, extra)
+
+    async def close(self) -> None:
+        captions = getattr(self, "captions", None)
+        if captions is not None:
+            captions.close()
+
+
+def _caption_rows(doc: dict[str, Any]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """(file name, first caption, {image_id, captions}) per image, captions in annotation order."""
+    by_image: dict[int, list[str]] = {}
+    for ann in doc.get("annotations", []):
+        text = ann.get("caption")
+        if isinstance(text, str) and text.strip():
+            by_image.setdefault(ann["image_id"], []).append(text.strip())
+    for image in doc.get("images", []):
+        captions = by_image.get(image["id"], [])
+        yield image["file_name"], captions[0] if captions else None, {"image_id": image["id"], "captions": captions}
+
+
+def _id_from_name(name: str) -> int:
+    digits = "".join(ch for ch in name.rsplit("_", 1)[-1] if ch.isdigit())
+    return int(digits) if digits else -1
