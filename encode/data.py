@@ -63,7 +63,7 @@ class ImageRows(torch.utils.data.Dataset):
 
     Each item is a dict with `key`, `caption`, uint8 CHW `images` per resolution, token `ids` and
     `mask`, optional `noise` per resolution (`--latent-mode sample`) and `jpg`; or, for a row that
-    cannot be decoded, `{'key', 'error'}` so that the run counts it instead of stopping.
+    cannot be decoded, `{'error': reason}` so that the run counts it instead of stopping.
     """
 
     def __init__(self, source: StreamingDataset, indices: Sequence[int], resolutions: Sequence[int],
@@ -77,16 +77,15 @@ class ImageRows(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.source[self.indices[i]]
-        key, img = row["key"], row["jpg"]
-        raw = jpeg_bytes(img) if self.keep_images else None  # before decoding drops the buffer
         try:
-            item = {"key": key, "caption": row["caption"], "images": self._images(img)}
+            row = self.source[self.indices[i]]  # Streaming opens the JPEG here, lazily
+            raw = jpeg_bytes(row["jpg"]) if self.keep_images else None  # before decoding drops the buffer
+            item = {"key": row["key"], "caption": row["caption"], "images": self._images(row["jpg"])}
         except DECODE_ERRORS as e:
-            return {"key": key, "error": f"decode_error:{type(e).__name__}"}
-        item["ids"], item["mask"] = self.tokenize(row["caption"])
+            return {"error": f"decode_error:{type(e).__name__}"}
+        item["ids"], item["mask"] = self.tokenize(item["caption"])
         if self.noise_shapes:
-            gen = torch.Generator().manual_seed(key_seed(key, self.seed))
+            gen = torch.Generator().manual_seed(key_seed(item["key"], self.seed))
             item["noise"] = {r: torch.randn(s, generator=gen) for r, s in self.noise_shapes.items()}
         if raw is not None:
             item["jpg"] = raw

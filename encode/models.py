@@ -199,11 +199,12 @@ class Encoder:
     """
 
     def __init__(self, vae, text: TextEncoder, *, device: torch.device, dtype: torch.dtype,
-                 batch_size: int, latent_mode: str, compile: bool):
+                 batch_size: int, latent_mode: str, compile: bool, channels_last: bool = True):
         self.device, self.dtype, self.batch_size, self.latent_mode = device, dtype, batch_size, latent_mode
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scaling = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self.vae = vae.to(device, memory_format=torch.channels_last)
+        self.vae = vae.to(device, memory_format=self.memory_format)
         self.text = text.module.to(device)
         if compile:
             self.vae.encoder.compile()
@@ -223,7 +224,7 @@ class Encoder:
         out: dict[str, torch.Tensor] = {}
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             for res, images in batch["images"].items():
-                x = self._to_device(images, memory_format=torch.channels_last)
+                x = self._to_device(images, memory_format=self.memory_format)
                 x = x.to(torch.float32).div_(127.5).sub_(1.0)  # uint8 travels, [-1, 1] is made here
                 dist = self.vae.encode(x).latent_dist
                 z = dist.mean.float()

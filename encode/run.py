@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(models.DTYPES), default="bf16", help="autocast compute dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the VAE encoder and text encoder; default: on for CUDA, off on CPU")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the VAE in channels_last memory format (faster convolutions on GPU and CPU)")
     p.add_argument("--latent-mode", choices=["sample", "mean"], default="sample",
                    help="sample: latent_dist.sample() seeded per row key; mean: latent_dist.mean")
     p.add_argument("--seed", type=int, default=0, help="mixed into every row's sampling seed")
@@ -171,7 +173,7 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
                          "rerun with the old settings or choose a new --out")
     compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
     enc = models.Encoder(vae, text, device=ctx.device, dtype=dtype, batch_size=args.batch_size,
-                         latent_mode=args.latent_mode, compile=compile_)
+                         latent_mode=args.latent_mode, compile=compile_, channels_last=args.channels_last)
     noise_shapes = {r: tuple(shapes[f"latents_{r}"]) for r in args.resolutions} if args.latent_mode == "sample" else None
     return Loaded(enc, text, meta if old is None else old, noise_shapes)
 
@@ -190,9 +192,9 @@ def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.
         data.ImageRows(source, indices, args.resolutions, m.text.tokenize, m.noise_shapes, args.seed, args.keep_images),
         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=data.collate,
         pin_memory=ctx.device.type == "cuda", prefetch_factor=args.prefetch_factor if args.num_workers else None)
-    total = torch.tensor([len(indices)])
+    total = torch.tensor([len(indices)], device=ctx.device)  # nccl reduces device tensors only
     if ctx.distributed:
-        dist.all_reduce(total)  # gloo path is fine on CPU tensors; only the bar total needs it
+        dist.all_reduce(total)  # the bar's total: rows still to encode on all ranks
     bar = tqdm(total=int(total), unit="img", dynamic_ncols=True, disable=not ctx.main)
     out = writer.AsyncWriter(writer.ChunkWriter(args.out, ctx.rank, writer.columns(args.resolutions, args.keep_images),
                                                 args.chunk_rows), stats)
@@ -210,11 +212,12 @@ def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.
     out.close()
     timing["seconds"] = time.perf_counter() - start
     progress.update(stats, timing, done=True)
-    if ctx.main:  # keep the bar moving until every rank has finished
-        while not all(p["done"] for p in progress.read_all()) or len(progress.read_all()) < ctx.world_size:
-            _advance(bar, progress)
-            time.sleep(0.5)
+    while ctx.main:  # keep the bar moving until every rank has finished
         _advance(bar, progress)
+        ranks = progress.read_all()
+        if len(ranks) == ctx.world_size and all(p["done"] for p in ranks):
+            break
+        time.sleep(0.5)
     bar.close()
 
 

@@ -120,6 +120,18 @@ def sd_repo() -> str:
     return path
 
 
+@functools.cache
+def overflowing_vae() -> str:
+    """The tiny VAE with a scaling factor so large that every latent overflows float16."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.join(root(), "vae-overflow")
+    vae = AutoencoderKL.from_pretrained(os.path.join(sd_repo(), "vae"))
+    vae.register_to_config(scaling_factor=1e9)
+    vae.save_pretrained(path)
+    return path
+
+
 def clip_tokenizer(path: str) -> None:
     """A real CLIPTokenizer written from the BPE vocabulary that ships inside open_clip."""
     from open_clip.tokenizer import SimpleTokenizer

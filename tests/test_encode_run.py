@@ -142,3 +142,35 @@ def test_compile_on_cpu_matches_eager(tmp_path):
     eager = {r["key"]: np.frombuffer(r["latents_128"], np.float16) for r in em.read_rows(outs["--no-compile"])}
     for r in em.read_rows(outs["--compile"]):
         np.testing.assert_allclose(np.frombuffer(r["latents_128"], np.float16), eager[r["key"]], rtol=1e-2, atol=1e-3)
+
+
+def test_bad_images_are_counted_not_fatal(tmp_path):
+    from streaming import MDSWriter
+
+    data = str(tmp_path / "mds")
+    rng = np.random.default_rng(3)
+    good = em.jpeg(rng, 300, 260)
+    payloads = {"good-0": good, "good-1": good, "garbage": b"not a jpeg at all", "truncated": good[: len(good) // 3]}
+    with MDSWriter(out=data, columns=em.IMAGE_COLUMNS) as w:
+        for key, jpg in payloads.items():
+            w.write({"jpg": jpg, "caption": "a cat", "width": 300, "height": 260, "original_width": 300,
+                     "original_height": 260, "key": key})
+    out = str(tmp_path / "latents")
+    proc = em.run_encode(data, out, "--num-workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["key"] for r in em.read_rows(out)) == ["good-0", "good-1"]
+    skipped = json.load(open(os.path.join(out, "stats.json")))["skipped"]
+    assert sum(v for k, v in skipped.items() if k.startswith("decode_error")) == 2
+    assert "decode_error" in proc.stdout
+
+
+def test_non_finite_latents_are_counted_not_written(tmp_path):
+    """A VAE whose latents overflow float16 (as the SDXL VAE does in fp16): no row, a count, a hint."""
+    data, _ = em.image_mds(37)
+    out = str(tmp_path / "latents")
+    cmd = em.run_cmd(data, out, "--num-workers", "0") + ["--vae", em.overflowing_vae()]
+    proc = subprocess.run(cmd, env=em.env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    assert stats["rows"] == 0 and stats["skipped"]["skipped_non_finite"] == 37
+    assert "non-finite" in proc.stdout
