@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Archive mode: ``bin/fetch --dataset sa1b`` against the seed scripts' method on the same tars.
+
+    python benchmarks/run_archive_bench.py --runs 3      # both archive variants (~6 min)
+    python benchmarks/run_archive_bench.py --quick       # smoke test
+
+nginx on 127.0.0.1 serves the corpus's SA-1B-style tars (``sa_N.jpg`` + ``sa_N.json``) and
+the captions tar at the Hub path the sa1b recipe asks for (``HF_ENDPOINT`` points at nginx);
+both pipelines get the same links file (``file_name<TAB>cdn_link``, header line). Variants:
+``mixed`` (the web corpus's JPEGs: LAION-like sizes) and ``sa1b`` (all ~1500 px short side,
+like the real SA-1B). Runs alternate seed / fetch. Reported: kept images/s (median), CPU
+seconds per image, peak RSS, and peak disk used under each pipeline's folders (the seed
+method keeps the tar, the extracted and the resized files on disk; the fetcher only its MDS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus as corpus_mod  # noqa: E402
+from common import (  # noqa: E402
+    HERE, ROOT, WORK, Measurement, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
+    median, save_result,
+)
+from server import Nginx  # noqa: E402
+
+CAPTION_REPO = "PixArt-alpha/SAM-LLaVA-Captions10M"
+
+
+def serve_tree(corpus: Path, variant: str) -> Path:
+    """A folder nginx serves: /tars/sa_N.tar and the Hub path of SA1B_caption.tar.gz (symlinks)."""
+    root = fresh_dir(WORK / "archive" / f"www-{variant}")
+    src = corpus / "archives" / variant
+    (root / "tars").mkdir()
+    for tar in sorted(src.glob("sa_*.tar")):
+        (root / "tars" / tar.name).symlink_to(tar)
+    hub = root / "datasets" / CAPTION_REPO / "resolve" / "main"
+    hub.mkdir(parents=True)
+    (hub / "SA1B_caption.tar.gz").symlink_to(src / "SA1B_caption.tar.gz")
+    return root
+
+
+def mds_samples(mds: Path) -> int:
+    index = mds / "index.json"
+    if not index.exists():
+        return 0
+    return sum(s.get("samples", 0) for s in json.loads(index.read_text())["shards"])
+
+
+def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argparse.Namespace, help_text: str) -> Measurement:
+    out = fresh_dir(WORK / "archive" / f"{tool}-{variant}-{i}")
+    env = fetch_env()
+    if tool == "seed":
+        cmd = [
+            main_python(), str(HERE / "seed_baseline.py"), "--links", str(links), "--datadir", str(out),
+            "--captions-url", srv.url(f"datasets/{CAPTION_REPO}/resolve/main/SA1B_caption.tar.gz"),
+            "--num-proc", str(args.processes),
+        ]
+    else:
+        env["HF_ENDPOINT"] = srv.base
+        env["HF_HUB_OFFLINE"] = "0"
+        cmd = [
+            main_python(), str(ROOT / "bin" / "fetch"), "--dataset", "sa1b", "--links", str(links), "--out", str(out),
+            "--no-progress", "--workers", str(args.processes), "--min-size", "256", "--max-size", "512", "--quality", "95",
+        ]
+        if "--allow-private-networks" in help_text:
+            cmd.append("--allow-private-networks")
+    nginx0 = srv.cpu_seconds()
+    m = measure(f"{tool}-{variant}", cmd, env=env, cwd=ROOT, disk_paths=[out], timeout=args.timeout)
+    m.extra["nginx_cpu_s"] = round(srv.cpu_seconds() - nginx0, 2)
+    if m.returncode != 0:
+        print(f"{tool} failed ({m.returncode}):\n{m.stderr_tail}\n{m.stdout_tail}", file=sys.stderr)
+        raise SystemExit(1)
+    m.extra["kept"] = mds_samples(out / "mds")
+    m.extra["final_disk_mb"] = dir_size(out) / 2**20
+    m.extra["output_mb"] = dir_size(out / "mds") / 2**20
+    if tool == "fetch":
+        stats = json.loads((out / "stats.json").read_text())
+        m.extra["rejected"] = stats["rejected"]
+    else:
+        lines = [line for line in m.stdout_tail.splitlines() if line.startswith("{")]
+        m.extra["stages"] = json.loads(lines[-1]) if lines else {}
+    return m
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    corpus_mod.add_corpus_arguments(p)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--processes", type=int, default=2, help="pool size of both pipelines")
+    p.add_argument("--variants", default="mixed,sa1b")
+    p.add_argument("--tools", default="seed,fetch")
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args()
+    if args.quick:
+        args.runs = 1
+    help_text = fetch_help()
+    tools = args.tools.split(",")
+    if "fetch" in tools and "--links" not in help_text:
+        sys.exit("bin/fetch has no sa1b source yet (no --links in bin/fetch --help)")
+    corpus = corpus_mod.build(corpus_mod.params_from_args(args))
+    meta = json.loads((corpus / "corpus.json").read_text())
+    summary: dict[str, Any] = {}
+    all_runs: dict[str, list[Measurement]] = {}
+    rows = []
+    for variant in args.variants.split(","):
+        n_images = meta["archives"][variant]["images"]
+        tar_mb = max(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20
+        total_mb = sum(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20
+        root = serve_tree(corpus, variant)
+        with Nginx(root) as srv:
+            links = WORK / "archive" / f"links-{variant}.txt"
+            lines = ["file_name\tcdn_link"] + [f"{t.name}\t{srv.url('tars/' + t.name)}" for t in sorted((root / "tars").iterdir())]
+            links.write_text("\n".join(lines) + "\n")
+            for f in (corpus / "archives" / variant).iterdir():
+                f.read_bytes()  # page cache
+            runs: dict[str, list[Measurement]] = {t: [] for t in tools}
+            for i in range(args.runs):
+                for tool in (tools if i % 2 == 0 else list(reversed(tools))):
+                    m = run_one(tool, i, variant, links, srv, args, help_text)
+                    runs[tool].append(m)
+                    print(
+                        f"run {i} {variant} {tool}: {m.wall_s:.1f}s kept {m.extra['kept']}/{n_images} → "
+                        f"{m.extra['kept'] / m.wall_s:.1f} kept/s, cpu {m.cpu_s:.1f}s, rss {m.peak_rss_mb:.0f} MB, "
+                        f"peak disk {m.peak_disk_mb:.0f} MB (archive {tar_mb:.0f} MB), load {load_str(m)}, other cpu {m.other_cpu_s:.1f}s",
+                        flush=True,
+                    )
+        for tool, ms in runs.items():
+            kept = ms[-1].extra["kept"]
+            s = {
+                "kept_per_s": median([m.extra["kept"] / m.wall_s for m in ms]), "kept": kept, "images": n_images,
+                "cpu_ms_per_image": median([m.cpu_s / n_images * 1000 for m in ms]), "peak_rss_mb": median([m.peak_rss_mb for m in ms]),
+                "peak_disk_mb": median([m.peak_disk_mb for m in ms]), "output_mb": ms[-1].extra["output_mb"],
+                "extra_disk_mb": median([m.peak_disk_mb - m.extra["output_mb"] for m in ms]),
+                "largest_archive_mb": tar_mb, "archives_mb": total_mb,
+                "rates": [round(m.extra["kept"] / m.wall_s, 1) for m in ms], "load": [load_str(m) for m in ms],
+            }
+            summary[f"{variant}/{tool}"] = s
+            all_runs[f"{variant}/{tool}"] = ms
+            rows.append([variant, tool, round(s["kept_per_s"], 1), round(s["cpu_ms_per_image"], 1), round(s["peak_rss_mb"]),
+                         round(s["peak_disk_mb"]), round(s["extra_disk_mb"]), round(tar_mb), kept, n_images,
+                         " ".join(map(str, s["rates"])), " ".join(s["load"])])
+        if {"seed", "fetch"} <= set(runs):
+            summary[f"{variant}/speedup"] = summary[f"{variant}/fetch"]["kept_per_s"] / summary[f"{variant}/seed"]["kept_per_s"]
+    table = md_table(
+        ["archives", "pipeline", "kept img/s (median)", "CPU ms / image", "peak RSS MB", "peak disk MB", "extra disk MB (peak − output)",
+         "largest archive MB", "kept", "images", "kept img/s per run", "load 1m per run"], rows)
+    path = save_result("archive", {"command": " ".join(sys.argv), "corpus": str(corpus), "args": vars(args), "summary": summary, "table": table, "runs": all_runs})
+    print(table)
+    for k, v in summary.items():
+        if k.endswith("speedup"):
+            print(f"{k}: {v:.2f}×")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
