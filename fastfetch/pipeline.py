@@ -104,8 +104,10 @@ class Pipeline:
                 open_units.add(task)
                 task.add_done_callback(open_units.discard)
                 waiter = asyncio.create_task(handed_out.wait())
-                await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
                 while len(open_units) >= MAX_OPEN_UNITS:
                     await asyncio.wait(open_units, return_when=asyncio.FIRST_COMPLETED)
             if open_units:
@@ -148,7 +150,6 @@ class Pipeline:
             handed_out.set()
             while tasks:
                 await asyncio.gather(*list(tasks))
-            await asyncio.to_thread(writer.finish)
         except asyncio.CancelledError:
             await _cancel_all(tasks)
             await asyncio.to_thread(writer.discard)
@@ -161,6 +162,18 @@ class Pipeline:
             self.manifest.fail(unit.id, f"{type(exc).__name__}: {exc}")
             self.counters.units_failed += 1
             return
+        # Every item is accounted for: publish the unit. A stop request arriving now waits for
+        # the commit instead of racing it (a half-renamed unit would be neither done nor undone).
+        publish = asyncio.ensure_future(asyncio.to_thread(writer.finish))
+        try:
+            await asyncio.shield(publish)
+        except asyncio.CancelledError:
+            await publish
+            self._commit(unit, counts, bytes_in, writer)
+            raise
+        self._commit(unit, counts, bytes_in, writer)
+
+    def _commit(self, unit: Unit, counts: Counter[str], bytes_in: int, writer: UnitWriter) -> None:
         self.manifest.finish(unit.id, dict(counts), bytes_in, writer.bytes)
         self.counters.units_done += 1
 
@@ -168,7 +181,7 @@ class Pipeline:
         """Fetch (if needed), resize and write one item; returns (reason or None, bytes fetched)."""
         if item.reject:
             return item.reject, 0
-        data, nbytes = item.data, 0
+        data, nbytes = item.data, len(item.data or b"")  # archive members count as bytes in
         if data is None:
             result = await self.fetcher.fetch(item.url or "")
             if result.data is None:
