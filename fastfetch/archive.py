@@ -121,6 +121,11 @@ class _Reader:
         self.offset += len(out)
         return out
 
+    async def drain(self) -> None:
+        """Consume the rest of the stream (a few KiB of padding after a tar's end blocks)."""
+        async for chunk in self._it:
+            self.offset += len(chunk)
+
     async def skip(self, n: int) -> None:
         while n > 0:
             have = len(self._buf) - self._pos
@@ -186,6 +191,7 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.EOFHeaderError:
+            await reader.drain()  # the end blocks' padding: read so that the download completes
             return
         except tarfile.EmptyHeaderError:
             continue  # the first of the two end-of-archive zero blocks (or padding)

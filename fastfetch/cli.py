@@ -19,7 +19,8 @@ from fastfetch import __version__
 from fastfetch.http import USER_AGENT, FetchConfig, Fetcher
 from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
 from fastfetch.manifest import Manifest
-from fastfetch.pipeline import Pipeline, Selection
+from fastfetch.pipeline import DiskFull, Pipeline, Selection
+from fastfetch.redact import redact
 from fastfetch.resizer import ResizePool, default_workers
 from fastfetch.sources import SOURCES, RunContext, UsageError
 from fastfetch.stats import RunCounters, print_summary, write_stats
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--subset", choices=("all", "small"), default="all", help="small = a deterministic ~1%% of the units (at least one), for trying things out")
     sel.add_argument("--ids", type=int, nargs="+", default=None, help="explicit unit numbers to fetch (e.g. archive numbers); default: all")
     sel.add_argument("--limit", type=int, default=None, help="only the first N rows of a URL list (for trying things out); default: all")
+    sel.add_argument("--retry-failed", action="store_true", help="refetch only the items that failed for transient reasons (timeout, connection, 5xx, 429) in earlier runs, nothing else")
     sel.add_argument("--unit-size", type=int, default=10_000, help="rows of a URL list per work unit (one MDS folder, committed as a whole)")
 
     img = parser.add_argument_group("images")
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--timeout", type=float, default=20.0, help="seconds per attempt (connect + read), after which a request counts as timeout")
     net.add_argument("--retries", type=int, default=2, help="extra attempts on timeouts, connection errors, 5xx and 429 (exponential backoff with jitter; Retry-After honoured)")
     net.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024, help="largest response body accepted (bytes); larger counts as too_large")
+    net.add_argument("--max-inflight-mb", type=int, default=1024, help="memory for response bodies held at once (downloading or waiting to be resized), in MiB; bounds peak memory at any --concurrency")
     net.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL")
     net.add_argument("--ignore-robots", action="store_true", help="ignore X-Robots-Tag noai/noimageai/noindex/noimageindex opt-outs (honoured by default)")
     net.add_argument(
@@ -86,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         return _run_loop(_fetch(args))
     except UsageError as exc:
-        print(f"fetch: error: {exc}", file=sys.stderr)
+        print(f"fetch: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag in ("min_size", "max_size", "concurrency", "per_host", "unit_size", "max_bytes"):
+    for flag in ("min_size", "max_size", "concurrency", "per_host", "unit_size", "max_bytes", "max_inflight_mb"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
     if args.min_size > args.max_size:
@@ -132,7 +135,7 @@ async def _fetch(args: argparse.Namespace) -> int:
     fetch_cfg = FetchConfig(
         concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
         connect_timeout=min(10.0, args.timeout), read_timeout=min(10.0, args.timeout), retries=args.retries,
-        max_bytes=args.max_bytes, max_redirects=args.max_redirects, respect_robots=not args.ignore_robots,
+        max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_mb << 20, max_redirects=args.max_redirects, respect_robots=not args.ignore_robots,
         allow_private_networks=args.allow_private_networks or args.dataset == "demo", user_agent=args.user_agent,
     )
     manifest = Manifest(out)
@@ -154,6 +157,7 @@ async def _fetch(args: argparse.Namespace) -> int:
 
     resizer = ResizePool(resize, args.workers)
     status = "done"
+    fatal = ""
     settings: dict[str, Any] = {}
     pipeline: Pipeline | None = None
     try:
@@ -165,7 +169,7 @@ async def _fetch(args: argparse.Namespace) -> int:
                 settings = _settings(args, resize, source.fingerprint())
                 _check_settings(manifest, settings, out)
                 pipeline = Pipeline(source, out, fetcher, resizer, manifest, counters, not args.no_progress)
-                todo = await pipeline.prepare(Selection(args.subset, tuple(args.ids or ())))
+                todo = await pipeline.prepare(Selection(args.subset, tuple(args.ids or ())), args.retry_failed)
                 manifest.set_meta("settings", settings)
                 if not todo:
                     print("nothing to do: every selected unit is already done", file=sys.stderr)
@@ -176,19 +180,27 @@ async def _fetch(args: argparse.Namespace) -> int:
         if not stopping:
             raise
         status = "interrupted"
+    except DiskFull as exc:
+        status = "disk full"
+        fatal = str(exc)
     finally:
         resizer.close()
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
-        if pipeline is not None:
-            pipeline.merge()
-        if settings:
-            stats = write_stats(out, manifest, counters, settings, status)
-            print_summary(stats, out)
+        try:
+            if pipeline is not None:
+                pipeline.merge()
+            if settings:
+                print_summary(write_stats(out, manifest, counters, settings, status), out)
+        except OSError as exc:  # the disk may still be full: the manifest is what matters
+            print(f"fetch: could not write the index or stats.json: {exc}", file=sys.stderr)
         manifest.close()
         lock.close()
     if stopping:
         return stopping["code"]
+    if fatal:
+        print(f"fetch: error: {fatal}", file=sys.stderr)
+        return EXIT_FAILED_UNITS
     return EXIT_FAILED_UNITS if counters.units_failed else EXIT_OK
 
 

@@ -45,10 +45,44 @@ class FetchConfig:
     backoff: float = 0.5  # first retry waits ~backoff s, doubling, with jitter
     max_retry_after: float = 60.0
     max_bytes: int = 32 * 1024 * 1024
+    max_inflight_bytes: int = 1024 * 1024 * 1024  # bodies held at once, downloading or waiting to be resized
     max_redirects: int = 5
     respect_robots: bool = True
     allow_private_networks: bool = False
     user_agent: str = USER_AGENT
+
+
+class MemoryBudget:
+    """Bounds the bytes of response bodies held at once, whatever the concurrency.
+
+    A download reserves its body chunk by chunk and the pipeline gives the reservation back
+    once the image is written or rejected. A single body may always proceed when nothing else
+    is held, and a wait longer than ``patience`` fails the download (``memory_limit``), so
+    bodies that all wait for each other cannot deadlock.
+    """
+
+    def __init__(self, limit: int, patience: float) -> None:
+        self.limit = limit
+        self.patience = patience
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit or self.used == 0), self.patience)
+            except asyncio.TimeoutError:
+                raise _Reject("memory_limit") from None
+            self.used += n
+
+    def give(self, n: int) -> None:
+        if n:
+            self.used -= n
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
 
 
 class FetchResult(NamedTuple):
@@ -162,6 +196,7 @@ class Fetcher:
         self.cfg = cfg
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(cfg.concurrency)
+        self.budget = MemoryBudget(cfg.max_inflight_bytes, patience=max(cfg.read_timeout, 1.0) * 3)
         self.bytes_in = 0
 
     async def __aenter__(self) -> Fetcher:
@@ -196,7 +231,10 @@ class Fetcher:
         return self._session
 
     async def fetch(self, url: str) -> FetchResult:
-        """GET ``url`` with retries; never raises for network or server trouble."""
+        """GET ``url`` with retries; never raises for network or server trouble.
+
+        The body's bytes stay reserved in ``self.budget`` until the caller calls ``release``.
+        """
         attempt = 0
         async with self._slots:
             while True:
@@ -259,12 +297,22 @@ class Fetcher:
         if resp.content_length is not None and resp.content_length > limit:
             raise _Reject("too_large")
         chunks = bytearray()
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            chunks += chunk
-            if len(chunks) > limit:
-                raise _Reject("too_large")
+        try:
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                await self.budget.take(len(chunk))
+                chunks += chunk
+                if len(chunks) > limit:
+                    raise _Reject("too_large")
+        except BaseException:
+            self.budget.give(len(chunks))
+            raise
         self.bytes_in += len(chunks)
         return bytes(chunks)
+
+    def release(self, result: FetchResult) -> None:
+        """Give back the memory reserved for a body once it has been processed."""
+        if result.data is not None:
+            self.budget.give(len(result.data))
 
     async def stream(self, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         """Yield the body of a (large) response in chunks; for archives and list files.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.base import Unit
+from fastfetch.sources.base import Item, Unit
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+#: (key, url, caption, extra columns, reason) of an item that failed for a transient reason
+FailedRow = tuple[str, str, str, dict[str, Any], str]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,6 +40,15 @@ CREATE TABLE IF NOT EXISTS units (
     bytes_out INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     updated REAL
+);
+CREATE TABLE IF NOT EXISTS failed_items (
+    unit TEXT NOT NULL,
+    key TEXT NOT NULL,
+    url TEXT NOT NULL,
+    caption TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (unit, key)
 );
 """
 
@@ -83,7 +96,8 @@ class Manifest:
 
     # -- units ------------------------------------------------------------------------------
     def sync_plan(self, units: Iterable[Unit]) -> list[str]:
-        """Record the plan; returns the ids of done units whose spec changed (to be redone)."""
+        """Record the plan; returns the ids of units to redo from scratch (their spec changed)
+        together with their retry units, which are dropped."""
         changed: list[str] = []
         with self._tx():
             known = {r[0]: r[1] for r in self.db.execute("SELECT id, spec FROM units")}
@@ -96,6 +110,11 @@ class Manifest:
                     )
                 elif known[unit.id] != spec:
                     changed.append(unit.id)
+                    retries = [r[0] for r in self.db.execute(
+                        "SELECT id FROM units WHERE json_extract(spec, '$.retry_of') = ?", (unit.id,))]
+                    changed.extend(retries)
+                    self.db.executemany("DELETE FROM units WHERE id=?", [(r,) for r in retries])
+                    self.db.execute("DELETE FROM failed_items WHERE unit=?", (unit.id,))
                     self.db.execute(
                         "UPDATE units SET ord=?, spec=?, rows=?, state=?, counts='{}', bytes_in=0,"
                         " bytes_out=0, error=NULL, updated=? WHERE id=?",
@@ -124,11 +143,68 @@ class Manifest:
             (RUNNING, time.time(), unit_id),
         )
 
-    def finish(self, unit_id: str, counts: dict[str, int], bytes_in: int, bytes_out: int) -> None:
-        self.db.execute(
-            "UPDATE units SET state=?, counts=?, bytes_in=?, bytes_out=?, error=NULL, updated=? WHERE id=?",
-            (DONE, orjson.dumps(counts).decode(), bytes_in, bytes_out, time.time(), unit_id),
+    def finish(self, unit_id: str, counts: dict[str, int], bytes_in: int, bytes_out: int, failed: list[FailedRow]) -> None:
+        """Mark a unit done, with the items that failed for transient reasons (for --retry-failed)."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE units SET state=?, counts=?, bytes_in=?, bytes_out=?, error=NULL, updated=? WHERE id=?",
+                (DONE, orjson.dumps(counts).decode(), bytes_in, bytes_out, time.time(), unit_id),
+            )
+            self._replace_failed(unit_id, failed)
+
+    def _replace_failed(self, unit_id: str, failed: list[FailedRow]) -> None:
+        self.db.execute("DELETE FROM failed_items WHERE unit=?", (unit_id,))
+        self.db.executemany(
+            "INSERT INTO failed_items(unit, key, url, caption, extra, reason) VALUES(?,?,?,?,?,?)",
+            [(unit_id, k, u, c, orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY).decode(), r) for k, u, c, e, r in failed],
         )
+
+    # -- --retry-failed ---------------------------------------------------------------------
+    def retry_units(self) -> list[Unit]:
+        """One retry unit per done unit with transient failures (ids ``<unit>-retry<n>``)."""
+        with self._tx():
+            rows = self.db.execute(
+                "SELECT f.unit, COUNT(*) FROM failed_items f JOIN units u ON u.id = f.unit "
+                "WHERE u.state = ? GROUP BY f.unit ORDER BY u.ord", (DONE,)
+            ).fetchall()
+            units = []
+            for original, count in rows:
+                attempt = 1 + self.db.execute(
+                    "SELECT COUNT(*) FROM units WHERE json_extract(spec, '$.retry_of') = ? AND state = ?", (original, DONE)
+                ).fetchone()[0]
+                unit = Unit(f"{original}-retry{attempt}", {"retry_of": original}, count)
+                self.db.execute(
+                    "INSERT OR IGNORE INTO units(id, ord, spec, rows, updated) VALUES(?, (SELECT COALESCE(MAX(ord), 0) + 1 FROM units), ?, ?, ?)",
+                    (unit.id, orjson.dumps(unit.spec).decode(), count, time.time()),
+                )
+                units.append(unit)
+        return units
+
+    def failed_items(self, unit_id: str) -> list[Item]:
+        return [
+            Item(key, caption, url=url, extra=orjson.loads(extra))
+            for key, url, caption, extra in self.db.execute(
+                "SELECT key, url, caption, extra FROM failed_items WHERE unit=? ORDER BY key", (unit_id,)
+            )
+        ]
+
+    def finish_retry(self, retry_id: str, original: str, counts: dict[str, int], bytes_in: int, bytes_out: int,
+                     failed: list[FailedRow]) -> None:
+        """Commit a retry unit: its outcomes replace the original unit's transient failures."""
+        with self._tx():
+            (spec_counts,) = self.db.execute("SELECT counts FROM units WHERE id=?", (original,)).fetchone()
+            merged = Counter(orjson.loads(spec_counts))
+            for (reason, n) in self.db.execute("SELECT reason, COUNT(*) FROM failed_items WHERE unit=? GROUP BY reason", (original,)):
+                merged[reason] -= n
+            merged.update(counts)
+            self.db.execute(
+                "UPDATE units SET counts=?, bytes_in=bytes_in+?, bytes_out=bytes_out+?, updated=? WHERE id=?",
+                (orjson.dumps({k: v for k, v in merged.items() if v}).decode(), bytes_in, bytes_out, time.time(), original),
+            )
+            self.db.execute(
+                "UPDATE units SET state=?, counts='{}', error=NULL, updated=? WHERE id=?", (DONE, time.time(), retry_id)
+            )
+            self._replace_failed(original, failed)
 
     def fail(self, unit_id: str, error: str) -> None:
         self.db.execute(

@@ -9,8 +9,11 @@ folder is renamed into place; an interrupted unit is rolled back and redone on t
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import shutil
+import sqlite3
+from collections.abc import AsyncIterator
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +23,47 @@ from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
 from fastfetch.manifest import DONE, Manifest
 from fastfetch.mds import BASE_COLUMNS, UnitWriter, clean_unfinished, merge_index
+from fastfetch.redact import redact
 from fastfetch.resizer import ResizePool
 from fastfetch.sources.base import Item, Source, Unit, UsageError
 from fastfetch.stats import Progress, RunCounters
 
 MAX_OPEN_UNITS = 4
+#: failures worth another try later (``--retry-failed``); the rest are properties of the item
+TRANSIENT = frozenset({"timeout", "connection", "http_5xx", "http_429", "memory_limit"})
+
+
+class DiskFull(Exception):
+    """The output filesystem is full: the run stops (units in flight are rolled back)."""
+
+    def __init__(self, path: Path, needed: int) -> None:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free if path.parent.exists() else 0
+        super().__init__(
+            f"no space left on the device holding {path} ({free / 1e6:.1f} MB free; about "
+            f"{needed / 1e6:.0f} MB are needed for the units in flight). Free some space or choose "
+            "another --out, then rerun the same command: finished units are kept"
+        )
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception chain (SQLite reports it as 'database or disk is full')."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _null_value(encoding: str) -> Any:
+    """What a missing value of an extra column is stored as (MDS has no nulls outside json)."""
+    return {"float64": float("nan"), "float32": float("nan"), "str": ""}.get(encoding)
+
+
+async def _aiter(items: list[Item]) -> AsyncIterator[Item]:
+    for item in items:
+        yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +120,9 @@ class Pipeline:
         self.columns: dict[str, str] = {}
         self._item_slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.workers * 4)
 
-    async def prepare(self, selection: Selection) -> list[Unit]:
-        """Plan, record the plan, drop unfinished leftovers; returns the units still to do."""
+    async def prepare(self, selection: Selection, retry_failed: bool = False) -> list[Unit]:
+        """Plan, record the plan, drop unfinished leftovers; returns the units still to do
+        (with ``retry_failed``: only retry units for earlier transient failures)."""
         units = await self.source.plan()
         for changed in self.manifest.sync_plan(units):
             shutil.rmtree(self.mds_root / changed, ignore_errors=True)
@@ -90,6 +130,8 @@ class Pipeline:
         done = {r.id for r in self.manifest.records(DONE)}
         clean_unfinished(self.mds_root, done)
         self.columns = {**BASE_COLUMNS, **self.source.extra_columns()}
+        if retry_failed:
+            return self.manifest.retry_units()
         return [u for u in selected if u.id not in done]
 
     async def run(self, units: list[Unit]) -> None:
@@ -128,6 +170,7 @@ class Pipeline:
         self.manifest.start(unit.id)
         writer = UnitWriter(self.mds_root, unit.id, self.columns)
         counts: Counter[str] = Counter(unit.spec.get("prefiltered", {}))
+        retryable: list[Item] = []  # transient failures, kept for --retry-failed
         bytes_in = 0
         tasks: set[asyncio.Task[None]] = set()
 
@@ -139,10 +182,13 @@ class Pipeline:
                 self._item_slots.release()
             bytes_in += nbytes
             counts["kept" if reason is None else reason] += 1
+            if reason in TRANSIENT and item.url:
+                item.reject = reason
+                retryable.append(item)
             self._count(reason, nbytes)
 
         try:
-            async for item in self.source.items(unit):
+            async for item in self._items(unit):
                 await self._item_slots.acquire()
                 task = asyncio.create_task(handle(item))
                 tasks.add(task)
@@ -159,7 +205,8 @@ class Pipeline:
             handed_out.set()
             await _cancel_all(tasks)
             await asyncio.to_thread(writer.discard)
-            self.manifest.fail(unit.id, f"{type(exc).__name__}: {exc}")
+            self._raise_if_disk_full(exc, unit)
+            self.manifest.fail(unit.id, redact(f"{type(exc).__name__}: {exc}"))
             self.counters.units_failed += 1
             return
         # Every item is accounted for: publish the unit. A stop request arriving now waits for
@@ -169,27 +216,61 @@ class Pipeline:
             await asyncio.shield(publish)
         except asyncio.CancelledError:
             await publish
-            self._commit(unit, counts, bytes_in, writer)
+            self._commit(unit, counts, bytes_in, writer, retryable)
             raise
-        self._commit(unit, counts, bytes_in, writer)
+        except Exception as exc:
+            await asyncio.to_thread(writer.discard)
+            self._raise_if_disk_full(exc, unit)
+            raise
+        self._commit(unit, counts, bytes_in, writer, retryable)
 
-    def _commit(self, unit: Unit, counts: Counter[str], bytes_in: int, writer: UnitWriter) -> None:
-        self.manifest.finish(unit.id, dict(counts), bytes_in, writer.bytes)
+    def _items(self, unit: Unit) -> AsyncIterator[Item]:
+        """A unit's items: from its source, or (a --retry-failed unit) from the manifest."""
+        if "retry_of" in unit.spec:
+            return _aiter(self.manifest.failed_items(unit.spec["retry_of"]))
+        return self.source.items(unit)
+
+    def _commit(self, unit: Unit, counts: Counter[str], bytes_in: int, writer: UnitWriter, retryable: list[Item]) -> None:
+        failed = [(i.key, i.url or "", i.caption or "", i.extra, i.reject or "") for i in retryable]
+        try:
+            if "retry_of" in unit.spec:
+                self.manifest.finish_retry(unit.id, unit.spec["retry_of"], dict(counts), bytes_in, writer.bytes, failed)
+            else:
+                self.manifest.finish(unit.id, dict(counts), bytes_in, writer.bytes, failed)
+        except sqlite3.OperationalError as exc:
+            self._raise_if_disk_full(exc, unit)
+            raise
         self.counters.units_done += 1
 
+    def _raise_if_disk_full(self, exc: BaseException, unit: Unit) -> None:
+        if not is_disk_full(exc):
+            return
+        done = self.manifest.records(DONE)
+        kept = sum(r.counts.get("kept", 0) for r in done)
+        per_image = sum(r.bytes_out for r in done) / kept if kept else 100_000
+        needed = int(per_image * (unit.rows or 10_000) * MAX_OPEN_UNITS)
+        path = getattr(exc, "filename", None) or self.mds_root
+        raise DiskFull(Path(path), needed) from exc
+
     async def _process(self, item: Item, writer: UnitWriter) -> tuple[str | None, int]:
-        """Fetch (if needed), resize and write one item; returns (reason or None, bytes fetched)."""
+        """Fetch (if needed), resize and write one item; returns (reason or None, bytes in)."""
         if item.reject:
             return item.reject, 0
-        data, nbytes = item.data, len(item.data or b"")  # archive members count as bytes in
-        if data is None:
-            result = await self.fetcher.fetch(item.url or "")
-            if result.data is None:
-                return result.reason, 0
-            data, nbytes = result.data, len(result.data)
-        processed: Processed = await self.resizer.process(data)
+        if item.data is not None:  # archive members count as bytes in
+            return self._store(item, item.data, writer, await self.resizer.process(item.data)), len(item.data)
+        result = await self.fetcher.fetch(item.url or "")
+        if result.data is None:
+            return result.reason, 0
+        try:
+            return self._store(item, result.data, writer, await self.resizer.process(result.data)), len(result.data)
+        finally:
+            self.fetcher.release(result)
+
+    def _store(self, item: Item, data: bytes, writer: UnitWriter, processed: Processed) -> str | None:
+        """Write the kept image; returns the rejection reason instead when there is one."""
         if processed.reason is not None:
-            return processed.reason, nbytes
+            return processed.reason
+        extra = {k: _null_value(self.columns[k]) if v is None else v for k, v in item.extra.items() if k in self.columns}
         row: dict[str, Any] = {
             "jpg": processed.data if processed.data is not None else data,
             "caption": item.caption or "",
@@ -198,11 +279,11 @@ class Pipeline:
             "original_width": processed.original_width,
             "original_height": processed.original_height,
             "key": item.key,
-            **item.extra,
+            **extra,
         }
         writer.write(row)
         self.counters.bytes_out += len(row["jpg"])
-        return None, nbytes
+        return None
 
     def _count(self, reason: str | None, nbytes: int) -> None:
         c = self.counters

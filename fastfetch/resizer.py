@@ -65,8 +65,9 @@ class ResizePool:
         )
 
     def close(self) -> None:
+        """Stop the workers (waiting for them, so their peak memory is accounted in stats)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:

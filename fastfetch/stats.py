@@ -8,6 +8,7 @@ figures describe the run that just ended.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 from collections import Counter
@@ -69,7 +70,7 @@ class Progress:
 
 def dataset_totals(manifest: Manifest) -> dict[str, Any]:
     """Totals over the done units (what the merged index contains)."""
-    records = manifest.records()
+    records = [r for r in manifest.records() if "retry_of" not in r.spec]  # retries fold into their unit
     counts: Counter[str] = Counter()
     bytes_in = bytes_out = 0
     for r in records:
@@ -106,6 +107,8 @@ def write_stats(out: Path, manifest: Manifest, run: RunCounters, settings: dict[
             "images_per_s": round(run.items / secs, 2) if secs else 0.0,
             "kept_per_s": round(run.kept / secs, 2) if secs else 0.0,
             "mb_per_s": round(run.bytes_in / 1e6 / secs, 2) if secs else 0.0,
+            "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+            "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
         },
         "settings": settings,
     }
@@ -140,6 +143,11 @@ def print_summary(stats: dict[str, Any], out: Path) -> None:
         for uid, err in list(stats["failed_units"].items())[:10]:
             console.print(f"  {uid}: {err}")
     console.print(f"dataset: {out / 'mds'}   stats: {out / 'stats.json'}")
+
+
+def _peak_rss_mb(who: int) -> float:
+    """Peak resident memory in MB (for children: the largest finished child process)."""
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def _human(n: int) -> str:
