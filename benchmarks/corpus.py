@@ -304,7 +304,7 @@ def write_archives(out: Path, items: list[tuple[int, bytes]], per_tar: int, seed
 # -- the whole corpus --------------------------------------------------------------------------
 @dataclass
 class CorpusParams:
-    web: int = 2000
+    web: int = 4000
     mixed_archives: int = 4
     mixed_per_archive: int = 250
     sa1b_archives: int = 4

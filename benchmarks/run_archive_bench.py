@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     HERE, ROOT, WORK, Measurement, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
     median, save_result,
 )
+from run_ceiling import run_inner  # noqa: E402
 from server import Nginx  # noqa: E402
 
 CAPTION_REPO = "PixArt-alpha/SAM-LLaVA-Captions10M"
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--variants", default="mixed,sa1b")
     p.add_argument("--tools", default="seed,fetch")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
     args = p.parse_args()
     if args.quick:
         args.runs = 1
@@ -122,7 +124,12 @@ def main() -> None:
             for f in (corpus / "archives" / variant).iterdir():
                 f.read_bytes()  # page cache
             runs: dict[str, list[Measurement]] = {t: [] for t in tools}
+            ceilings: list[dict[str, Any]] = []
             for i in range(args.runs):
+                if not args.no_ceiling:
+                    c = run_inner(main_python(), corpus, variant, "fast", args.processes)
+                    ceilings.append(c)
+                    print(f"run {i} {variant} ceiling (in memory, fast path): {c['kept_per_s']:.1f} kept/s, load {c['load']}", flush=True)
                 for tool in (tools if i % 2 == 0 else list(reversed(tools))):
                     m = run_one(tool, i, variant, links, srv, args, help_text)
                     runs[tool].append(m)
@@ -147,6 +154,13 @@ def main() -> None:
             rows.append([variant, tool, round(s["kept_per_s"], 1), round(s["cpu_ms_per_image"], 1), round(s["peak_rss_mb"]),
                          round(s["peak_disk_mb"]), round(s["extra_disk_mb"]), round(tar_mb), kept, n_images,
                          " ".join(map(str, s["rates"])), " ".join(s["load"])])
+        if ceilings:
+            c_rate = median([c["kept_per_s"] for c in ceilings])
+            summary[f"{variant}/ceiling"] = {"kept_per_s": c_rate, "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
+            rows.append([variant, "ceiling (in memory, fast path)", round(c_rate, 1), "", "", "", "", "", ceilings[0]["kept"], n_images,
+                         " ".join(map(str, summary[f"{variant}/ceiling"]["rates"])), " ".join(c["load"] for c in ceilings)])
+            if "fetch" in runs:
+                summary[f"{variant}/fetch_fraction_of_ceiling"] = summary[f"{variant}/fetch"]["kept_per_s"] / c_rate
         if {"seed", "fetch"} <= set(runs):
             summary[f"{variant}/speedup"] = summary[f"{variant}/fetch"]["kept_per_s"] / summary[f"{variant}/seed"]["kept_per_s"]
     table = md_table(
@@ -157,6 +171,8 @@ def main() -> None:
     for k, v in summary.items():
         if k.endswith("speedup"):
             print(f"{k}: {v:.2f}×")
+        if k.endswith("fraction_of_ceiling"):
+            print(f"{k}: {v:.1%}")
     print(f"results: {path}")
 
 

@@ -80,9 +80,11 @@ def _worker(cfg_kwargs: dict, counter: Any, kept: Any, barrier: Any) -> None:
         kept.value += mine
 
 
-def inner(corpus: Path, source: str, config: str, processes: int) -> dict[str, Any]:
+def inner(corpus: Path, source: str, config: str, processes: int, limit: int = 0) -> dict[str, Any]:
     global _DATA
     _DATA = load_inputs(corpus, source)
+    if limit:
+        _DATA = _DATA[:limit]
     ctx = mp.get_context("fork")
     counter, kept = ctx.Value("q", 0), ctx.Value("q", 0)
     barrier = ctx.Barrier(processes + 1)
@@ -126,8 +128,9 @@ def pythons() -> dict[str, str]:
     return out
 
 
-def run_inner(python: str, corpus: Path, source: str, config: str, processes: int, timeout: float = 600) -> dict[str, Any]:
-    cmd = [python, str(Path(__file__).resolve()), "--inner", "--corpus", str(corpus), "--source", source, "--config", config, "--processes", str(processes)]
+def run_inner(python: str, corpus: Path, source: str, config: str, processes: int, limit: int = 0, timeout: float = 600) -> dict[str, Any]:
+    cmd = [python, str(Path(__file__).resolve()), "--inner", "--corpus", str(corpus), "--source", source, "--config", config,
+           "--processes", str(processes), "--limit", str(limit)]
     from common import loadavg
 
     before = loadavg()
@@ -150,13 +153,14 @@ def main() -> None:
     p.add_argument("--sources", default="web,mixed,sa1b", help="comma list of web, mixed, sa1b")
     p.add_argument("--configs", default="plain,fast")
     p.add_argument("--pythons", default="", help="comma list of python executables (default: .venv + benchmark venvs)")
+    p.add_argument("--limit", type=int, default=1500, help="at most this many inputs per corpus (0: all)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.inner:
-        print(json.dumps(inner(args.corpus, args.source, args.config, args.processes)))
+        print(json.dumps(inner(args.corpus, args.source, args.config, args.processes, args.limit)))
         return
     if args.quick:
         args.runs = 1
@@ -168,7 +172,7 @@ def main() -> None:
         if i % 2:
             combos.reverse()
         for source, config, name in combos:
-            r = run_inner(pys[name], corpus, source, config, args.processes)
+            r = run_inner(pys[name], corpus, source, config, args.processes, args.limit)
             results.setdefault((source, config, name), []).append(r)
             print(f"run {i} {source:5s} {config:5s} {name:28s} kept {r['kept']}/{r['items']} {r['kept_per_s']:.1f} kept/s "
                   f"({r['items_per_s']:.1f} items/s, cpu {r['cpu_s']:.1f}s) load {r['load']}", flush=True)

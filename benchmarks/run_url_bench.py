@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     ROOT, WORK, Measurement, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, median,
     save_result, venv_python,
 )
+from run_ceiling import run_inner  # noqa: E402
 from server import Nginx  # noqa: E402
 
 I2D_VENV = "venv-img2dataset"
@@ -72,8 +73,10 @@ def i2d_counts(out: Path) -> dict[str, Any]:
         s = json.loads(f.read_text())
         kept += s.get("successes", 0)
         total += s.get("count", 0)
-        reasons.update(s.get("status_dict", {}).get("count", s.get("status_dict", {})))
-    reasons.pop("success", None)
+        for reason, count in s.get("status_dict", {}).items():
+            if reason != "success" and isinstance(count, int):
+                short = reason.strip().splitlines()[0][:70] if reason.strip() else "?"
+                reasons[short] += count
     return {"kept": kept, "items": total, "rejected": dict(reasons)}
 
 
@@ -140,6 +143,7 @@ def main() -> None:
     p.add_argument("--sweep-threads", action="store_true", help="one img2dataset run per thread count in --sweep, then stop")
     p.add_argument("--sweep", default="8,16,32,64,128", help="thread counts for --sweep-threads")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
     args = p.parse_args()
     if args.quick:
         args.runs = min(args.runs, 1)
@@ -176,6 +180,7 @@ def main() -> None:
 
         runs: dict[str, list[Measurement]] = {t: [] for t in tools}
         outs: dict[str, Path] = {}
+        ceilings: list[dict[str, Any]] = []
         for i in range(args.runs):
             order = tools if i % 2 == 0 else list(reversed(tools))
             for tool in order:
@@ -188,6 +193,10 @@ def main() -> None:
                     f"nginx cpu {m.extra['nginx_cpu_s']}s",
                     flush=True,
                 )
+            if not args.no_ceiling:
+                c = run_inner(main_python(), corpus, "web", "fast", args.processes)
+                ceilings.append(c)
+                print(f"run {i} ceiling (in memory, fast path, same Pillow as bin/fetch): {c['kept_per_s']:.1f} kept/s, load {c['load']}", flush=True)
         diff = explain_differences(items, srv.base, outs["fetch"], outs["img2dataset"]) if {"fetch", "img2dataset"} <= set(outs) else {}
 
     rows = []
@@ -206,6 +215,12 @@ def main() -> None:
         rows.append([tool, round(s["kept_per_s"], 1), round(s["urls_per_s"], 1), round(s["cpu_ms_per_url"], 1), round(s["peak_rss_mb"]), kept, " ".join(map(str, s["rates"])), " ".join(s["load"])])
     if "fetch" in summary and "img2dataset" in summary:
         summary["speedup"] = summary["fetch"]["kept_per_s"] / summary["img2dataset"]["kept_per_s"]
+    if ceilings:
+        c_rate = median([c["kept_per_s"] for c in ceilings])
+        summary["ceiling"] = {"kept_per_s": c_rate, "kept": ceilings[0]["kept"], "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
+        rows.append(["ceiling (in memory, fast path)", round(c_rate, 1), "", "", "", ceilings[0]["kept"], " ".join(map(str, summary["ceiling"]["rates"])), " ".join(summary["ceiling"]["load"])])
+        if "fetch" in summary:
+            summary["fetch_fraction_of_ceiling"] = summary["fetch"]["kept_per_s"] / c_rate
     table = md_table(["tool", "kept img/s (median)", "URLs/s", "CPU ms / URL", "peak RSS MB", "kept", "kept img/s per run", "load 1m per run"], rows)
     cmd = " ".join(sys.argv)
     path = save_result("url", {
@@ -215,6 +230,8 @@ def main() -> None:
     print(table)
     if "speedup" in summary:
         print(f"\nfetch / img2dataset = {summary['speedup']:.2f}×")
+    if "fetch_fraction_of_ceiling" in summary:
+        print(f"fetch / ceiling = {summary['fetch_fraction_of_ceiling']:.1%}")
     print("kept-set differences:", json.dumps(diff))
     print(f"results: {path}")
 
