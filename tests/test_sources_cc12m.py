@@ -83,12 +83,15 @@ def test_cc12m_resumes_a_broken_archive_with_range(server, tmp_path: Path) -> No
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == captions
 
+    assert not list(out.rglob("*.tar")), "nothing kept without --keep-archives"
+
     # identical to an unbroken run
     hub.files[REPO]["cc12m-train-0000.tar"].cut_at = None
     again = tmp_path / "whole"
-    proc = run_fetch("--dataset", "cc12m", "--out", again, env=env)
+    proc = run_fetch("--dataset", "cc12m", "--out", again, "--keep-archives", env=env)
     assert proc.returncode == 0, proc.stderr
+    assert (again / "_archives" / "cc12m" / "cc12m-train-0000.tar").read_bytes() == tars[0]  # opted in: kept
     whole = read_mds(again / "mds")
-    assert [(r["key"], r["caption"], r["width"], r["height"]) for r in rows] == [
+    assert sorted((r["key"], r["caption"], r["width"], r["height"]) for r in rows) == sorted(
         (r["key"], r["caption"], r["width"], r["height"]) for r in whole
-    ]
+    )
