@@ -188,13 +188,11 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
             if header.strip(b"\0"):
                 raise ArchiveError("archive truncated in a header")
             return  # a stream may end without the two zero blocks
+        if header.count(0) == BLOCK:  # the end-of-archive zero blocks
+            await reader.drain()  # and the padding after them, so that the download completes
+            return
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.EOFHeaderError:
-            await reader.drain()  # the end blocks' padding: read so that the download completes
-            return
-        except tarfile.EmptyHeaderError:
-            continue  # the first of the two end-of-archive zero blocks (or padding)
         except tarfile.HeaderError as exc:
             raise ArchiveError(f"bad tar header at byte {reader.offset - BLOCK}: {exc}") from exc
         size = info.size
@@ -309,8 +307,7 @@ async def zip_entries(f: RandomAccess) -> list[ZipEntry]:
         sig, _, eocd64_offset, _ = _EOCD64_LOC.unpack_from(tail, loc) if loc >= 0 else (b"", 0, 0, 0)
         if sig != b"PK\x06\x07":
             raise ArchiveError("ZIP64 locator missing")
-        rec = await f.read(eocd64_offset, _EOCD64.size)
-        fields = _EOCD64.unpack(rec)
+        fields = _EOCD64.unpack(await f.read(eocd64_offset, _EOCD64.size))
         if fields[0] != b"PK\x06\x06":
             raise ArchiveError("bad ZIP64 end of central directory")
         count, cd_size, cd_offset = fields[7], fields[8], fields[9]
@@ -409,10 +406,10 @@ def _member_end(e: ZipEntry) -> int:
 
 
 async def _carve(f: RandomAccess, entry: ZipEntry, block: bytes, at: int) -> ZipMember:
-    header = block[at : at + _LOCAL.size]
-    if len(header) < _LOCAL.size or header[:4] != b"PK\x03\x04":
+    local = block[at : at + _LOCAL.size]
+    if len(local) < _LOCAL.size or local[:4] != b"PK\x03\x04":
         return ZipMember(entry.name, None, "corrupt")
-    rec = _LOCAL.unpack(header)
+    rec = _LOCAL.unpack(local)
     start = at + _LOCAL.size + rec[10] + rec[11]
     data = block[start : start + entry.csize]
     if len(data) < entry.csize:  # an unusually long local extra field: read the member alone

@@ -67,13 +67,14 @@ async def list_files(repo: str, folder: str = "", pattern: str | None = None, re
     so a run without access fails before it plans anything.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     def _list() -> list[HubFile]:
         api = HfApi(library_name="fastfetch", library_version=__version__)
         found = []
         for entry in api.list_repo_tree(repo, path_in_repo=folder or None, repo_type="dataset", revision=revision, recursive=True):
-            if getattr(entry, "size", None) is None:
+            if not isinstance(entry, RepoFile):
                 continue  # a folder
             name = entry.path.rsplit("/", 1)[-1]
             if pattern is None or re.fullmatch(pattern, name):
@@ -88,5 +89,8 @@ async def list_files(repo: str, folder: str = "", pattern: str | None = None, re
         if status in (401, 403) or "GatedRepo" in type(exc).__name__:
             raise access_error(repo, status) from exc
         raise UsageError(f"cannot list {folder or '/'} of the Hugging Face dataset {repo} ({dataset_page(repo)}): {exc}") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot reach the Hugging Face Hub at {endpoint()} to list {repo}: {exc}") from exc
+    except Exception as exc:  # offline mode, connection refused, DNS: nothing to plan with
+        raise UsageError(
+            f"cannot reach the Hugging Face Hub at {endpoint()} to list {repo} ({type(exc).__name__}: {exc}); "
+            "check the network, HF_ENDPOINT and that HF_HUB_OFFLINE is not set"
+        ) from exc

@@ -50,7 +50,8 @@ class TextCapsSource(HubArchiveSource):
             columns = [c for c in ("image", "image_id", "reference_strs", "caption_str") if c in f.schema_arrow.names]
             seen: set[str] = set()
             for group in range(f.num_row_groups):
-                rows = await asyncio.to_thread(lambda g=group: f.read_row_group(g, columns=columns).to_pylist())
+                table = await asyncio.to_thread(f.read_row_group, group, columns=columns)
+                rows = table.to_pylist()
                 for row in rows:
                     image_id = str(row.get("image_id") or "")
                     refs = [r for r in (row.get("reference_strs") or []) if isinstance(r, str) and r.strip()]
