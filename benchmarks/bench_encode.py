@@ -113,8 +113,8 @@ def main() -> None:
     p.add_argument("--work", default=os.path.join(HERE, "_work", "encode"), help="scratch folder")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (median reported)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="resolutions to time")
-    p.add_argument("--images", type=int, nargs="+", default=[24, 8], help="images per run, per resolution")
-    p.add_argument("--batch", type=int, nargs="+", default=[8, 2], help="batch size, per resolution")
+    p.add_argument("--images", type=int, nargs="+", default=[12, 4], help="images per run, per resolution")
+    p.add_argument("--batch", type=int, nargs="+", default=[4, 1], help="batch size, per resolution")
     p.add_argument("--loader-rows", type=int, default=2048, help="rows of the synthetic latent dataset")
     args = p.parse_args()
 

@@ -135,6 +135,8 @@ class AsyncWriter:
 
     def __init__(self, chunks: ChunkWriter, stats: Counter, max_pending: int = 4):
         self.chunks, self.stats = chunks, stats
+        for name in ("rows", "skipped_non_finite"):  # the thread only updates existing keys, so the
+            stats.setdefault(name, 0)                # main thread can copy `stats` while it runs
         self.queue: queue.Queue = queue.Queue(max_pending)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="latent-writer", daemon=True)
