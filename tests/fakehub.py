@@ -9,13 +9,17 @@ small tar/tgz/zip files in each dataset's real layout.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import os
 import re
 import tarfile
+import threading
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -32,6 +36,7 @@ class ServedFile:
     etag: str = ""
     cut_at: int | None = None  # break the connection after this byte, once
     ranges: bool = True  # honour Range requests (a server that does not answers 200)
+    throttle: float = 0.0  # seconds to wait after each 64 KiB written (a slow server)
     cut_done: bool = False
     gets: int = 0
 
@@ -86,6 +91,8 @@ def file_handler(f: ServedFile, token: str | None = None) -> object:
             return resp
         for i in range(0, len(body), 1 << 16):
             await resp.write(body[i : i + (1 << 16)])
+            if f.throttle:
+                await asyncio.sleep(f.throttle)
         await resp.write_eof()
         return resp
 
@@ -167,3 +174,41 @@ def make_zip(members: Iterable[tuple[str, bytes]], compress: bool = True) -> byt
         for name, data in members:
             z.writestr(name, data)
     return out.getvalue()
+
+
+class DiskWatcher:
+    """Polls folders while a fetch runs: the largest file seen (outside MDS output), spool sightings."""
+
+    def __init__(self, *roots: Path) -> None:
+        self.roots = roots
+        self.largest = 0
+        self.largest_name = ""
+        self.spooled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> DiskWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for root in self.roots:
+                for dirpath, _, files in os.walk(root):
+                    where = dirpath + "/"
+                    if "/spool/" in where and files:
+                        self.spooled = True
+                    if "/mds/" in where:
+                        continue
+                    for name in files:
+                        try:
+                            size = os.path.getsize(os.path.join(dirpath, name))
+                        except OSError:
+                            continue
+                        if size > self.largest:
+                            self.largest, self.largest_name = size, os.path.join(dirpath, name)
+            self._stop.wait(0.005)

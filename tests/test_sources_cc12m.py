@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import orjson
 
 from conftest import fetch_env, make_image, read_mds, run_fetch
-from fakehub import FakeHub, make_tar
+from fakehub import DiskWatcher, FakeHub, make_tar
 
 REPO = "pixparse/cc12m-wds"
 
@@ -19,6 +20,8 @@ def shard(n: int) -> tuple[bytes, dict[str, str]]:
     for i in range(8):
         key = f"{n:04d}{i:05d}"
         small = i == 5
+        if i == 4:  # a big member between samples that no recipe reads: skipped in the stream
+            members.append(("0000padding.bin", random.Random(n).randbytes(1 << 20)))
         data = make_image(120 if small else 300, 100 if small else 280, seed=n * 100 + i)
         if i < 7:
             members.append((f"{key}.jpg", data))
@@ -73,8 +76,12 @@ def test_cc12m_resumes_a_broken_archive_with_range(server, tmp_path: Path) -> No
     hub, captions, tars = setup_hub(server, units=1, cut=len(shard(0)[0]) // 2)
     env = fetch_env(HF_ENDPOINT=hub.endpoint)
     out = tmp_path / "cut"
-    proc = run_fetch("--dataset", "cc12m", "--out", out, env=env)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with DiskWatcher(out, tmp) as disk:
+        proc = run_fetch("--dataset", "cc12m", "--out", out, env=fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp)))
     assert proc.returncode == 0, proc.stderr
+    assert disk.largest < len(tars[0]) // 4 and not disk.spooled, ("a streamed tar must not touch the disk", disk.largest_name)
     path = hub.resolve_path(REPO, "cc12m-train-0000.tar")
     ranges = [h.get("Range") for p, h in server.requests if p == path]
     cut = len(tars[0]) // 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 
 import orjson
@@ -11,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import fetch_env, make_image, read_mds, run_fetch
-from fakehub import FakeHub, make_zip
+from fakehub import DiskWatcher, FakeHub, make_zip
 
 REPO = "poloclub/diffusiondb"
 
@@ -48,7 +46,7 @@ def setup(server) -> tuple[FakeHub, dict[str, str], dict[int, bytes]]:
         kept.update(k)
         zips[part] = data
         folder = "diffusiondb-large-part-1" if part <= 10000 else "diffusiondb-large-part-2"
-        hub.add(REPO, f"{folder}/part-{part:06d}.zip", data, ranges=part != 2)
+        hub.add(REPO, f"{folder}/part-{part:06d}.zip", data, ranges=part != 2, throttle=0.05 if part == 2 else 0.0)
     table = pa.Table.from_pylist(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -91,35 +89,12 @@ def test_diffdb_spools_without_ranges_and_cleans_up(server, tmp_path: Path) -> N
     tmp.mkdir()
     env = fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp))
     out = tmp_path / "spooled"
-    largest: dict = {"size": 0, "name": "", "spooled": False}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            for root in (out, tmp):
-                for dirpath, _, files in os.walk(root):
-                    for f in files:
-                        try:
-                            size = os.path.getsize(os.path.join(dirpath, f))
-                        except OSError:
-                            continue
-                        if "/spool/" in dirpath + "/":
-                            largest["spooled"] = True
-                        if size > largest["size"] and "/mds/" not in dirpath + "/":
-                            largest.update(size=size, name=os.path.join(dirpath, f))
-            stop.wait(0.005)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with DiskWatcher(out, tmp) as disk:
         proc = run_fetch("--dataset", "diffdb", "--out", out, "--ids", "2", "--max-nsfw", "0.2", env=env)
-    finally:
-        stop.set()
-        watcher.join()
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(out / "mds")} == {k: v for k, v in kept.items() if k.startswith("000002")}
-    assert largest["size"] <= len(zips[2]), largest
-    assert largest["spooled"], "the zip was expected to be spooled (its server ignores Range)"
+    assert disk.largest <= len(zips[2]), (disk.largest, disk.largest_name)
+    assert disk.spooled, "the zip was expected to be spooled (its server ignores Range)"
     leftovers = [p for p in list(out.rglob("*")) + list(tmp.rglob("*")) if p.is_file() and p.suffix in (".zip", ".part")]
     assert not leftovers, leftovers
     assert not any((out / "_work" / "diffdb" / "spool").iterdir())
