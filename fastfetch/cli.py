@@ -184,7 +184,7 @@ async def _fetch(args: argparse.Namespace) -> int:
         status = "disk full"
         fatal = str(exc)
     finally:
-        resizer.close()
+        counters.worker_peak_rss_mb = resizer.close()
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
         try:

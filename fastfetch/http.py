@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import ipaddress
+import itertools
 import random
 import socket
 import time
@@ -56,26 +57,45 @@ class MemoryBudget:
     """Bounds the bytes of response bodies held at once, whatever the concurrency.
 
     A download reserves its body chunk by chunk and the pipeline gives the reservation back
-    once the image is written or rejected. A single body may always proceed when nothing else
-    is held, and a wait longer than ``patience`` fails the download (``memory_limit``), so
-    bodies that all wait for each other cannot deadlock.
+    once the image is written or rejected. When the budget runs out, the largest body still
+    downloading is evicted (counted as ``memory_limit``): ordinary images keep flowing while
+    the huge or endless bodies that exhausted the budget are the ones dropped, and bodies
+    waiting for each other cannot deadlock. A body may always proceed when nothing is held.
     """
 
-    def __init__(self, limit: int, patience: float) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.patience = patience
         self.used = 0
+        self._downloading: dict[int, int] = {}  # ticket → bytes held so far
+        self._evicted: set[int] = set()
         self._cond = asyncio.Condition()
 
-    async def take(self, n: int) -> None:
+    async def take(self, ticket: int, n: int) -> None:
         async with self._cond:
-            try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit or self.used == 0), self.patience)
-            except asyncio.TimeoutError:
-                raise _Reject("memory_limit") from None
+            while True:
+                if ticket in self._evicted:
+                    raise _Reject("memory_limit")
+                if self.used + n <= self.limit or self.used == 0:
+                    break
+                victim = max(self._downloading, key=self._downloading.__getitem__, default=None)
+                if victim is None:  # everything held is waiting for the resizer: it comes back soon
+                    await self._cond.wait()
+                    continue
+                if victim == ticket:
+                    raise _Reject("memory_limit")
+                self._evicted.add(victim)
+                self._cond.notify_all()
+                await self._cond.wait()
             self.used += n
+            self._downloading[ticket] = self._downloading.get(ticket, 0) + n
 
-    def give(self, n: int) -> None:
+    def downloaded(self, ticket: int) -> None:
+        """The body is complete: it is no longer a candidate for eviction."""
+        self._downloading.pop(ticket, None)
+
+    def give(self, ticket: int, n: int) -> None:
+        self._downloading.pop(ticket, None)
+        self._evicted.discard(ticket)
         if n:
             self.used -= n
             asyncio.get_running_loop().create_task(self._notify())
@@ -91,6 +111,7 @@ class FetchResult(NamedTuple):
     data: bytes | None
     reason: str | None
     attempts: int = 1
+    ticket: int = 0  # the body's reservation in the memory budget
 
 
 class _Retry(Exception):
@@ -196,7 +217,8 @@ class Fetcher:
         self.cfg = cfg
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(cfg.concurrency)
-        self.budget = MemoryBudget(cfg.max_inflight_bytes, patience=max(cfg.read_timeout, 1.0) * 3)
+        self.budget = MemoryBudget(cfg.max_inflight_bytes)
+        self._tickets = itertools.count(1)
         self.bytes_in = 0
 
     async def __aenter__(self) -> Fetcher:
@@ -239,9 +261,10 @@ class Fetcher:
         async with self._slots:
             while True:
                 attempt += 1
+                ticket = next(self._tickets)
                 try:
-                    data = await self._attempt(url)
-                    return FetchResult(data, None, attempt)
+                    data = await self._attempt(url, ticket)
+                    return FetchResult(data, None, attempt, ticket)
                 except _Reject as exc:
                     return FetchResult(None, exc.reason, attempt)
                 except _Retry as exc:
@@ -252,7 +275,7 @@ class Fetcher:
                         delay = self.cfg.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
                     await asyncio.sleep(delay)
 
-    async def _attempt(self, url: str) -> bytes:
+    async def _attempt(self, url: str, ticket: int) -> bytes:
         current = url
         for _ in range(self.cfg.max_redirects + 1):
             try:
@@ -267,7 +290,7 @@ class Fetcher:
                     self._check_status(resp)
                     if self.cfg.respect_robots and robots_optout(resp.headers.getall("X-Robots-Tag", [])):
                         raise _Reject("robots_optout")
-                    return await self._read_body(resp)
+                    return await self._read_body(resp, ticket)
             except (_Retry, _Reject):
                 raise
             except BlockedAddress as exc:
@@ -292,27 +315,28 @@ class Fetcher:
         if status != 200:
             raise _Reject(status_reason(status))
 
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read_body(self, resp: aiohttp.ClientResponse, ticket: int) -> bytes:
         limit = self.cfg.max_bytes
         if resp.content_length is not None and resp.content_length > limit:
             raise _Reject("too_large")
         chunks = bytearray()
         try:
             async for chunk in resp.content.iter_chunked(1 << 16):
-                await self.budget.take(len(chunk))
+                await self.budget.take(ticket, len(chunk))
                 chunks += chunk
                 if len(chunks) > limit:
                     raise _Reject("too_large")
         except BaseException:
-            self.budget.give(len(chunks))
+            self.budget.give(ticket, len(chunks))
             raise
+        self.budget.downloaded(ticket)
         self.bytes_in += len(chunks)
         return bytes(chunks)
 
     def release(self, result: FetchResult) -> None:
         """Give back the memory reserved for a body once it has been processed."""
         if result.data is not None:
-            self.budget.give(len(result.data))
+            self.budget.give(result.ticket, len(result.data))
 
     async def stream(self, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         """Yield the body of a (large) response in chunks; for archives and list files.
@@ -332,10 +356,10 @@ def _checked_url(url: str, allow_private: bool) -> URL:
     """Parse and check a URL before anything is sent to it (http and https only; an address
     literal must be public unless private networks are allowed: literals skip the resolver)."""
     parsed = URL(url, encoded=False)
-    if parsed.scheme not in ("http", "https"):
+    if parsed.scheme and parsed.scheme not in ("http", "https"):
         raise _Reject("bad_scheme")
     host = parsed.raw_host
-    if not host:
+    if not parsed.scheme or not host:
         raise _Reject("invalid_url")
     if not allow_private:
         try:

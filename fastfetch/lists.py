@@ -11,9 +11,11 @@ import gzip
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -91,18 +93,33 @@ def _open_text(path: Path) -> pa.NativeFile:
 
 
 def _csv_batches(path: Path, delimiter: str) -> Iterator[pa.RecordBatch]:
-    # Every column as string: a caption column of digits must not become an integer, and a
-    # column whose first million rows are empty must not fail later.
-    header = pacsv.open_csv(
-        _open_text(path), parse_options=pacsv.ParseOptions(delimiter=delimiter)
-    ).schema.names
-    reader = pacsv.open_csv(
+    """Every column as bytes, turned into text by ``as_text``: a caption column of digits must
+    not become an integer, a column empty for the first million rows must not fail later, and
+    scraped alt text that is not valid UTF-8 must not fail the list."""
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=_skip_row)
+    header = pacsv.open_csv(_open_text(path), parse_options=parse).schema.names
+    yield from pacsv.open_csv(
         _open_text(path),
         read_options=pacsv.ReadOptions(block_size=8 << 20),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, quote_char='"'),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
+        parse_options=parse,
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in header}),
     )
-    yield from reader
+
+
+def _skip_row(row: Any) -> str:
+    return "skip"  # a row with the wrong number of fields: no URL in it can be trusted
+
+
+def as_text(array: pa.Array) -> pa.Array:
+    """Any column as strings; invalid UTF-8 is decoded with replacement characters."""
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return array
+    try:
+        return pc.cast(array, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
+            return pa.array([None if v is None else str(v) for v in array.to_pylist()], pa.string())
+        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in array.to_pylist()], pa.string())
 
 
 def _jsonl_batches(path: Path, skipped: Counter[str]) -> Iterator[pa.RecordBatch]:

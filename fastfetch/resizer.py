@@ -64,10 +64,25 @@ class ResizePool:
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(self.cfg,)
         )
 
-    def close(self) -> None:
-        """Stop the workers (waiting for them, so their peak memory is accounted in stats)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self) -> float:
+        """Stop the workers; returns the largest peak resident memory of one worker, in MB."""
+        if self._pool is None:
+            return 0.0
+        peak = max((_peak_rss_mb(pid) for pid in list(getattr(self._pool, "_processes", None) or {})), default=0.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        return peak
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM of a live process (Linux), 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
 
 
 def default_workers() -> int:

@@ -36,6 +36,7 @@ class RunCounters:
     bytes_out: int = 0
     units_done: int = 0
     units_failed: int = 0
+    worker_peak_rss_mb: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -108,7 +109,7 @@ def write_stats(out: Path, manifest: Manifest, run: RunCounters, settings: dict[
             "kept_per_s": round(run.kept / secs, 2) if secs else 0.0,
             "mb_per_s": round(run.bytes_in / 1e6 / secs, 2) if secs else 0.0,
             "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
-            "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
+            "peak_worker_rss_mb": run.worker_peak_rss_mb,
         },
         "settings": settings,
     }
@@ -146,7 +147,7 @@ def print_summary(stats: dict[str, Any], out: Path) -> None:
 
 
 def _peak_rss_mb(who: int) -> float:
-    """Peak resident memory in MB (for children: the largest finished child process)."""
+    """Peak resident memory of this process in MB."""
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 

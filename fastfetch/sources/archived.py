@@ -10,21 +10,25 @@ through a lookup built once from a side file, and turn a caption-less image into
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from fastfetch import hub
-from fastfetch.archive import RandomAccess, TarMember, iter_tar
-from fastfetch.ranged import AccessDenied, LocalFile, RemoteFile, ResumableStream, download_file, probe
+from fastfetch.archive import ArchiveError, RandomAccess, TarMember, iter_tar
+from fastfetch.ranged import (
+    AccessDenied, LocalFile, RemoteChanged, RemoteFile, ResumableStream, Validator, download_file, probe,
+)
 from fastfetch.sources.base import Item, Source, Unit, UsageError
 
 
@@ -212,25 +216,30 @@ class ArchiveSource(Source):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def side_file(self, url: str, dest: Path, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
-        """Download a caption side file once (resumable); no access is a usage error."""
-        try:
-            return await download_file(self.session, url, dest, headers)
-        except AccessDenied as exc:
-            if repo is not None:
-                raise hub.access_error(repo, exc.status) from exc
-            raise UsageError(f"cannot download {url}: HTTP {exc.status}") from exc
+    @contextlib.contextmanager
+    def side_errors(self, url: str, repo: str | None = None) -> Iterator[None]:
+        """Turn a failure to read a plan-time side file into a usage error that says what to do.
 
-    async def check_access(self, url: str, repo: str | None = None, headers: dict[str, str] | None = None) -> tuple[Any, bool]:
-        """Probe a file before planning on it; 401/403 becomes the login message."""
+        401/403 on a Hugging Face repo becomes the login message; anything else names the URL.
+        """
         try:
-            return await probe(self.session, url, headers)
+            yield
         except AccessDenied as exc:
             if repo is not None:
                 raise hub.access_error(repo, exc.status) from exc
             raise UsageError(f"no access to {url} (HTTP {exc.status})") from exc
-        except Exception as exc:
-            raise UsageError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError, RemoteChanged, ArchiveError, OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+    async def side_file(self, url: str, dest: Path, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
+        """Download a caption side file once (resumable) into the work dir."""
+        with self.side_errors(url, repo):
+            return await download_file(self.session, url, dest, headers)
+
+    async def check_access(self, url: str, repo: str | None = None, headers: dict[str, str] | None = None) -> tuple[Validator, bool]:
+        """Probe a file before planning on it: its validator, and whether it serves ranges."""
+        with self.side_errors(url, repo):
+            return await probe(self.session, url, headers)
 
 
 class HubArchiveSource(ArchiveSource):

@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
-from fastfetch.ranged import AccessDenied
 from fastfetch.sources.archived import ArchiveSource, CaptionIndex, add_split_flag, caption_item, split_of
 from fastfetch.sources.base import Item, Unit, UsageError
 
@@ -62,15 +61,14 @@ class CocoSource(ArchiveSource):
         if self.captions.ready:
             return
         member = f"annotations/captions_{self.split}2014.json"
-        try:
-            async with self.random_access(self.url(ANNOTATIONS), ANNOTATIONS.rsplit("/", 1)[-1]) as f:
+        url = self.url(ANNOTATIONS)
+        with self.side_errors(url):
+            async with self.random_access(url, ANNOTATIONS.rsplit("/", 1)[-1]) as f:
                 entry = next((e for e in await zip_entries(f) if e.name == member), None)
                 if entry is None:
-                    raise UsageError(f"{self.url(ANNOTATIONS)} has no {member}")
+                    raise UsageError(f"{url} has no {member}")
                 data = await read_zip_member(f, entry)
-        except AccessDenied as exc:
-            raise UsageError(f"cannot download {self.url(ANNOTATIONS)} (HTTP {exc.status})") from exc
-        await asyncio.to_thread(self.captions.build, _caption_rows(orjson.loads(data)))
+            await asyncio.to_thread(self.captions.build, _caption_rows(orjson.loads(data)))
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]

@@ -65,7 +65,8 @@ class DiffusionDBSource(HubArchiveSource):
         if self.metadata.ready:
             return
         path = await self.hub_side_file(METADATA)
-        await asyncio.to_thread(self.metadata.build, _metadata_rows(path))
+        with self.side_errors(str(path)):
+            await asyncio.to_thread(self.metadata.build, _metadata_rows(path))
         if self.keep_dir is None:
             path.unlink()  # the lookup holds what we need; the parquet is GBs
 

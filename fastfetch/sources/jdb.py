@@ -13,8 +13,6 @@ from typing import Any
 
 import orjson
 
-from fastfetch import hub
-from fastfetch.ranged import AccessDenied
 from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, add_split_flag, caption_item, split_of
 from fastfetch.sources.base import Item, Unit
 
@@ -53,16 +51,14 @@ class JourneyDBSource(HubArchiveSource):
         if self.prompts.ready:
             return
         path = ANNOTATIONS[self.split]
-        try:
-            with self.prompts.writer() as add:
-                async for member in self.tar_members(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers()):
-                    if member.name.endswith(".jsonl"):
-                        async for record in _jsonl(member.chunks()):
-                            img, prompt = record.get("img_path"), record.get("prompt")
-                            if isinstance(img, str):
-                                add(img.rsplit("/", 1)[-1], prompt if isinstance(prompt, str) else None)
-        except AccessDenied as exc:
-            raise hub.access_error(self.repo, exc.status) from exc
+        url = self.hub_url(path)
+        with self.side_errors(url, self.repo), self.prompts.writer() as add:
+            async for member in self.tar_members(url, path.rsplit("/", 1)[-1], self.hub_headers()):
+                if member.name.endswith(".jsonl"):
+                    async for record in _jsonl(member.chunks()):
+                        img, prompt = record.get("img_path"), record.get("prompt")
+                        if isinstance(img, str):
+                            add(img.rsplit("/", 1)[-1], prompt if isinstance(prompt, str) else None)
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         async for member in self.unit_tar(unit):

@@ -14,7 +14,6 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastfetch import hub
 from fastfetch.ranged import AccessDenied
 from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
 from fastfetch.sources.base import Item, Unit, UsageError
@@ -82,16 +81,13 @@ class SA1BSource(HubArchiveSource):
         if self.captions.ready:
             return
         url, headers = self.hub_url(CAPTION_FILE), self.hub_headers()
-        try:
-            with self.captions.writer() as add:
-                async for member in self.tar_members(url, CAPTION_FILE, headers):
-                    base = member.name.rsplit("/", 1)[-1]
-                    if base.startswith("sa_") and base.endswith(".txt"):
-                        data = await member.read(1 << 20)
-                        if data is not None:
-                            add(base[: -len(".txt")], data.decode("utf-8", "replace"))
-        except AccessDenied as exc:
-            raise hub.access_error(self.repo, exc.status) from exc
+        with self.side_errors(url, self.repo), self.captions.writer() as add:
+            async for member in self.tar_members(url, CAPTION_FILE, headers):
+                base = member.name.rsplit("/", 1)[-1]
+                if base.startswith("sa_") and base.endswith(".txt"):
+                    data = await member.read(1 << 20)
+                    if data is not None:
+                        add(base[: -len(".txt")], data.decode("utf-8", "replace"))
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         name = unit.spec["file"]

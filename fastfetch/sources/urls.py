@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fastfetch.lists import expand_paths, find_column, list_format, read_batches
+from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
 from fastfetch.sources.base import Item, Source, Unit, UsageError
 
 _PLAN_FILE = "plan.json"
@@ -249,15 +249,17 @@ class UrlsSource(Source):
         mask = self._filter_mask(batch, mapping["filters"], filtered)
         if mask is not None:
             batch = batch.filter(mask)
-        arrays = {"url": batch.column(mapping["url"]).cast(pa.string())}
+        arrays = {"url": as_text(batch.column(mapping["url"]))}
         # A missing caption is "" (rejected as no_caption); a list without a caption column at
         # all (txt, --caption-col '') stores null, which is allowed and stored as "".
         arrays["caption"] = (
-            pc.fill_null(batch.column(mapping["caption"]).cast(pa.string()), "")
+            pc.fill_null(as_text(batch.column(mapping["caption"])), "")
             if mapping["caption"] else pa.nulls(batch.num_rows, pa.string())
         )
         for name, (actual, mds) in mapping["keep"].items():
             col = batch.column(actual)
+            if pa.types.is_binary(col.type):
+                col = as_text(col)
             arrays[f"x_{name}"] = col if mds != "json" else pa.array(
                 [orjson.dumps(v).decode() for v in col.to_pylist()], pa.string()
             )
@@ -277,7 +279,10 @@ class UrlsSource(Source):
             actual = found.get(col)
             if actual is None:
                 continue
-            values = pc.cast(batch.column(actual), pa.float64(), safe=False)
+            column = batch.column(actual)
+            if pa.types.is_binary(column.type):
+                column = pc.if_else(pc.equal(as_text(column), ""), None, as_text(column))
+            values = pc.cast(column, pa.float64(), safe=False)
             bad = pc.greater(values, threshold) if op == "max" else pc.less(values, threshold)
             bad = pc.fill_null(bad, False)
             if keep is not None:
@@ -356,8 +361,8 @@ def _mds_encoding(arrow_type: pa.DataType) -> str:
     """MDS encoding of a kept column: floats as float64 (null → NaN), strings as str, else json."""
     if pa.types.is_floating(arrow_type):
         return "float64"
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return "str"
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_binary(arrow_type):
+        return "str"  # csv/tsv columns arrive as bytes and are decoded
     return "json"
 
 
