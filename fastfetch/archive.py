@@ -67,9 +67,12 @@ async def gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _inflate(d: zlib._Decompress, data: bytes) -> bytes:  # type: ignore[name-defined]
-    if len(data) >= _THREAD_MIN:
-        return await asyncio.to_thread(d.decompress, data, 16 * 1024 * 1024)
-    return d.decompress(data, 16 * 1024 * 1024)
+    try:
+        if len(data) >= _THREAD_MIN:
+            return await asyncio.to_thread(d.decompress, data, 16 * 1024 * 1024)
+        return d.decompress(data, 16 * 1024 * 1024)
+    except zlib.error as exc:  # corrupt compressed data is an unreadable archive, not a crash
+        raise ArchiveError(f"corrupt gzip data: {exc}") from exc
 
 
 async def maybe_gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
