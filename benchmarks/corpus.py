@@ -230,9 +230,15 @@ def _jpeg(im: Image.Image, quality: int, subsampling: int) -> bytes:
 
 def _write_web_item(args: tuple[Spec, str]) -> tuple[int, int]:
     spec, out_dir = args
+    path = Path(out_dir) / spec.name
+    if spec.kind == "missing":
+        return spec.index, 0
+    if path.exists():  # an interrupted build resumes (files are written whole, then renamed)
+        return spec.index, path.stat().st_size
     data = _encode(spec)
-    if spec.kind != "missing":
-        (Path(out_dir) / spec.name).write_bytes(data)
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, path)
     return spec.index, len(data)
 
 
@@ -289,8 +295,11 @@ def write_archives(out: Path, items: list[tuple[int, bytes]], per_tar: int, seed
         chunk = items[t : t + per_tar]
         with tarfile.open(out / name, "w", format=tarfile.GNU_FORMAT) as tar:
             for image_id, data in chunk:
-                with Image.open(io.BytesIO(data)) as probe:
-                    w, h = probe.size
+                try:
+                    with Image.open(io.BytesIO(data)) as probe:
+                        w, h = probe.size
+                except Exception:  # the broken files (an HTML page under .jpg): the JSON still needs a size
+                    w, h = 16, 16
                 _add(tar, f"sa_{image_id}.jpg", data)
                 _add(tar, f"sa_{image_id}.json", _fake_annotations(image_id, max(w, 16), max(h, 16), rng))
                 captions.append((image_id, caption(rng)))
@@ -328,8 +337,8 @@ def build(params: CorpusParams, workers: int = 2, root: Path = WORK / "corpus") 
     if meta_path.exists():
         return out
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "web" / "img").mkdir(parents=True)
+    shutil.rmtree(tmp / "archives", ignore_errors=True)
+    (tmp / "web" / "img").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     specs = plan_web(params.web, params.seed)
     sizes: dict[int, int] = {}
