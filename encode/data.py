@@ -123,5 +123,14 @@ def collate(items: list[dict]) -> dict:
 
 
 def pending_rows(source: StreamingDataset, rows: range, done: set[str]) -> list[int]:
-    """The row indices of `rows` whose key is not in `done` (used on resume only: it reads every row)."""
-    return [i for i in rows if source[i]["key"] not in done]
+    """The row indices of `rows` whose key is not in `done` (used on resume only: it reads every row).
+
+    A row whose image cannot even be opened stays pending, so that the workers count it again.
+    """
+    def is_done(i: int) -> bool:
+        try:
+            return source[i]["key"] in done
+        except DECODE_ERRORS:
+            return False
+
+    return [i for i in rows if not is_done(i)]

@@ -149,9 +149,22 @@ class TextEncoder:
     dim: int
 
 
-def _open_clip_name(name: str) -> str:
-    """A plain folder means open_clip's `local-dir:` schema (open_clip_config.json + weights)."""
-    return f"local-dir:{os.path.abspath(name)}" if os.path.isdir(name) else name
+def _open_clip_name(name: str) -> tuple[str, str | None]:
+    """(model name, pretrained tag) for open_clip.
+
+    `hf-hub:<repo>` and `local-dir:<folder>` carry their weights; a plain folder means
+    `local-dir:`; a built-in architecture needs `@<tag>` (e.g. `ViT-H-14-378-quickgelu@dfn5b`),
+    because without one open_clip silently builds random weights.
+    """
+    if os.path.isdir(name):
+        return f"local-dir:{os.path.abspath(name)}", None
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return name, None
+    arch, sep, tag = name.partition("@")
+    if not sep or not tag:
+        raise ModelLoadError(f"openclip:{name}: give weights as hf-hub:<repo>, a folder, or <architecture>@<tag> "
+                             "(open_clip.list_pretrained() lists the tags)")
+    return arch, tag
 
 
 def load_text_encoder(spec: TextSpec, max_length: int, dtype: torch.dtype) -> TextEncoder:
@@ -159,14 +172,14 @@ def load_text_encoder(spec: TextSpec, max_length: int, dtype: torch.dtype) -> Te
     if spec.kind == "openclip":
         import open_clip
 
-        name = _open_clip_name(spec.name)
+        name, tag = _open_clip_name(spec.name)
         try:
-            clip = open_clip.create_model(name, precision="fp32")
+            clip = open_clip.create_model(name, pretrained=tag, precision="fp32")
             tokenizer = open_clip.get_tokenizer(name)
         except (OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(
-                f"cannot load open_clip model {spec.name!r}: {e}\n  use hf-hub:<repo>, a built-in name with"
-                " weights, or a folder with open_clip_config.json and open_clip_model.safetensors"
+                f"cannot load open_clip model {spec.name!r}: {e}\n  use hf-hub:<repo>, <architecture>@<tag>,"
+                " or a folder with open_clip_config.json and open_clip_model.safetensors"
             ) from e
         if not hasattr(clip, "token_embedding"):
             raise ModelLoadError(f"{spec.name!r} has a Hugging Face text tower; use hf-clip: or t5: for it")

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local folder")
     p.add_argument("--vae-subfolder", default=None, help="subfolder holding the VAE; default: try vae/, then the root")
     p.add_argument("--text-encoder", required=True, type=models.TextSpec.parse,
-                   help="openclip:<name|hf-hub:repo|folder>, hf-clip:<id|folder>, or t5:<id|folder>")
+                   help="openclip:<hf-hub:repo|folder|architecture@tag>, hf-clip:<id|folder>, or t5:<id|folder>")
     p.add_argument("--max-length", type=int, default=77, help="T5 token length (CLIP models fix their own)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256], help="square crop sizes to encode")
     p.add_argument("--batch-size", type=int, default=32, help="images per device step")

@@ -26,6 +26,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `import encode` without installing, whichever way pytest was started
+    sys.path.insert(0, REPO)
 PYTHON = sys.executable
 TORCHRUN = os.path.join(os.path.dirname(PYTHON), "torchrun")
 RUN = os.path.join(REPO, "encode", "run.py")
