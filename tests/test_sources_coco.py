@@ -63,3 +63,9 @@ def test_coco_val_captions_and_zip_resume(server, tmp_path: Path) -> None:
     # the unit is numbered by its year
     proc = run_fetch("--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), "--ids", "2014", env=fetch_env())
     assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr
+
+
+def test_coco_wrong_mirror_is_a_usage_error(server, tmp_path: Path) -> None:
+    proc = run_fetch("--dataset", "coco", "--out", tmp_path / "c", "--coco-base-url", server.url("/nowhere"), env=fetch_env())
+    assert proc.returncode == 2, proc.stderr
+    assert "/nowhere/zips/val2014.zip" in proc.stderr and "Traceback" not in proc.stderr
