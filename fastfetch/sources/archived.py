@@ -247,12 +247,24 @@ class HubArchiveSource(ArchiveSource):
 
     repo: str
 
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)
+        add_once(
+            group, "--hf-revision", default=hub.DEFAULT_REVISION,
+            help="Hugging Face datasets: the branch, tag or commit to read (pin a commit for a reproducible dataset)",
+        )
+
+    @property
+    def revision(self) -> str:
+        return getattr(self.args, "hf_revision", None) or hub.DEFAULT_REVISION
+
     async def hub_units(self, folder: str, pattern: str, unit_id: Any) -> list[Unit]:
         """One unit per repo file matching ``pattern`` (a regex on the file name) under ``folder``.
 
         The spec holds the file's path, size and LFS hash, so a file changed upstream is redone.
         """
-        files = await hub.list_files(self.repo, folder, pattern)
+        files = await hub.list_files(self.repo, folder, pattern, self.revision)
         if not files:
             raise UsageError(
                 f"no file matching {pattern!r} under {folder or '/'} of {hub.dataset_page(self.repo)}; "
@@ -266,7 +278,7 @@ class HubArchiveSource(ArchiveSource):
         return units
 
     def hub_url(self, path: str) -> str:
-        return hub.file_url(self.repo, path)
+        return hub.file_url(self.repo, path, self.revision)
 
     def hub_headers(self) -> dict[str, str]:
         return hub.headers()

@@ -19,7 +19,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class CC12MSource(HubArchiveSource):
     name = "cc12m"
-    help = "CC12M webdataset tars from the HF dataset pixparse/cc12m-wds (2176 units of ~5.5k images, ~1.1 TB)"
+    help = "CC12M webdataset tars from the HF dataset pixparse/cc12m-wds (2176 tars, ~10M images with alt-text)"
     repo = "pixparse/cc12m-wds"
     columns = {"url": "str"}
 

@@ -27,7 +27,7 @@ _IMAGE = re.compile(r"(?:.*/)?(sa_(\d+))\.jpg")
 
 class SA1BSource(HubArchiveSource):
     name = "sa1b"
-    help = "SA-1B from a Meta links file (1000 tars of ~11k images, ~11 TB) with the PixArt LLaVA captions"
+    help = "SA-1B from Meta's links file (1000 tars of ~11k images, ~10 GB each) with the PixArt LLaVA captions"
     repo = "PixArt-alpha/SAM-LLaVA-Captions10M"
     columns = {"image_id": "int64"}
 
