@@ -223,6 +223,7 @@ def measure(
     m.returncode = proc.returncode
     sampled = sum(cpu_seen.values())
     m.cpu_s = sampled
+    m.extra["cpu_main_s"] = round(cpu_seen.get(proc.pid, 0.0), 2)  # the top process alone (event loop, MDS writer)
     m.peak_rss_mb = peak_rss / 2**20
     m.peak_disk_mb = peak_disk / 2**20
     m.load_after = loadavg()

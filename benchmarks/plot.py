@@ -73,7 +73,8 @@ def plot_archive(res: dict) -> Path:
     for i, v in enumerate(variants):
         ax2.plot([i - 0.45, i + 0.45], [s[f"{v}/fetch"]["largest_archive_mb"]] * 2, "r--", lw=1) if f"{v}/fetch" in s else None
     ax1.set_ylabel("kept images / s (median)")
-    ax2.set_ylabel("extra disk MB at peak (peak − output); red: one archive")
+    ax2.set_ylabel("extra disk at peak, MB")
+    ax2.set_title("peak − output size; red dashes: one archive", fontsize=8)
     fig.suptitle(f"Archive mode (SA-1B-style tars over nginx, 2 processes); {res['date_utc']}", fontsize=9)
     return _save(fig, "archive")
 

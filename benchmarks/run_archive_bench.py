@@ -85,6 +85,7 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
     if tool == "fetch":
         stats = json.loads((out / "stats.json").read_text())
         m.extra["rejected"] = stats["rejected"]
+        m.extra["in_run_kept_per_s"] = stats["this_run"]["kept_per_s"]
     else:
         lines = [line for line in m.stdout_tail.splitlines() if line.startswith("{")]
         m.extra["stages"] = json.loads(lines[-1]) if lines else {}
@@ -135,7 +136,7 @@ def main() -> None:
                     runs[tool].append(m)
                     print(
                         f"run {i} {variant} {tool}: {m.wall_s:.1f}s kept {m.extra['kept']}/{n_images} → "
-                        f"{m.extra['kept'] / m.wall_s:.1f} kept/s, cpu {m.cpu_s:.1f}s, rss {m.peak_rss_mb:.0f} MB, "
+                        f"{m.extra['kept'] / m.wall_s:.1f} kept/s, cpu {m.cpu_s:.1f}s (main process {m.extra['cpu_main_s']}s), rss {m.peak_rss_mb:.0f} MB, "
                         f"peak disk {m.peak_disk_mb:.0f} MB (archive {tar_mb:.0f} MB), load {load_str(m)}, other cpu {m.other_cpu_s:.1f}s",
                         flush=True,
                     )
@@ -148,7 +149,10 @@ def main() -> None:
                 "extra_disk_mb": median([m.peak_disk_mb - m.extra["output_mb"] for m in ms]),
                 "largest_archive_mb": tar_mb, "archives_mb": total_mb,
                 "rates": [round(m.extra["kept"] / m.wall_s, 1) for m in ms], "load": [load_str(m) for m in ms],
+                "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
             }
+            if tool == "fetch":
+                s["in_run_kept_per_s"] = median([m.extra["in_run_kept_per_s"] for m in ms])
             summary[f"{variant}/{tool}"] = s
             all_runs[f"{variant}/{tool}"] = ms
             rows.append([variant, tool, round(s["kept_per_s"], 1), round(s["cpu_ms_per_image"], 1), round(s["peak_rss_mb"]),

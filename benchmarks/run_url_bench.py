@@ -189,7 +189,7 @@ def main() -> None:
                 outs[tool] = out
                 print(
                     f"run {i} {tool}: {m.wall_s:.1f}s kept {counts['kept']} → {counts['kept'] / m.wall_s:.1f} kept/s, "
-                    f"cpu {m.cpu_s:.1f}s, rss {m.peak_rss_mb:.0f} MB, load {load_str(m)}, other cpu {m.other_cpu_s:.1f}s, "
+                    f"cpu {m.cpu_s:.1f}s (main process {m.extra['cpu_main_s']}s), rss {m.peak_rss_mb:.0f} MB, load {load_str(m)}, other cpu {m.other_cpu_s:.1f}s, "
                     f"nginx cpu {m.extra['nginx_cpu_s']}s",
                     flush=True,
                 )
@@ -210,7 +210,10 @@ def main() -> None:
             "peak_rss_mb": median([m.peak_rss_mb for m in ms]), "kept": kept, "rejected": ms[-1].extra["counts"]["rejected"],
             "wall_s": [round(m.wall_s, 2) for m in ms], "rates": [round(r, 1) for r in rates],
             "load": [load_str(m) for m in ms], "other_cpu_s": [round(m.other_cpu_s, 1) for m in ms],
+            "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
         }
+        if tool == "fetch":  # bin/fetch's own in-run rate (after imports and planning), for reference
+            s["in_run_kept_per_s"] = median([m.extra["counts"]["this_run"]["kept_per_s"] for m in ms])
         summary[tool] = s
         rows.append([tool, round(s["kept_per_s"], 1), round(s["urls_per_s"], 1), round(s["cpu_ms_per_url"], 1), round(s["peak_rss_mb"]), kept, " ".join(map(str, s["rates"])), " ".join(s["load"])])
     if "fetch" in summary and "img2dataset" in summary:
