@@ -378,18 +378,56 @@ async def iter_zip(
     """The given members' data, reading runs of neighbouring members with one request each.
 
     Each member is checked against its declared sizes before inflating (bomb check), inflated
-    with a cap one byte above its declared size, and verified against its CRC.
+    with a cap one byte above its declared size, and verified against its CRC. The next run is
+    requested while the current one is handed out, so the link does not idle between runs
+    (memory: two runs of at most ``span`` bytes, or one member larger than that).
     """
-    entries = sorted(entries, key=lambda e: e.offset)
+    runs = _plan_runs(sorted(entries, key=lambda e: e.offset), span, limit, f.size)
+    readable = [k for k, (_, problem, _) in enumerate(runs) if problem is None]
+    tasks: dict[int, asyncio.Task[bytes]] = {}
+
+    def prefetch(position: int) -> None:
+        if position < len(readable):
+            k = readable[position]
+            members, _, end = runs[k]
+            tasks[k] = asyncio.ensure_future(f.read(members[0].offset, end - members[0].offset))
+
+    prefetch(0)
+    position = 0
+    try:
+        for k, (members, problem, _) in enumerate(runs):
+            if problem is not None:
+                yield ZipMember(members[0].name, None, problem)
+                continue
+            task = tasks.pop(k)
+            position += 1
+            prefetch(position)
+            block = await task
+            for entry in members:
+                yield await _carve(f, entry, block, entry.offset - members[0].offset)
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+def _plan_runs(entries: list[ZipEntry], span: int, limit: int, size: int) -> list[tuple[list[ZipEntry], str | None, int]]:
+    """Members grouped into runs read with one request: (members, problem, end offset).
+
+    A member that fails the bomb check is a run of its own with its problem and is never read.
+    A local header + data fits in csize + 30 + name + a little extra field (a longer extra field
+    is read separately by ``_carve``).
+    """
+    runs: list[tuple[list[ZipEntry], str | None, int]] = []
     i = 0
     while i < len(entries):
         first = entries[i]
         problem = bomb_check(first, limit)
         if problem:
-            yield ZipMember(first.name, None, problem)
+            runs.append(([first], problem, 0))
             i += 1
             continue
-        # a member's local header + data fits in csize + 30 + name + extra (extra ≤ 64 KiB)
         j, end = i + 1, _member_end(first)
         while j < len(entries) and bomb_check(entries[j], limit) is None:
             nxt = entries[j]
@@ -397,11 +435,9 @@ async def iter_zip(
                 break
             end = max(end, _member_end(nxt))
             j += 1
-        end = min(end, f.size)
-        block = await f.read(first.offset, end - first.offset)
-        for entry in entries[i:j]:
-            yield await _carve(f, entry, block, entry.offset - first.offset)
+        runs.append((entries[i:j], None, min(end, size)))
         i = j
+    return runs
 
 
 def _member_end(e: ZipEntry) -> int:
