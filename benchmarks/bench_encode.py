@@ -9,7 +9,7 @@ configurations:
     eager      --dtype fp32 --no-channels-last --no-compile
     optimized  --dtype bf16 --channels-last --compile
 
-at each resolution; `--runs` runs each, and the medians are reported. Images/s is taken from the
+at each resolution; `--runs` runs each, interleaved, and the medians are reported. Images/s is taken from the
 run's stats.json over the steady state (after the first batch, which holds torch.compile's
 compilation and DataLoader start-up); wall seconds of the whole command are reported too.
 The text encoder is a small open_clip text transformer (same for both configurations), so the
@@ -66,6 +66,7 @@ def encode_once(data: str, out: str, vae: str, text: str, res: int, batch: int, 
            "--text-encoder", f"openclip:{text}", "--resolutions", str(res),
            "--batch-size", str(batch), "--num-workers", "1", "--device", "cpu", "--latent-mode", "sample", *flags]
     env = {k: v for k, v in em.env().items() if k != "OMP_NUM_THREADS"}  # one process: use every core
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -73,8 +74,7 @@ def encode_once(data: str, out: str, vae: str, text: str, res: int, batch: int, 
         sys.exit(f"encode/run.py failed:\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "stats.json")) as f:
         stats = json.load(f)
-    return {"steady": stats["images_per_s_steady"], "loop": stats["images_per_s"], "wall": wall,
-            "cmd": " ".join(cmd)}
+    return {"steady": stats["images_per_s_steady"], "wall": wall, "load": f"{load:.1f}", "cmd": " ".join(cmd)}
 
 
 def synthetic_latents(out: str, rows: int) -> str:
@@ -125,23 +125,24 @@ def main() -> None:
         shutil.copytree(em.openclip_dir(), text)
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; uptime: "
           f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; cores: {os.cpu_count()}")
-    print("\n| resolution | configuration | images/s steady (median) | runs | wall s (median) |")
+    print("\n| resolution | configuration | images/s steady (median) | runs (1-min load avg at start) | wall s (median) |")
     print("|---|---|---|---|---|")
     for res, n, batch in zip(args.resolutions, args.images, args.batch):
         data = os.path.join(args.work, f"images-{n}")
         if not os.path.exists(os.path.join(data, "index.json")):
             em.make_image_mds(data, n)
-        medians = {}
-        for name, flags in CONFIGS.items():
-            results = [encode_once(data, os.path.join(args.work, "out"), vae, text, res, batch, flags)
-                       for _ in range(args.runs)]
-            medians[name] = statistics.median(r["steady"] for r in results)
-            runs = ", ".join(f"{r['steady']:.3f}" for r in results)
+        results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+        for _ in range(args.runs):  # interleaved, so that both configurations see the same machine load
+            for name, flags in CONFIGS.items():
+                results[name].append(encode_once(data, os.path.join(args.work, "out"), vae, text, res, batch, flags))
+        medians = {name: statistics.median(r["steady"] for r in rs) for name, rs in results.items()}
+        for name, rs in results.items():
+            runs = ", ".join(f"{r['steady']:.3f} (load {r['load']})" for r in rs)
             print(f"| {res} | {name} | {medians[name]:.3f} | {runs} | "
-                  f"{statistics.median(r['wall'] for r in results):.1f} |", flush=True)
+                  f"{statistics.median(r['wall'] for r in rs):.1f} |", flush=True)
         eager, fast = medians.values()
         print(f"| {res} | speed-up | **{fast / eager:.2f}×** | | |", flush=True)
-    print(f"\ncommand (last run): {results[-1]['cmd']}")
+    print(f"\ncommand (last run): {results[name][-1]['cmd']}")
 
     lat = synthetic_latents(os.path.join(args.work, f"latents-{args.loader_rows}"), args.loader_rows)
     print("\n| loader | samples/s (median of 3 epochs) |\n|---|---|")

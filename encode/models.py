@@ -228,7 +228,9 @@ class Encoder:
         return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])]) if missing > 0 else x
 
     def _to_device(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self._pad(x).to(self.device, non_blocking=True, **kwargs)
+        # Copy first (from pinned memory on CUDA), pad on the device: padding on the host would
+        # make a pageable tensor and turn the copy synchronous.
+        return self._pad(x.to(self.device, non_blocking=True, **kwargs))
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
