@@ -12,6 +12,7 @@ import fcntl
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from fastfetch import __version__
 from fastfetch.http import USER_AGENT, FetchConfig, Fetcher
 from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
 from fastfetch.manifest import Manifest
+from fastfetch.mds import Layout, is_remote
+from fastfetch.nodes import Node, all_complete, detect, merge_nodes, write_summary
 from fastfetch.pipeline import DiskFull, Pipeline, Selection
 from fastfetch.redact import redact
 from fastfetch.resizer import ResizePool, default_workers
 from fastfetch.sources import SOURCES, RunContext, UsageError
-from fastfetch.stats import RunCounters, print_summary, write_stats
+from fastfetch.stats import RunCounters, dataset_totals, print_summary, write_stats
 
 EXIT_OK, EXIT_FAILED_UNITS, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", default="demo", choices=sorted(SOURCES),
         help="what to fetch: " + "; ".join(f"{n}: {c.help}" for n, c in sorted(SOURCES.items())),
     )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (MDS under OUT/mds, OUT/stats.json, manifest); default: data/<dataset>")
+    parser.add_argument("--out", default=None, help="output folder (MDS under OUT/mds, OUT/stats.json, manifest), or an object-storage URL such as s3://bucket/prefix (then --local-cache is needed); default: data/<dataset>")
+    parser.add_argument("--local-cache", type=Path, default=None, help="with a remote --out: local folder for the manifest and shards in transit (shards are deleted once uploaded)")
     parser.add_argument("--version", action="version", version=f"fastfetch {__version__}")
 
     sel = parser.add_argument_group("what to fetch")
@@ -76,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = parser.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    out.add_argument("--buckets", default=None, help="comma-separated short-side bounds, e.g. 0,256,512,768,1024: each kept image goes to the MDS subtree of its original short side (OUT/mds/short-0512/…), each bucket with its own index; default: one dataset")
+
+    multi = parser.add_argument_group("several machines (see README: Scale-out)")
+    multi.add_argument("--node-rank", type=int, default=None, help="this machine's rank (default: RANK from torchrun, else SLURM_PROCID, else 0)")
+    multi.add_argument("--num-nodes", type=int, default=None, help="machines sharing the work (default: WORLD_SIZE from torchrun, else SLURM_NTASKS, else 1)")
+    multi.add_argument("--merge", action="store_true", help="only merge: build OUT/mds/index.json and OUT/stats.json from every node's finished units")
 
     for name, cls in sorted(SOURCES.items()):
         cls.add_arguments(parser.add_argument_group(f"--dataset {name}"))
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.out = args.out or Path("data") / args.dataset
+    args.out = args.out or str(Path("data") / args.dataset)
     try:
         _check_args(args)
         return _run_loop(_fetch(args))
@@ -123,22 +133,61 @@ def _settings(args: argparse.Namespace, resize: ResizeConfig, fingerprint: dict[
         "resize_filter": resize.resize_filter,
         "quality": resize.quality,
         "unit_size": args.unit_size,
+        "buckets": list(_buckets(args.buckets)),
         **fingerprint,
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Places:
+    """Where a run keeps things: ``base`` is local (``--out``, or ``--local-cache`` when the
+    output is on object storage); ``state`` holds this node's manifest, work files and stats."""
+
+    out: str
+    base: Path
+    state: Path
+    layout: Layout
+    node: Node
+
+
+def _places(args: argparse.Namespace) -> Places:
+    remote = is_remote(args.out)
+    if remote and args.local_cache is None:
+        raise UsageError(f"--out {args.out} is remote: also pass --local-cache DIR (a local folder for the manifest and shards in transit)")
+    base = Path(args.local_cache if remote else args.out).expanduser()
+    node = detect(args)
+    buckets = _buckets(args.buckets)
+    layout = Layout(base / "mds", node.name, buckets, f"{args.out.rstrip('/')}/mds" if remote else None)
+    return Places(args.out.rstrip("/") if remote else args.out, base, base / "_nodes" / node.name if node.name else base, layout, node)
+
+
+def _buckets(spec: str | None) -> tuple[int, ...]:
+    if not spec:
+        return ()
+    try:
+        values = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"--buckets takes comma-separated short-side sizes such as 0,256,512,768,1024 (got {spec!r})") from None
+    if not values or values[0] < 0:
+        raise UsageError(f"--buckets needs non-negative sizes (got {spec!r})")
+    return tuple(values)
+
+
 async def _fetch(args: argparse.Namespace) -> int:
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    places = _places(args)
+    if args.merge:
+        return _merge_only(places)
+    places.state.mkdir(parents=True, exist_ok=True)
+    lock = _lock(places.state)
     resize = ResizeConfig(args.min_size, args.max_size, args.resize_filter, args.quality)
     fetch_cfg = FetchConfig(
         concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
         connect_timeout=min(10.0, args.timeout), read_timeout=min(10.0, args.timeout), retries=args.retries,
-        max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_mb << 20, max_redirects=args.max_redirects, respect_robots=not args.ignore_robots,
+        max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_mb << 20, max_redirects=args.max_redirects,
+        respect_robots=not args.ignore_robots,
         allow_private_networks=args.allow_private_networks or args.dataset == "demo", user_agent=args.user_agent,
     )
-    manifest = Manifest(out)
+    manifest = Manifest(places.state)
     counters = RunCounters()
     stopping: dict[str, int] = {}
     main_task = asyncio.current_task()
@@ -160,16 +209,18 @@ async def _fetch(args: argparse.Namespace) -> int:
     fatal = ""
     settings: dict[str, Any] = {}
     pipeline: Pipeline | None = None
+    todo: list[Any] = []
     try:
         async with Fetcher(fetch_cfg) as fetcher:
-            ctx = RunContext(out=out, fetcher=fetcher, work_dir=out / "_work" / args.dataset, args=args)
+            ctx = RunContext(out=places.base, fetcher=fetcher, work_dir=places.state / "_work" / args.dataset, args=args)
             source = SOURCES[args.dataset](args, ctx)
             await source.open()
             try:
                 settings = _settings(args, resize, source.fingerprint())
-                _check_settings(manifest, settings, out)
-                pipeline = Pipeline(source, out, fetcher, resizer, manifest, counters, not args.no_progress)
-                todo = await pipeline.prepare(Selection(args.subset, tuple(args.ids or ())), args.retry_failed)
+                _check_settings(manifest, settings, places.state)
+                pipeline = Pipeline(source, places.layout, fetcher, resizer, manifest, counters, not args.no_progress)
+                selection = Selection(args.subset, tuple(args.ids or ()), places.node.rank, places.node.count)
+                todo = await pipeline.prepare(selection, args.retry_failed)
                 manifest.set_meta("settings", settings)
                 if not todo:
                     print("nothing to do: every selected unit is already done", file=sys.stderr)
@@ -188,10 +239,9 @@ async def _fetch(args: argparse.Namespace) -> int:
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
         try:
-            if pipeline is not None:
-                pipeline.merge()
-            if settings:
-                print_summary(write_stats(out, manifest, counters, settings, status), out)
+            if pipeline is not None and settings:
+                complete = status == "done" and not counters.units_failed
+                _publish(places, pipeline, manifest, counters, settings, status, complete)
         except OSError as exc:  # the disk may still be full: the manifest is what matters
             print(f"fetch: could not write the index or stats.json: {exc}", file=sys.stderr)
         manifest.close()
@@ -202,6 +252,39 @@ async def _fetch(args: argparse.Namespace) -> int:
         print(f"fetch: error: {fatal}", file=sys.stderr)
         return EXIT_FAILED_UNITS
     return EXIT_FAILED_UNITS if counters.units_failed else EXIT_OK
+
+
+def _publish(places: Places, pipeline: Pipeline, manifest: Manifest, counters: RunCounters,
+             settings: dict[str, Any], status: str, complete: bool) -> None:
+    """End of a run: this node's stats; on one machine the merged index too, on several the
+    node summary (and, on rank 0 once every node is complete, the global merge)."""
+    stats = write_stats(places.state, manifest, counters, settings, status)
+    print_summary(stats, places.state)
+    if places.node.count == 1:
+        pipeline.merge()
+        if places.layout.remote:
+            from streaming.base.storage.upload import CloudUploader
+
+            CloudUploader.get(out=(str(places.state), places.out), keep_local=True, exist_ok=True).upload_file("stats.json")
+        return
+    write_summary(places.out, places.state, places.node, pipeline.done_dirs(), dataset_totals(manifest), complete)
+    if places.node.rank == 0 and all_complete(places.out, places.base, places.node.count):
+        merged = merge_nodes(places.out, places.layout, places.base)
+        print(f"merged {len(merged['nodes'])} nodes: {merged['rows_in_index']:,} rows in {places.out}/mds/index.json", file=sys.stderr)
+    else:
+        print(f"node {places.node.name} finished; once every node is done, run: bin/fetch --merge --out {places.out}"
+              f"{' --local-cache ' + str(places.base) if places.layout.remote else ''}", file=sys.stderr)
+
+
+def _merge_only(places: Places) -> int:
+    """``--merge``: the global index and stats.json over every node's summary."""
+    merged = merge_nodes(places.out, Layout(places.base / "mds", "", places.layout.buckets, places.layout.remote), places.base)
+    print(f"merged {len(merged['nodes'])} node(s): {merged['rows_in_index']:,} rows in {places.out}/mds/index.json", file=sys.stderr)
+    if merged["incomplete_nodes"]:
+        print(f"fetch: not every node is complete: {', '.join(merged['incomplete_nodes'])}; rerun them, then --merge again",
+              file=sys.stderr)
+        return EXIT_FAILED_UNITS
+    return EXIT_OK
 
 
 def _check_settings(manifest: Manifest, settings: dict[str, Any], out: Path) -> None:

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS units (
     bytes_in INTEGER NOT NULL DEFAULT 0,
     bytes_out INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    dirs TEXT NOT NULL DEFAULT '[]',
     updated REAL
 );
 CREATE TABLE IF NOT EXISTS failed_items (
@@ -66,6 +67,7 @@ class UnitRecord:
     bytes_in: int
     bytes_out: int
     error: str | None
+    dirs: list[str]
 
 
 class Manifest:
@@ -123,13 +125,13 @@ class Manifest:
         return changed
 
     def records(self, state: str | None = None) -> list[UnitRecord]:
-        query = "SELECT id, spec, rows, state, attempts, counts, bytes_in, bytes_out, error FROM units"
+        query = "SELECT id, spec, rows, state, attempts, counts, bytes_in, bytes_out, error, dirs FROM units"
         params: tuple[str, ...] = ()
         if state is not None:
             query += " WHERE state=?"
             params = (state,)
         return [
-            UnitRecord(r[0], orjson.loads(r[1]), r[2], r[3], r[4], orjson.loads(r[5]), r[6], r[7], r[8])
+            UnitRecord(r[0], orjson.loads(r[1]), r[2], r[3], r[4], orjson.loads(r[5]), r[6], r[7], r[8], orjson.loads(r[9]))
             for r in self.db.execute(query + " ORDER BY ord", params)
         ]
 
@@ -143,12 +145,14 @@ class Manifest:
             (RUNNING, time.time(), unit_id),
         )
 
-    def finish(self, unit_id: str, counts: dict[str, int], bytes_in: int, bytes_out: int, failed: list[FailedRow]) -> None:
-        """Mark a unit done, with the items that failed for transient reasons (for --retry-failed)."""
+    def finish(self, unit_id: str, counts: dict[str, int], bytes_in: int, bytes_out: int, dirs: list[str],
+               failed: list[FailedRow]) -> None:
+        """Mark a unit done: its counts, its published MDS folders, and the items that failed for
+        transient reasons (for --retry-failed)."""
         with self._tx():
             self.db.execute(
-                "UPDATE units SET state=?, counts=?, bytes_in=?, bytes_out=?, error=NULL, updated=? WHERE id=?",
-                (DONE, orjson.dumps(counts).decode(), bytes_in, bytes_out, time.time(), unit_id),
+                "UPDATE units SET state=?, counts=?, bytes_in=?, bytes_out=?, dirs=?, error=NULL, updated=? WHERE id=?",
+                (DONE, orjson.dumps(counts).decode(), bytes_in, bytes_out, orjson.dumps(dirs).decode(), time.time(), unit_id),
             )
             self._replace_failed(unit_id, failed)
 
@@ -189,7 +193,7 @@ class Manifest:
         ]
 
     def finish_retry(self, retry_id: str, original: str, counts: dict[str, int], bytes_in: int, bytes_out: int,
-                     failed: list[FailedRow]) -> None:
+                     dirs: list[str], failed: list[FailedRow]) -> None:
         """Commit a retry unit: its outcomes replace the original unit's transient failures."""
         with self._tx():
             (spec_counts,) = self.db.execute("SELECT counts FROM units WHERE id=?", (original,)).fetchone()
@@ -202,7 +206,8 @@ class Manifest:
                 (orjson.dumps({k: v for k, v in merged.items() if v}).decode(), bytes_in, bytes_out, time.time(), original),
             )
             self.db.execute(
-                "UPDATE units SET state=?, counts='{}', error=NULL, updated=? WHERE id=?", (DONE, time.time(), retry_id)
+                "UPDATE units SET state=?, counts='{}', dirs=?, error=NULL, updated=? WHERE id=?",
+                (DONE, orjson.dumps(dirs).decode(), time.time(), retry_id),
             )
             self._replace_failed(original, failed)
 

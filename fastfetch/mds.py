@@ -1,22 +1,28 @@
-"""Per-unit MDS directories: written under a temporary name, renamed into place when finished.
+"""Per-unit MDS folders: written under a temporary name, renamed into place when finished,
+uploaded when the output is remote, and merged into one index (plus one per bucket).
 
-Layout under ``--out/mds/``::
+Layout under the MDS root (``--out/mds``, or ``--local-cache/mds`` mirrored to ``--out``)::
 
-    _tmp/<unit>/          being written (discarded if the run dies)
-    <unit>/index.json     a finished unit, one MDS dataset of its own
-    index.json            all done units merged (shard paths prefixed with the unit folder)
+    _tmp/…                          units being written (discarded if the run dies)
+    [<bucket>/][<node>/]<unit>/     a finished unit: an MDS dataset of its own
+    [<bucket>/]index.json           the buckets' own indexes (with --buckets)
+    index.json                      every done unit (shard paths relative to the root)
 
-The merged index is our own few lines rather than ``streaming``'s ``merge_index`` because that
-one picks up every ``index.json`` below the folder (half-written units included) and writes
-the result in place; ours lists exactly the units the manifest says are done and replaces the
-index atomically, so a reader never sees a partial file.
+``<bucket>`` (``short-0512``) appears with ``--buckets``, ``<node>`` (``node-01-of-04``) when
+several machines share one output. The merged index is our own few lines rather than
+``streaming``'s ``merge_index`` because that one picks up every ``index.json`` below the folder
+(half-written units included) and writes in place; ours lists exactly the units the manifests
+say are done and replaces the index atomically, so a reader never sees a partial file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,75 +40,184 @@ BASE_COLUMNS: dict[str, str] = {
 }
 TMP = "_tmp"
 SHARD_BYTES = 1 << 26  # 64 MiB, streaming's default
+REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "dbfs:/", "sftp://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a unit's rows go: the local MDS root, its remote mirror, node and buckets."""
+
+    root: Path
+    node: str = ""
+    buckets: tuple[int, ...] = ()
+    remote: str | None = None
+
+    def bucket_of(self, short_side: int) -> str:
+        """The bucket folder of an image whose original short side is ``short_side``."""
+        if not self.buckets:
+            return ""
+        low = max((b for b in self.buckets if b <= short_side), default=self.buckets[0])
+        return bucket_name(low)
+
+    def unit_rel(self, unit_id: str, bucket: str = "") -> str:
+        return "/".join(p for p in (bucket, self.node, unit_id) if p)
+
+    def unit_rels(self, unit_id: str) -> list[str]:
+        """Every place a unit may have written to (one per bucket)."""
+        buckets = [bucket_name(b) for b in self.buckets] or [""]
+        return [self.unit_rel(unit_id, b) for b in buckets]
+
+
+def bucket_name(low: int) -> str:
+    return f"short-{low:04d}"
 
 
 class UnitWriter:
-    """Writes one unit's rows into ``mds/_tmp/<unit>`` and publishes it with ``finish``."""
+    """Writes one unit's rows (one MDS writer per bucket, opened on first use) and publishes
+    them with ``finish``."""
 
-    def __init__(self, mds_root: Path, unit_id: str, columns: dict[str, str]) -> None:
-        self.final = mds_root / unit_id
-        self.tmp = mds_root / TMP / unit_id
+    def __init__(self, layout: Layout, unit_id: str, columns: dict[str, str]) -> None:
+        self.layout = layout
+        self.unit_id = unit_id
+        self.columns = columns
+        self.tmp = layout.root / TMP / (layout.node or "_") / unit_id
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True)
+        self._writers: dict[str, MDSWriter] = {}
         self.rows = 0
         self.bytes = 0
-        self._writer = MDSWriter(
-            out=str(self.tmp), columns=columns, compression=None, hashes=["xxh64"], size_limit=SHARD_BYTES
-        )
 
     def write(self, sample: dict[str, Any]) -> None:
-        self._writer.write(sample)
+        bucket = self.layout.bucket_of(min(sample["original_width"], sample["original_height"]))
+        writer = self._writers.get(bucket)
+        if writer is None:
+            writer = self._writers[bucket] = MDSWriter(
+                out=str(self.tmp / (bucket or "all")), columns=self.columns, compression=None,
+                hashes=["xxh64"], size_limit=SHARD_BYTES,
+            )
+        writer.write(sample)
         self.rows += 1
         self.bytes += len(sample["jpg"])
 
-    def finish(self) -> None:
-        """Flush the last shard and the unit index, sync them, and rename the folder into place."""
-        self._writer.finish()
-        for path in self.tmp.iterdir():
-            _fsync(path)
-        if self.final.exists():  # left by a crash between rename and manifest commit
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-        _fsync(self.final.parent)
+    def finish(self) -> list[str]:
+        """Flush, sync and rename every bucket folder into place; upload them when the output
+        is remote. Returns the published folders (relative to the root)."""
+        published = []
+        for bucket, writer in self._writers.items():
+            writer.finish()
+            src = self.tmp / (bucket or "all")
+            for path in src.iterdir():
+                _fsync(path)
+            rel = self.layout.unit_rel(self.unit_id, bucket)
+            final = self.layout.root / rel
+            if final.exists():  # left by a crash between rename and manifest commit
+                shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, final)
+            _fsync(final.parent)
+            published.append(rel)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.layout.remote:
+            for rel in published:
+                upload_unit(self.layout, rel)
+        return published
 
     def discard(self) -> None:
         """Drop everything written so far (an interrupted or failed unit)."""
-        try:
-            self._writer.finish()
-        except Exception:  # the writer may be mid-shard; the folder goes anyway
-            pass
+        for writer in self._writers.values():
+            try:
+                writer.finish()
+            except Exception:  # the writer may be mid-shard; the folder goes anyway
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def clean_unfinished(mds_root: Path, done: set[str]) -> None:
+def upload_unit(layout: Layout, rel: str) -> None:
+    """Upload a finished unit (shards first, its index.json last), then free the local shards;
+    the small index.json stays for merging."""
+    from streaming.base.storage.upload import CloudUploader
+
+    assert layout.remote is not None
+    local = layout.root / rel
+    uploader = CloudUploader.get(out=(str(local), f"{layout.remote}/{rel}"), keep_local=True, exist_ok=True)
+    names = sorted(p.name for p in local.iterdir())
+    for name in [n for n in names if n != "index.json"] + ["index.json"]:
+        uploader.upload_file(name)
+    for name in names:
+        if name != "index.json":
+            (local / name).unlink()
+
+
+def clean_unfinished(layout: Layout, done: set[str]) -> None:
     """Remove temporary folders and any unit folder the manifest does not count as done."""
-    shutil.rmtree(mds_root / TMP, ignore_errors=True)
-    if not mds_root.exists():
-        return
-    for path in mds_root.iterdir():
-        if path.is_dir() and path.name not in done and (path / "index.json").exists():
-            shutil.rmtree(path)
+    shutil.rmtree(layout.root / TMP / (layout.node or "_"), ignore_errors=True)
+    parents = {(layout.root / layout.unit_rel("x", b)).parent for b in [bucket_name(b) for b in layout.buckets] or [""]}
+    for parent in parents:
+        if not parent.is_dir():
+            continue
+        for path in parent.iterdir():
+            if path.is_dir() and path.name not in done and (path / "index.json").exists():
+                shutil.rmtree(path)
 
 
-def merge_index(mds_root: Path, unit_ids: Iterable[str]) -> int:
-    """Write ``mds_root/index.json`` over the given finished units; returns the total rows."""
-    shards: list[dict[str, Any]] = []
-    for uid in unit_ids:
-        index = orjson.loads((mds_root / uid / "index.json").read_bytes())
+def merge_index(layout: Layout, unit_rels: Iterable[str]) -> int:
+    """Write the merged ``index.json`` (and one per bucket) over the given unit folders;
+    returns the total rows. Unit indexes missing locally are read from the remote."""
+    by_bucket: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    every: list[dict[str, Any]] = []
+    for rel in unit_rels:
+        index = _read_unit_index(layout, rel)
+        bucket = rel.split("/", 1)[0] if layout.buckets else ""
         for shard in index["shards"]:
-            for part in ("raw_data", "zip_data"):
-                if shard.get(part):
-                    shard[part]["basename"] = f"{uid}/{shard[part]['basename']}"
-            shards.append(shard)
-    mds_root.mkdir(parents=True, exist_ok=True)
-    if (mds_root / TMP).is_dir() and not any((mds_root / TMP).iterdir()):
-        (mds_root / TMP).rmdir()
-    tmp = mds_root / "index.json.tmp"
-    tmp.write_bytes(orjson.dumps({"version": 2, "shards": shards}))
-    _fsync(tmp)
-    os.replace(tmp, mds_root / "index.json")
-    return sum(s["samples"] for s in shards)
+            every.append(_rebased(shard, rel))
+            if bucket:
+                by_bucket[bucket].append(_rebased(shard, rel.split("/", 1)[1]))
+    written = [_write_index(layout.root, every, "index.json")]
+    for bucket in [bucket_name(b) for b in layout.buckets]:
+        written.append(_write_index(layout.root, by_bucket.get(bucket, []), f"{bucket}/index.json"))
+    if layout.remote:
+        from streaming.base.storage.upload import CloudUploader
+
+        uploader = CloudUploader.get(out=(str(layout.root), layout.remote), keep_local=True, exist_ok=True)
+        for rel in written:
+            uploader.upload_file(rel)
+    tmp = layout.root / TMP
+    if tmp.is_dir() and not any(tmp.rglob("*.mds")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sum(s["samples"] for s in every)
+
+
+def _rebased(shard: dict[str, Any], prefix: str) -> dict[str, Any]:
+    shard = {k: (dict(v) if isinstance(v, dict) else v) for k, v in shard.items()}
+    for part in ("raw_data", "zip_data"):
+        if shard.get(part):
+            shard[part]["basename"] = f"{prefix}/{shard[part]['basename']}"
+    return shard
+
+
+def _read_unit_index(layout: Layout, rel: str) -> dict[str, Any]:
+    local = layout.root / rel / "index.json"
+    if not local.exists() and layout.remote:
+        from streaming.base.storage.download import download_file
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        download_file(f"{layout.remote}/{rel}/index.json", str(local), timeout=120)
+    return orjson.loads(local.read_bytes())
+
+
+def _write_index(root: Path, shards: list[dict[str, Any]], rel: str) -> str:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".index.", delete=False) as f:
+        f.write(orjson.dumps({"version": 2, "shards": shards}))
+    _fsync(Path(f.name))
+    os.replace(f.name, path)
+    return rel
 
 
 def _fsync(path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
 from fastfetch.manifest import DONE, Manifest
-from fastfetch.mds import BASE_COLUMNS, UnitWriter, clean_unfinished, merge_index
+from fastfetch.mds import BASE_COLUMNS, Layout, UnitWriter, clean_unfinished, merge_index
 from fastfetch.redact import redact
 from fastfetch.resizer import ResizePool
 from fastfetch.sources.base import Item, Source, Unit, UsageError
@@ -72,8 +72,14 @@ class Selection:
 
     subset: str = "all"  # "all" | "small" (a deterministic ~1%)
     ids: tuple[int, ...] = ()
+    node_rank: int = 0
+    node_count: int = 1
 
     def apply(self, units: list[Unit]) -> list[Unit]:
+        """The selected units this node works on (dealt round-robin over the nodes)."""
+        return self._selected(units)[self.node_rank :: self.node_count]
+
+    def _selected(self, units: list[Unit]) -> list[Unit]:
         if self.ids:
             by_number = {unit_number(u.id, i): u for i, u in enumerate(units)}
             missing = [i for i in self.ids if i not in by_number]
@@ -101,7 +107,7 @@ class Pipeline:
     def __init__(
         self,
         source: Source,
-        out: Path,
+        layout: Layout,
         fetcher: Fetcher,
         resizer: ResizePool,
         manifest: Manifest,
@@ -109,8 +115,7 @@ class Pipeline:
         progress_enabled: bool = True,
     ) -> None:
         self.source = source
-        self.out = out
-        self.mds_root = out / "mds"
+        self.layout = layout
         self.fetcher = fetcher
         self.resizer = resizer
         self.manifest = manifest
@@ -125,10 +130,11 @@ class Pipeline:
         (with ``retry_failed``: only retry units for earlier transient failures)."""
         units = await self.source.plan()
         for changed in self.manifest.sync_plan(units):
-            shutil.rmtree(self.mds_root / changed, ignore_errors=True)
+            for rel in self.layout.unit_rels(changed):
+                shutil.rmtree(self.layout.root / rel, ignore_errors=True)
         selected = selection.apply(units)
         done = {r.id for r in self.manifest.records(DONE)}
-        clean_unfinished(self.mds_root, done)
+        clean_unfinished(self.layout, done)
         self.columns = {**BASE_COLUMNS, **self.source.extra_columns()}
         if retry_failed:
             return self.manifest.retry_units()
@@ -163,12 +169,16 @@ class Pipeline:
 
     def merge(self) -> int:
         """Rebuild the merged index over every done unit (also after an interruption)."""
-        return merge_index(self.mds_root, [r.id for r in self.manifest.records(DONE)])
+        return merge_index(self.layout, self.done_dirs())
+
+    def done_dirs(self) -> list[str]:
+        """The MDS folders of every done unit (relative to the MDS root)."""
+        return [rel for r in self.manifest.records(DONE) for rel in r.dirs]
 
     # -- one unit ----------------------------------------------------------------------------
     async def _run_unit(self, unit: Unit, handed_out: asyncio.Event) -> None:
         self.manifest.start(unit.id)
-        writer = UnitWriter(self.mds_root, unit.id, self.columns)
+        writer = UnitWriter(self.layout, unit.id, self.columns)
         counts: Counter[str] = Counter(unit.spec.get("prefiltered", {}))
         retryable: list[Item] = []  # transient failures, kept for --retry-failed
         bytes_in = 0
@@ -213,16 +223,15 @@ class Pipeline:
         # the commit instead of racing it (a half-renamed unit would be neither done nor undone).
         publish = asyncio.ensure_future(asyncio.to_thread(writer.finish))
         try:
-            await asyncio.shield(publish)
+            dirs = await asyncio.shield(publish)
         except asyncio.CancelledError:
-            await publish
-            self._commit(unit, counts, bytes_in, writer, retryable)
+            self._commit(unit, counts, bytes_in, writer, await publish, retryable)
             raise
         except Exception as exc:
             await asyncio.to_thread(writer.discard)
             self._raise_if_disk_full(exc, unit)
             raise
-        self._commit(unit, counts, bytes_in, writer, retryable)
+        self._commit(unit, counts, bytes_in, writer, dirs, retryable)
 
     def _items(self, unit: Unit) -> AsyncIterator[Item]:
         """A unit's items: from its source, or (a --retry-failed unit) from the manifest."""
@@ -230,13 +239,14 @@ class Pipeline:
             return _aiter(self.manifest.failed_items(unit.spec["retry_of"]))
         return self.source.items(unit)
 
-    def _commit(self, unit: Unit, counts: Counter[str], bytes_in: int, writer: UnitWriter, retryable: list[Item]) -> None:
+    def _commit(self, unit: Unit, counts: Counter[str], bytes_in: int, writer: UnitWriter, dirs: list[str],
+                retryable: list[Item]) -> None:
         failed = [(i.key, i.url or "", i.caption or "", i.extra, i.reject or "") for i in retryable]
         try:
             if "retry_of" in unit.spec:
-                self.manifest.finish_retry(unit.id, unit.spec["retry_of"], dict(counts), bytes_in, writer.bytes, failed)
+                self.manifest.finish_retry(unit.id, unit.spec["retry_of"], dict(counts), bytes_in, writer.bytes, dirs, failed)
             else:
-                self.manifest.finish(unit.id, dict(counts), bytes_in, writer.bytes, failed)
+                self.manifest.finish(unit.id, dict(counts), bytes_in, writer.bytes, dirs, failed)
         except sqlite3.OperationalError as exc:
             self._raise_if_disk_full(exc, unit)
             raise
@@ -249,7 +259,7 @@ class Pipeline:
         kept = sum(r.counts.get("kept", 0) for r in done)
         per_image = sum(r.bytes_out for r in done) / kept if kept else 100_000
         needed = int(per_image * (unit.rows or 10_000) * MAX_OPEN_UNITS)
-        path = getattr(exc, "filename", None) or self.mds_root
+        path = getattr(exc, "filename", None) or self.layout.root
         raise DiskFull(Path(path), needed) from exc
 
     async def _process(self, item: Item, writer: UnitWriter) -> tuple[str | None, int]:

@@ -1,0 +1,130 @@
+"""Several machines, one dataset: which node this is, and merging the nodes' outputs.
+
+Units are dealt round-robin over the nodes (unit ``i`` of the selection goes to node
+``i % count``), so no coordination is needed while fetching. Each node keeps its own manifest
+and its own MDS subtree, and at the end writes a small ``_nodes/<node>/summary.json`` (its done
+unit folders and totals) next to the output, locally or on object storage. ``--merge`` (or rank
+0, when every summary says complete) turns the summaries into the global index and stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import orjson
+
+from fastfetch.mds import Layout, is_remote, merge_index
+from fastfetch.sources.base import UsageError
+
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    rank: int = 0
+    count: int = 1
+
+    @property
+    def name(self) -> str:
+        """The node's folder name ("" on a single machine)."""
+        return "" if self.count == 1 else f"node-{self.rank:02d}-of-{self.count:02d}"
+
+
+def detect(args: argparse.Namespace) -> Node:
+    """The node from --node-rank/--num-nodes, else torchrun's RANK/WORLD_SIZE, else Slurm's
+    SLURM_PROCID/SLURM_NTASKS, else a single node."""
+    if args.num_nodes is not None or args.node_rank is not None:
+        rank, count = args.node_rank or 0, args.num_nodes or 1
+    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        rank, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    elif "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        rank, count = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    else:
+        return Node()
+    if count < 1 or not 0 <= rank < count:
+        raise UsageError(f"node rank {rank} is not in 0..{count - 1} (from --node-rank/--num-nodes, RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
+    return Node(rank, count)
+
+
+def write_summary(out: str, state_dir: Path, node: Node, dirs: list[str], totals: dict[str, Any], complete: bool) -> None:
+    """Record what this node contributed (in its state folder, and on the remote output)."""
+    path = state_dir / SUMMARY
+    payload = {"node": node.name, "rank": node.rank, "count": node.count, "complete": complete, "dirs": dirs, "totals": totals}
+    _atomic_write(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+    if is_remote(out):
+        from streaming.base.storage.upload import CloudUploader
+
+        uploader = CloudUploader.get(out=(str(state_dir), f"{out}/_nodes/{node.name}"), keep_local=True, exist_ok=True)
+        uploader.upload_file(SUMMARY)
+
+
+def read_summaries(out: str, cache: Path) -> list[dict[str, Any]]:
+    """Every node's summary under the output (downloaded into ``cache`` when remote)."""
+    if not is_remote(out):
+        return [orjson.loads(p.read_bytes()) for p in sorted(Path(out).glob(f"_nodes/*/{SUMMARY}"))]
+    from streaming.base.storage.download import download_file
+    from streaming.base.storage.upload import CloudUploader
+
+    url = urlparse(out)
+    prefix = f"{url.path.strip('/')}/_nodes/".lstrip("/")
+    summaries = []
+    for key in sorted(CloudUploader.get(out=(str(cache), out), keep_local=True, exist_ok=True).list_objects(prefix)):
+        if key.endswith(f"/{SUMMARY}"):
+            local = cache / "_nodes" / key[len(prefix):]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            download_file(f"{url.scheme}://{url.netloc}/{key}", str(local), timeout=120)
+            summaries.append(orjson.loads(local.read_bytes()))
+    return summaries
+
+
+def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
+    """Global index and stats over every node's done units; returns the global stats."""
+    summaries = read_summaries(out, cache)
+    if not summaries:
+        raise UsageError(f"no node summaries under {out}/_nodes/: run the fetch on every node first")
+    if len({s["count"] for s in summaries}) != 1:
+        raise UsageError(f"{out}/_nodes/ mixes runs with different node counts; remove the stale ones")
+    rows = merge_index(layout, [rel for s in summaries for rel in s["dirs"]])
+    rejected: Counter[str] = Counter()
+    stats: dict[str, Any] = {"items": 0, "kept": 0, "bytes_downloaded": 0, "bytes_written": 0}
+    for s in summaries:
+        for key in stats:
+            stats[key] += s["totals"].get(key, 0)
+        rejected.update(s["totals"].get("rejected", {}))
+    expected = summaries[0]["count"]
+    missing = sorted(set(range(expected)) - {s["rank"] for s in summaries})
+    stats.update(
+        rejected=dict(rejected.most_common()),
+        rows_in_index=rows,
+        nodes={s["node"]: {"complete": s["complete"], "units": len(s["dirs"]), "kept": s["totals"].get("kept", 0)} for s in summaries},
+        incomplete_nodes=[s["node"] for s in summaries if not s["complete"]] + [Node(r, expected).name for r in missing],
+        status="merged",
+    )
+    data = orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    if is_remote(out):
+        from streaming.base.storage.upload import CloudUploader
+
+        _atomic_write(cache / "stats.json", data)
+        CloudUploader.get(out=(str(cache), out), keep_local=True, exist_ok=True).upload_file("stats.json")
+    else:
+        _atomic_write(Path(out) / "stats.json", data)
+    return stats
+
+
+def all_complete(out: str, cache: Path, count: int) -> bool:
+    summaries = read_summaries(out, cache)
+    return len({s["rank"] for s in summaries if s["complete"] and s["count"] == count}) == count
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, path)

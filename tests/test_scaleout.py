@@ -1,0 +1,184 @@
+"""Object storage (a real S3 server, moto, on 127.0.0.1), several nodes, resolution buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import LoopbackServer, fetch_env, make_image, read_mds, run_fetch, start_fetch
+from tests.test_fetch_urls import write_list
+
+NET = ("--allow-private-networks", "--workers", "2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with a bucket; yields the environment that reaches it."""
+    port = _free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="data")
+    yield env
+    proc.terminate()
+    proc.wait(10)
+
+
+def _corpus(server: LoopbackServer, n: int, delay: float = 0.0) -> list[dict[str, str]]:
+    images = [make_image(280 + 60 * (i % 9), 260 + 70 * (i % 7), seed=i) for i in range(9)]
+
+    async def image(request: web.Request) -> web.Response:
+        if delay:
+            await asyncio.sleep(delay)
+        i = int(request.path.rsplit("/", 1)[1].split(".")[0])
+        return web.Response(body=images[i % 9], content_type="image/jpeg")
+
+    for i in range(n):
+        server.routes[f"/c/{i}.jpg"] = image
+    return [{"url": server.url(f"/c/{i}.jpg"), "caption": f"caption {i}"} for i in range(n)]
+
+
+def _remote_rows(env: dict[str, str], remote: str, cache: Path) -> list[dict]:
+    """Read a remote MDS dataset back through streaming (in a subprocess: streaming's S3
+    client reads the endpoint from the environment)."""
+    code = (
+        "import sys, orjson\n"
+        "from streaming import StreamingDataset\n"
+        "ds = StreamingDataset(remote=sys.argv[1], local=sys.argv[2], shuffle=False, batch_size=1)\n"
+        "rows = [{k: (v.item() if hasattr(v, 'item') else v) for k, v in ds[i].items() if k != 'jpg'} for i in range(len(ds))]\n"
+        "sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, remote, str(cache)], capture_output=True, env={**os.environ, **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return orjson.loads(proc.stdout)
+
+
+def test_fetch_to_s3_and_read_back(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
+    rows = _corpus(server, 30)
+    listing = write_list(tmp_path / "l.parquet", rows)
+    cache = tmp_path / "cache"
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", "s3://data/plain", "--local-cache", cache,
+                     "--unit-size", "8", *NET, env=fetch_env(**s3))
+    assert proc.returncode == 0, proc.stderr
+    got = _remote_rows(s3, "s3://data/plain/mds", tmp_path / "read")
+    assert sorted(r["caption"] for r in got) == sorted(r["caption"] for r in rows)
+    assert not list((cache / "mds").rglob("*.mds"))  # shards left the local cache once uploaded
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    stats = orjson.loads(client.get_object(Bucket="data", Key="plain/stats.json")["Body"].read())
+    assert stats["kept"] == 30
+
+
+def test_remote_fetch_resumes_after_sigkill(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
+    rows = _corpus(server, 80, delay=0.05)
+    listing = write_list(tmp_path / "l.parquet", rows)
+    cache = tmp_path / "cache"
+    args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/resumed", "--local-cache", cache,
+            "--unit-size", "8", "--concurrency", "4", *NET)
+    proc = start_fetch(*args, env=fetch_env(**s3))
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline
+        if (cache / "manifest.sqlite").exists():
+            db = sqlite3.connect(cache / "manifest.sqlite")
+            done = db.execute("SELECT COUNT(*) FROM units WHERE state='done'").fetchone()[0]
+            db.close()
+            if done >= 3:
+                break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    rerun = run_fetch(*args, env=fetch_env(**s3))
+    assert rerun.returncode == 0, rerun.stderr
+    got = _remote_rows(s3, "s3://data/resumed/mds", tmp_path / "read")
+    keys = [r["key"] for r in got]
+    assert len(keys) == len(set(keys)) == 80
+    assert sorted(r["caption"] for r in got) == sorted(r["caption"] for r in rows)
+
+
+def _dataset(rows: list[dict]) -> list[tuple]:
+    return sorted((r["key"], r["caption"], r["width"], r["height"]) for r in rows)
+
+
+def test_two_nodes_merge_to_the_single_node_dataset(tmp_path: Path, server: LoopbackServer) -> None:
+    rows = _corpus(server, 50)
+    listing = write_list(tmp_path / "l.jsonl", rows)
+    base = ("--dataset", "urls", "--urls", listing, "--unit-size", "6", *NET)
+    single = tmp_path / "single"
+    assert run_fetch(*base, "--out", single).returncode == 0
+
+    shared = tmp_path / "shared"
+    # Node 1 through torchrun's variables, node 0 through flags: both ways are honoured.
+    node1 = start_fetch(*base, "--out", shared, env=fetch_env(RANK="1", WORLD_SIZE="2"))
+    node0 = run_fetch(*base, "--out", shared, "--node-rank", "0", "--num-nodes", "2")
+    _, err1 = node1.communicate(timeout=300)
+    assert node0.returncode == 0 and node1.returncode == 0, node0.stderr + err1
+    summaries = sorted(shared.glob("_nodes/*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["node-00-of-02", "node-01-of-02"]
+    units = [set(orjson.loads(p.read_bytes())["dirs"]) for p in summaries]
+    assert units[0] and units[1] and not units[0] & units[1]
+
+    merged = run_fetch("--merge", "--out", shared)
+    assert merged.returncode == 0, merged.stderr
+    assert _dataset(read_mds(shared / "mds")) == _dataset(read_mds(single / "mds"))
+    stats = orjson.loads((shared / "stats.json").read_bytes())
+    assert stats["kept"] == 50 and stats["incomplete_nodes"] == []
+
+
+def test_merge_reports_incomplete_nodes(tmp_path: Path, server: LoopbackServer) -> None:
+    listing = write_list(tmp_path / "l.jsonl", _corpus(server, 12))
+    shared = tmp_path / "shared"
+    assert run_fetch("--dataset", "urls", "--urls", listing, "--unit-size", "4", "--out", shared, "--node-rank", "1",
+                     "--num-nodes", "2", *NET).returncode == 0
+    merged = run_fetch("--merge", "--out", shared)
+    assert merged.returncode == 1 and "node-00-of-02" in merged.stderr
+
+
+def test_resolution_buckets(tmp_path: Path, server: LoopbackServer) -> None:
+    rows = _corpus(server, 27)
+    listing = write_list(tmp_path / "l.jsonl", rows)
+    out = tmp_path / "out"
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--buckets", "0,256,512,768,1024", *NET)
+    assert proc.returncode == 0, proc.stderr
+    everything = read_mds(out / "mds")
+    assert len(everything) == 27
+    seen = 0
+    for low, high in ((0, 256), (256, 512), (512, 768), (768, 1024), (1024, 10**9)):
+        bucket = out / "mds" / f"short-{low:04d}"
+        rows_in = read_mds(bucket)
+        seen += len(rows_in)
+        for r in rows_in:
+            assert low <= min(r["original_width"], r["original_height"]) < high
+    assert seen == 27
+    assert {len(read_mds(out / "mds" / f"short-{b:04d}")) > 0 for b in (256, 512)} == {True}
