@@ -73,3 +73,15 @@ def test_sa1b_links_captions_selection(server, tmp_path: Path) -> None:
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in all_captions.items() if int(k[3:]) // 1000 in (0, 2)}
     assert server.hits["/sa1b/sa_000000.tar"] == 1 and server.hits["/sa1b/sa_000001.tar"] == 0
     assert server.hits[hub.resolve_path(CAPTION_REPO, "SA1B_caption.tar.gz")] == 1, "captions downloaded twice"
+
+    # an expired link (403 from the CDN): the unit fails with a message saying where to get fresh links
+    async def expired(request):  # type: ignore[no-untyped-def]
+        from aiohttp import web
+
+        return web.Response(status=403, text="Request has expired")
+
+    server.routes["/sa1b/sa_000001.tar"] = expired  # type: ignore[assignment]
+    proc = run_fetch("--dataset", "sa1b", "--out", out, "--links", links, "--ids", "1", env=env)
+    assert proc.returncode == 1, proc.stderr
+    failed = orjson.loads((out / "stats.json").read_bytes())["failed_units"]
+    assert "https://ai.meta.com/datasets/segment-anything-downloads/" in failed["sa_000001"], failed
