@@ -183,7 +183,7 @@ class DiskWatcher:
         self.roots = roots
         self.largest = 0
         self.largest_name = ""
-        self.spooled = False
+        self.spooled: set[str] = set()  # names of the files seen in a spool folder
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -200,8 +200,8 @@ class DiskWatcher:
             for root in self.roots:
                 for dirpath, _, files in os.walk(root):
                     where = dirpath + "/"
-                    if "/spool/" in where and files:
-                        self.spooled = True
+                    if "/spool/" in where:
+                        self.spooled.update(files)
                     if "/mds/" in where:
                         continue
                     for name in files:

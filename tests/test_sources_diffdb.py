@@ -89,12 +89,16 @@ def test_diffdb_spools_without_ranges_and_cleans_up(server, tmp_path: Path) -> N
     tmp.mkdir()
     env = fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp))
     out = tmp_path / "spooled"
+    stale = out / "_work" / "diffdb" / "spool" / "tmp_killed_run" / "part-000009.zip"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a SIGKILLed run")
     with DiskWatcher(out, tmp) as disk:
         proc = run_fetch("--dataset", "diffdb", "--out", out, "--ids", "2", "--max-nsfw", "0.2", env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(out / "mds")} == {k: v for k, v in kept.items() if k.startswith("000002")}
     assert disk.largest <= len(zips[2]), (disk.largest, disk.largest_name)
-    assert disk.spooled, "the zip was expected to be spooled (its server ignores Range)"
+    assert disk.spooled & {"part-000002.zip", "part-000002.zip.part"}, disk.spooled  # its server ignores Range
+    assert not stale.exists()
     leftovers = [p for p in list(out.rglob("*")) + list(tmp.rglob("*")) if p.is_file() and p.suffix in (".zip", ".part")]
     assert not leftovers, leftovers
     assert not any((out / "_work" / "diffdb" / "spool").iterdir())

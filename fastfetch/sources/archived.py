@@ -146,6 +146,11 @@ class ArchiveSource(Source):
             "from the stream and keep nothing)",
         )
 
+    async def open(self) -> None:
+        # A run killed with SIGKILL leaves its spooled archives behind; no other run can be
+        # using them (one run per --out holds the lock), so they go before anything is fetched.
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+
     # -- where things go -----------------------------------------------------------------------
     @property
     def keep_dir(self) -> Path | None:
