@@ -57,16 +57,21 @@ for fmt in ("JPEG", "WEBP", "PNG"):
 PY
 }
 
-active() {
+active() {  # which distribution the importable PIL really comes from (both may be registered)
   "$PY" - <<'PY' 2>/dev/null || echo "none (PIL does not import)"
 import importlib.metadata as m
 import PIL
 try:
-    v = m.version("pillow-simd"); name = "Pillow-SIMD"
+    simd = m.version("pillow-simd")
 except m.PackageNotFoundError:
-    v = m.version("pillow"); name = "Pillow (stock)"
-print(f"{name} {v} (PIL {PIL.__version__})")
+    simd = None
+name = "Pillow-SIMD" if simd is not None and PIL.__version__ == simd else "Pillow (stock)"
+print(f"{name} {PIL.__version__}")
 PY
+}
+
+simd_active() {  # Pillow-SIMD registered, stock Pillow not, and PIL is really Pillow-SIMD's
+  [ -n "$(dist_version pillow-simd)" ] && [ -z "$(dist_version pillow)" ] && active | grep -q '^Pillow-SIMD'
 }
 
 PREV_PILLOW="$(dist_version pillow)"
@@ -85,14 +90,19 @@ restore_stock() {
 
 if [ "$STOCK" = 1 ]; then
   [ -z "$(dist_version pillow-simd)" ] && [ -n "$PREV_PILLOW" ] && { echo "active: $(active)"; exit 0; }
-  PREV_PILLOW=""
   restore_stock
 fi
 
-if [ -n "$(dist_version pillow-simd)" ] && verify >/dev/null 2>&1; then
+if simd_active && verify >/dev/null 2>&1; then
   log "Pillow-SIMD already installed and working"
   echo "active: $(active)"
   exit 0
+fi
+if [ -n "$(dist_version pillow-simd)" ]; then
+  # Both registered (a later `pip install` put stock Pillow's files over PIL/): start clean.
+  log "stock Pillow was installed over Pillow-SIMD: reinstalling Pillow-SIMD"
+  "${PIP[@]}" uninstall -y -q pillow pillow-simd >/dev/null 2>&1 || true
+  PREV_PILLOW="${PREV_PILLOW:-}"
 fi
 
 # -- CPU flags ---------------------------------------------------------------------------------
@@ -130,17 +140,29 @@ if [ ! -e "$PYINC/Python.h" ]; then
   restore_stock
 fi
 
-# -- build and swap ------------------------------------------------------------------------------
-log "building Pillow-SIMD with CC=\"cc $CC_FLAGS\" (takes a minute or two)"
-"${PIP[@]}" uninstall -y -q pillow >/dev/null 2>&1 || true
+# -- build (once per venv and CPU flags; the wheel is kept for reinstalls) and swap ---------------
+WHEELS="${PILLOW_SIMD_WHEEL_DIR:-$VENV/.pillow-simd-wheels}/${CC_FLAGS#-m}"
 BUILD_LOG="$(mktemp -t pillow-simd-build.XXXXXX.log)"
-if ! CC="cc $CC_FLAGS" "${PIP[@]}" install --no-cache-dir --no-deps --no-binary pillow-simd pillow-simd >"$BUILD_LOG" 2>&1; then
-  log "build failed (last lines of $BUILD_LOG):"
+if ! ls "$WHEELS"/pillow_simd-*.whl >/dev/null 2>&1; then
+  log "building Pillow-SIMD with CC=\"cc $CC_FLAGS\" (takes a minute or two)"
+  mkdir -p "$WHEELS"
+  if ! CC="cc $CC_FLAGS" "${PIP[@]}" wheel --no-cache-dir --no-deps --no-binary pillow-simd -w "$WHEELS" pillow-simd >"$BUILD_LOG" 2>&1; then
+    log "build failed (last lines of $BUILD_LOG):"
+    tail -n 15 "$BUILD_LOG" >&2
+    rm -rf "$WHEELS"
+    restore_stock
+  fi
+fi
+"${PIP[@]}" uninstall -y -q pillow >/dev/null 2>&1 || true
+if ! "${PIP[@]}" install --no-deps --force-reinstall "$(ls -t "$WHEELS"/pillow_simd-*.whl | head -n 1)" >>"$BUILD_LOG" 2>&1; then
+  log "installing the Pillow-SIMD wheel failed (last lines of $BUILD_LOG):"
   tail -n 15 "$BUILD_LOG" >&2
+  rm -rf "$WHEELS"
   restore_stock
 fi
-if ! verify; then
+if ! verify || ! simd_active; then
   log "Pillow-SIMD installed but fails the codec/round-trip check"
+  rm -rf "$WHEELS"
   restore_stock
 fi
 rm -f "$BUILD_LOG"
