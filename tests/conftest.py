@@ -65,6 +65,22 @@ class LoopbackServer:
         return await route(request)
 
 
+def serve_numbered(server: LoopbackServer, prefix: str, n: int, delay: float = 0.0, variety: int = 8) -> list[dict[str, str]]:
+    """``n`` images at ``<prefix>/<i>.jpg`` (``variety`` distinct sizes, each answer after
+    ``delay`` seconds); returns the URL list rows, captioned ``c<i>``."""
+    images = [make_image(280 + 60 * (i % 9), 260 + 70 * (i % 7), seed=i) for i in range(variety)]
+
+    async def image(request: web.Request) -> web.Response:
+        if delay:
+            await asyncio.sleep(delay)
+        i = int(request.path.rsplit("/", 1)[1].split(".")[0])
+        return web.Response(body=images[i % variety], content_type="image/jpeg")
+
+    for i in range(n):
+        server.routes[f"{prefix}/{i}.jpg"] = image
+    return [{"url": server.url(f"{prefix}/{i}.jpg"), "caption": f"c{i}"} for i in range(n)]
+
+
 @pytest.fixture
 def server() -> Iterator[LoopbackServer]:
     srv = LoopbackServer()

@@ -99,6 +99,16 @@ def file_handler(f: ServedFile, token: str | None = None) -> object:
     return handle
 
 
+def _redirect(location: str, token: str | None) -> object:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        if token is not None and auth != f"Bearer {token}":
+            return web.Response(status=403 if auth else 401, text="gated", headers={"X-Error-Code": "GatedRepo"})
+        return web.Response(status=302, headers={"Location": location, "X-Linked-Etag": '"linked"'})
+
+    return handle
+
+
 @dataclass
 class FakeHub:
     """Dataset repos served on a LoopbackServer; point HF_ENDPOINT at ``endpoint``."""
@@ -128,7 +138,10 @@ class FakeHub:
         token = self.tokens.get(repo)
         folders = {""}
         for path, served in self.files.get(repo, {}).items():
-            self.server.routes[self.resolve_path(repo, path)] = file_handler(served, token)  # type: ignore[assignment]
+            # like the Hub's LFS files: resolve checks access and redirects to a CDN URL
+            cdn = f"/cdn/{repo}/{hashlib.sha256(served.data).hexdigest()}"
+            self.server.routes[self.resolve_path(repo, path)] = _redirect(cdn, token)  # type: ignore[assignment]
+            self.server.routes[cdn] = file_handler(served)  # type: ignore[assignment]
             parts = path.split("/")
             folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         for folder in folders:

@@ -11,7 +11,7 @@ import orjson
 from PIL import Image
 
 from fastfetch.sources.demo import build_demo
-from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch, start_fetch
+from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch, serve_numbered, start_fetch
 from tests.test_fetch_urls import write_list
 
 
@@ -102,19 +102,7 @@ def test_changed_settings_are_refused(tmp_path: Path, server: LoopbackServer) ->
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, server: LoopbackServer) -> None:
-    import asyncio
-
-    from aiohttp import web
-
-    image = make_image(400, 300)
-
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.2)
-        return web.Response(body=image, content_type="image/jpeg")
-
-    for i in range(60):
-        server.routes[f"/s/{i}.jpg"] = slow
-    listing = write_list(tmp_path / "l.parquet", [{"url": server.url(f"/s/{i}.jpg"), "caption": f"c{i}"} for i in range(60)])
+    listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/s", 60, delay=0.2))
     out = tmp_path / "o"
     args = ("--dataset", "urls", "--urls", listing, "--out", out, "--allow-private-networks", "--unit-size", "10", "--concurrency", "4")
     proc = start_fetch(*args)

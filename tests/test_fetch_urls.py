@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from tests.conftest import LoopbackServer, jpeg_bytes, make_image, read_mds, run_fetch, start_fetch
+from tests.conftest import LoopbackServer, jpeg_bytes, make_image, read_mds, run_fetch, serve_numbered, start_fetch
 
 NET = ("--allow-private-networks", "--workers", "2")
 
@@ -279,16 +279,8 @@ def _done_units(out: Path) -> set[str]:
 
 
 def test_resume_after_sigkill(tmp_path: Path, server: LoopbackServer) -> None:
-    images = [make_image(300 + i % 7 * 50, 280 + i % 5 * 60, seed=i) for i in range(8)]
-
-    async def slow_image(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.05)
-        return web.Response(body=images[int(request.path.split("/")[-1].split(".")[0]) % 8], content_type="image/jpeg")
-
     n = 240
-    for i in range(n):
-        server.routes[f"/r/{i}.jpg"] = slow_image
-    listing = write_list(tmp_path / "list.parquet", [{"url": server.url(f"/r/{i}.jpg"), "caption": f"c{i}"} for i in range(n)])
+    listing = write_list(tmp_path / "list.parquet", serve_numbered(server, "/r", n, delay=0.05))
     args = ("--dataset", "urls", "--urls", listing, "--unit-size", "20", "--concurrency", "8", *NET)
 
     out = tmp_path / "killed"
@@ -319,3 +311,36 @@ def test_resume_after_sigkill(tmp_path: Path, server: LoopbackServer) -> None:
     assert run_fetch(*args, "--out", clean).returncode == 0
     assert sorted(keys) == sorted(r["key"] for r in read_mds(clean / "mds"))
     assert {r["key"]: r["caption"] for r in rows} == {r["key"]: r["caption"] for r in read_mds(clean / "mds")}
+
+
+def test_hf_and_http_list_locations(tmp_path: Path, server: LoopbackServer, corpus: dict) -> None:
+    """hf://datasets/<repo>/<glob> lists come through huggingface_hub's endpoint and token
+    (HF_ENDPOINT points at a fake hub on 127.0.0.1); http(s) lists are downloaded as they are."""
+    import pyarrow as pa
+
+    from tests.conftest import fetch_env
+    from tests.fakehub import FakeHub
+
+    items = list(corpus.items())
+    hub = FakeHub(server)
+    for i, chunk in enumerate((items[:7], items[7:])):
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist([{"url": u, "caption": c} for u, (c, _) in chunk]), buf)
+        hub.add("org/lists", f"data/part-{i}.parquet", buf.getvalue().to_pybytes())
+    hub.add("org/lists", "README.md", b"not a list")
+    out = tmp_path / "hf"
+    proc = run_fetch("--dataset", "urls", "--urls", "hf://datasets/org/lists/data/*.parquet", "--out", out, *NET,
+                     env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_mds(out / "mds")) == 10
+
+    hub.gate("org/lists", "hf_right_token_0123456789abcdef")
+    denied = run_fetch("--dataset", "urls", "--urls", "hf://datasets/org/lists/data/*.parquet", "--out", tmp_path / "denied",
+                       *NET, env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    assert denied.returncode == 2 and "huggingface-cli login" in denied.stderr
+
+    server.routes["/lists/list.jsonl"] = b"\n".join(orjson.dumps({"url": u, "caption": c}) for u, (c, _) in items)
+    out = tmp_path / "http"
+    proc = run_fetch("--dataset", "urls", "--urls", server.url("/lists/list.jsonl"), "--out", out, *NET)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_mds(out / "mds")) == 10

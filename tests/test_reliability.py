@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from fastfetch.http import BlockedAddress, FetchConfig, Fetcher, GuardedResolver, is_public_address
-from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch, start_fetch
-from tests.test_fetch_urls import _done_units, stats_of, write_list
+from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch, serve_numbered, start_fetch
+from tests.test_fetch_urls import stats_of, write_list
 
 NET = ("--allow-private-networks", "--workers", "2")
 
@@ -234,15 +234,7 @@ def test_memory_and_sockets_stay_bounded(tmp_path: Path, server: LoopbackServer)
 
 # -- signals -------------------------------------------------------------------------------------
 def _slow_list(tmp_path: Path, server: LoopbackServer, n: int, delay: float) -> Path:
-    image = make_image(400, 300)
-
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(delay)
-        return web.Response(body=image, content_type="image/jpeg")
-
-    for i in range(n):
-        server.routes[f"/s/{i}.jpg"] = slow
-    return write_list(tmp_path / "l.parquet", [{"url": server.url(f"/s/{i}.jpg"), "caption": f"c{i}"} for i in range(n)])
+    return write_list(tmp_path / "l.parquet", serve_numbered(server, "/s", n, delay))
 
 
 def _wait_hits(server: LoopbackServer, proc: subprocess.Popen, n: int) -> None:
@@ -277,16 +269,7 @@ def test_sigterm_exits_143_and_second_ctrl_c_exits_at_once(tmp_path: Path, serve
 # -- crash consistency --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_at_random_moments_converges_to_the_uninterrupted_dataset(tmp_path: Path, server: LoopbackServer) -> None:
-    images = [make_image(300 + i * 40, 260 + i * 30, seed=i) for i in range(6)]
-
-    async def image(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.01)
-        return web.Response(body=images[int(request.path.split("/")[-1].split(".")[0]) % 6], content_type="image/jpeg")
-
-    n = 150
-    for i in range(n):
-        server.routes[f"/k/{i}.jpg"] = image
-    rows = [{"url": server.url(f"/k/{i}.jpg"), "caption": f"c{i}"} for i in range(n)]
+    rows = serve_numbered(server, "/k", 150, delay=0.01, variety=6)
     rows += [{"url": server.url("/missing.jpg"), "caption": "dead"}]
     listing = write_list(tmp_path / "l.parquet", rows)
     args = ("--dataset", "urls", "--urls", listing, "--unit-size", "10", "--concurrency", "6", *NET)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import sqlite3
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp import web
 
-from tests.conftest import LoopbackServer, fetch_env, make_image, read_mds, run_fetch, start_fetch
+from tests.conftest import LoopbackServer, fetch_env, read_mds, run_fetch, serve_numbered, start_fetch
 from tests.test_fetch_urls import write_list
 
 NET = ("--allow-private-networks", "--workers", "2")
@@ -54,17 +52,7 @@ def s3() -> Iterator[dict[str, str]]:
 
 
 def _corpus(server: LoopbackServer, n: int, delay: float = 0.0) -> list[dict[str, str]]:
-    images = [make_image(280 + 60 * (i % 9), 260 + 70 * (i % 7), seed=i) for i in range(9)]
-
-    async def image(request: web.Request) -> web.Response:
-        if delay:
-            await asyncio.sleep(delay)
-        i = int(request.path.rsplit("/", 1)[1].split(".")[0])
-        return web.Response(body=images[i % 9], content_type="image/jpeg")
-
-    for i in range(n):
-        server.routes[f"/c/{i}.jpg"] = image
-    return [{"url": server.url(f"/c/{i}.jpg"), "caption": f"caption {i}"} for i in range(n)]
+    return serve_numbered(server, "/c", n, delay, variety=9)
 
 
 def _remote_rows(env: dict[str, str], remote: str, cache: Path) -> list[dict]:

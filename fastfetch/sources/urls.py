@@ -10,6 +10,7 @@ hash would collide on duplicate rows and break exactly-once downstream.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import math
 import os
@@ -23,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fastfetch import hub
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
+from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import Item, Source, Unit, UsageError
 
 _PLAN_FILE = "plan.json"
@@ -94,53 +97,43 @@ class UrlsSource(Source):
         local: list[Path] = []
         for spec in self.args.urls:
             if spec.startswith("hf://"):
-                local.extend(self._download_hf(spec))
+                local.extend(await self._download_hf(spec))
             elif spec.startswith(("http://", "https://")):
-                local.append(await self._download_http(spec))
+                name = spec.rstrip("/").rsplit("/", 1)[-1].split("?")[0] or "list.txt"
+                local.append(await self._download(spec, f"{hashlib.sha1(spec.encode()).hexdigest()[:10]}-{name}"))
             else:
                 local.append(Path(spec).expanduser())
         return expand_paths(local)
 
-    def _download_hf(self, spec: str) -> list[Path]:
-        from huggingface_hub import HfFileSystem
-        from huggingface_hub.errors import HfHubHTTPError
+    async def _download_hf(self, spec: str) -> list[Path]:
+        """``hf://datasets/<org>/<name>[@revision]/<path or glob>`` → local copies of the lists."""
+        parts = spec.removeprefix("hf://").split("/")
+        if len(parts) < 4 or parts[0] != "datasets":
+            raise UsageError(f"{spec}: expected hf://datasets/<org>/<name>/<path or glob>")
+        repo, _, revision = "/".join(parts[1:3]).partition("@")
+        pattern = "/".join(parts[3:])
+        fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        folder = fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+        files = [f for f in await hub.list_files(repo, folder, revision=revision or hub.DEFAULT_REVISION)
+                 if fnmatch.fnmatchcase(f.path, pattern)]
+        if not files:
+            raise UsageError(f"{spec} matches no file of the Hugging Face dataset {repo} ({hub.dataset_page(repo)})")
+        return [
+            await self._download(hub.file_url(repo, f.path, revision or hub.DEFAULT_REVISION),
+                                 f"{repo.replace('/', '__')}__{f.oid[:12]}__{f.path.replace('/', '__')}", hub.headers(), repo)
+            for f in files
+        ]
 
-        fs = HfFileSystem()
-        target = self.plan_dir / "lists"
+    async def _download(self, url: str, name: str, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
+        """A remote list file into the work folder (resumable; kept for reruns)."""
         try:
-            matches = sorted(fs.glob(spec)) if any(ch in spec for ch in "*?[") else [spec.removeprefix("hf://")]
-            if not matches:
-                raise UsageError(f"{spec} matches no file on the Hugging Face Hub")
-            paths = []
-            for remote in matches:
-                dest = target / remote.replace("/", "__")
-                if not dest.exists():
-                    target.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(remote, str(dest) + ".part")
-                    os.replace(str(dest) + ".part", dest)
-                paths.append(dest)
-            return paths
-        except (HfHubHTTPError, FileNotFoundError, OSError) as exc:
-            raise UsageError(
-                f"cannot download {spec}: {exc}. Check the path; for a gated or private dataset run "
-                "`huggingface-cli login` or set HF_TOKEN"
-            ) from exc
-
-    async def _download_http(self, url: str) -> Path:
-        target = self.plan_dir / "lists"
-        name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0] or "list.txt"
-        dest = target / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
-        if dest.exists():
-            return dest
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(str(dest) + ".part", "wb") as f:
-                async for chunk in self.ctx.fetcher.stream(url):
-                    f.write(chunk)
+            return await download_file(self.ctx.fetcher.session, url, self.plan_dir / "lists" / name, headers)
+        except AccessDenied as exc:
+            if repo:
+                raise hub.access_error(repo, exc.status) from exc
+            raise UsageError(f"cannot download the URL list {url}: HTTP {exc.status}") from exc
         except Exception as exc:
-            raise UsageError(f"cannot download the URL list {url}: {exc}") from exc
-        os.replace(str(dest) + ".part", dest)
-        return dest
+            raise UsageError(f"cannot download the URL list {url}: {type(exc).__name__}: {exc}") from exc
 
     def _plan_key(self, files: list[Path]) -> dict[str, Any]:
         return {
