@@ -1,7 +1,7 @@
 """A loopback imitation of the Hugging Face Hub (and of plain file servers) for the source tests.
 
-It serves ``/datasets/<repo>/resolve/<rev>/<path>`` with Range, If-Range, ETag and
-Last-Modified as a CDN does, ``/api/datasets/<repo>/tree/<rev>/<folder>`` listings as
+It serves ``/datasets/<repo>/resolve/<rev>/<path>`` as the Hub serves LFS files (access check,
+then a 302 to a CDN path that honours Range, If-Range, ETag and Last-Modified), ``/api/datasets/<repo>/tree/<rev>/<folder>`` listings as
 huggingface_hub's ``list_repo_tree`` reads them, gated repos (401 without a token, 403 with the
 wrong one), and files that break their connection once in the middle. Archive builders make
 small tar/tgz/zip files in each dataset's real layout.
