@@ -73,6 +73,8 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
         ]
         if "--allow-private-networks" in help_text:
             cmd.append("--allow-private-networks")
+        if tool == "fetch-exp":  # bin/fetch with the proposed core changes patched in (experiments/)
+            cmd[1:2] = [str(HERE / "experiments" / "exp_fetch.py"), "--native-mds", "--no-trust-env", "--"]
     nginx0 = srv.cpu_seconds()
     m = measure(f"{tool}-{variant}", cmd, env=env, cwd=ROOT, disk_paths=[out], timeout=args.timeout)
     m.extra["nginx_cpu_s"] = round(srv.cpu_seconds() - nginx0, 2)
@@ -82,7 +84,7 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
     m.extra["kept"] = mds_samples(out / "mds")
     m.extra["final_disk_mb"] = dir_size(out) / 2**20
     m.extra["output_mb"] = dir_size(out / "mds") / 2**20
-    if tool == "fetch":
+    if tool.startswith("fetch"):
         stats = json.loads((out / "stats.json").read_text())
         m.extra["rejected"] = stats["rejected"]
         m.extra["in_run_kept_per_s"] = stats["this_run"]["kept_per_s"]
@@ -98,7 +100,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--processes", type=int, default=2, help="pool size of both pipelines")
     p.add_argument("--variants", default="mixed,sa1b")
-    p.add_argument("--tools", default="seed,fetch")
+    p.add_argument("--tools", default="seed,fetch", help="comma list of seed, fetch, fetch-exp (proposed core changes patched in)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
     args = p.parse_args()
@@ -151,7 +153,7 @@ def main() -> None:
                 "rates": [round(m.extra["kept"] / m.wall_s, 1) for m in ms], "load": [load_str(m) for m in ms],
                 "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
             }
-            if tool == "fetch":
+            if tool.startswith("fetch"):
                 s["in_run_kept_per_s"] = median([m.extra["in_run_kept_per_s"] for m in ms])
             summary[f"{variant}/{tool}"] = s
             all_runs[f"{variant}/{tool}"] = ms

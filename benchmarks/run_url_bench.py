@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    ROOT, WORK, Measurement, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, median,
+    HERE, ROOT, WORK, Measurement, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, median,
     save_result, venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
@@ -116,8 +116,10 @@ def run_one(tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: 
     out = fresh_dir(WORK / "url" / f"{tool}-{i}")
     if tool != "fetch":
         out.rmdir()  # img2dataset makes it (an existing folder + overwrite mode loses its _tmp)
-    if tool == "fetch":
+    if tool.startswith("fetch"):
         cmd = fetch_cmd(urls, out, args.processes, args.concurrency, help_text)
+        if tool == "fetch-exp":  # bin/fetch with the proposed core changes patched in (experiments/)
+            cmd[1:2] = [str(HERE / "experiments" / "exp_fetch.py"), "--native-mds", "--no-trust-env", "--"]
     else:
         cmd = i2d_cmd(urls, out, args.processes, args.threads, args.per_shard, skip_reencode=(tool == "img2dataset-skip"))
     nginx0 = srv.cpu_seconds()
@@ -126,7 +128,7 @@ def run_one(tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: 
     if m.returncode != 0:
         print(f"{tool} failed ({m.returncode}):\n{m.stderr_tail}", file=sys.stderr)
         raise SystemExit(1)
-    counts = fetch_counts(out) if tool == "fetch" else i2d_counts(out)
+    counts = fetch_counts(out) if tool.startswith("fetch") else i2d_counts(out)
     m.extra["counts"] = counts
     return m, counts, out
 
@@ -136,10 +138,11 @@ def main() -> None:
     corpus_mod.add_corpus_arguments(p)
     p.add_argument("--runs", type=int, default=3, help="alternating runs per tool")
     p.add_argument("--processes", type=int, default=2, help="resize processes of both tools")
-    p.add_argument("--threads", type=int, default=32, help="img2dataset --thread_count (use --sweep-threads to pick)")
+    p.add_argument("--threads", type=int, default=16, help="img2dataset --thread_count (use --sweep-threads to pick)")
     p.add_argument("--concurrency", type=int, default=256, help="bin/fetch --concurrency")
     p.add_argument("--per-shard", type=int, default=0, help="img2dataset --number_sample_per_shard (default: items/20, ≥ 50)")
-    p.add_argument("--tools", default="fetch,img2dataset", help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode)")
+    p.add_argument("--tools", default="fetch,img2dataset", help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), "
+                   "fetch-exp (bin/fetch with the proposed core changes patched in: benchmarks/experiments/exp_fetch.py)")
     p.add_argument("--sweep-threads", action="store_true", help="one img2dataset run per thread count in --sweep, then stop")
     p.add_argument("--sweep", default="8,16,32,64,128", help="thread counts for --sweep-threads")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed")
@@ -212,7 +215,7 @@ def main() -> None:
             "load": [load_str(m) for m in ms], "other_cpu_s": [round(m.other_cpu_s, 1) for m in ms],
             "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
         }
-        if tool == "fetch":  # bin/fetch's own in-run rate (after imports and planning), for reference
+        if tool.startswith("fetch"):  # bin/fetch's own in-run rate (after imports and planning), for reference
             s["in_run_kept_per_s"] = median([m.extra["counts"]["this_run"]["kept_per_s"] for m in ms])
         summary[tool] = s
         rows.append([tool, round(s["kept_per_s"], 1), round(s["urls_per_s"], 1), round(s["cpu_ms_per_url"], 1), round(s["peak_rss_mb"]), kept, " ".join(map(str, s["rates"])), " ".join(s["load"])])
