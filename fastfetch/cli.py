@@ -208,8 +208,9 @@ async def _fetch(args: argparse.Namespace) -> int:
     status = "done"
     fatal = ""
     settings: dict[str, Any] = {}
-    pipeline: Pipeline | None = None
     todo: list[Any] = []
+    pipeline: Pipeline | None = None
+    prepared = False  # a plan that fails (bad input) publishes nothing
     try:
         async with Fetcher(fetch_cfg) as fetcher:
             ctx = RunContext(out=places.base, fetcher=fetcher, work_dir=places.state / "_work" / args.dataset, args=args)
@@ -221,6 +222,7 @@ async def _fetch(args: argparse.Namespace) -> int:
                 pipeline = Pipeline(source, places.layout, fetcher, resizer, manifest, counters, not args.no_progress)
                 selection = Selection(args.subset, tuple(args.ids or ()), places.node.rank, places.node.count)
                 todo = await pipeline.prepare(selection, args.retry_failed)
+                prepared = True
                 manifest.set_meta("settings", settings)
                 if not todo:
                     print("nothing to do: every selected unit is already done", file=sys.stderr)
@@ -239,7 +241,7 @@ async def _fetch(args: argparse.Namespace) -> int:
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
         try:
-            if pipeline is not None and settings:
+            if pipeline is not None and prepared:
                 complete = status == "done" and not counters.units_failed
                 _publish(places, pipeline, manifest, counters, settings, status, complete)
         except OSError as exc:  # the disk may still be full: the manifest is what matters
