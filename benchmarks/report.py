@@ -54,6 +54,12 @@ def sections() -> str:
         if "fetch_fraction_of_ceiling" in s:
             f = s["fetch_fraction_of_ceiling"]
             rows.append(f"| URL mode ≥ 85 % of the in-memory ceiling (aim 90 %) | {f:.0%} ({s['fetch']['kept_per_s']:.1f} of {s['ceiling']['kept_per_s']:.1f} kept img/s) | {verdict(f >= 0.85)} |")
+        if "fetch-exp" in s:
+            e = s["fetch-exp"]["kept_per_s"]
+            line = f"{e / s['img2dataset']['kept_per_s']:.2f}× img2dataset"
+            if "ceiling" in s:
+                line += f", {e / s['ceiling']['kept_per_s']:.0%} of the ceiling"
+            rows.append(f"| (with the proposed core changes, benchmarks/experiments) | {line} ({e:.1f} kept img/s) | not landed |")
     if arch:
         s = arch["summary"]
         for v, name in (("mixed", "LAION-like sizes"), ("sa1b", "SA-1B-like, 1500 px")):
@@ -62,6 +68,12 @@ def sections() -> str:
                 rows.append(f"| archive mode ≥ 3× seed-style ({name}) | {sp:.2f}× ({s[f'{v}/fetch']['kept_per_s']:.1f} vs {s[f'{v}/seed']['kept_per_s']:.1f} kept img/s) | {verdict(sp >= 3)} |")
                 ed, one = s[f"{v}/fetch"]["extra_disk_mb"], s[f"{v}/fetch"]["largest_archive_mb"]
                 rows.append(f"| archive mode: peak extra disk ≤ one archive ({name}) | {ed:.0f} MB (one archive: {one:.0f} MB; seed-style: {s[f'{v}/seed']['extra_disk_mb']:.0f} MB) | {verdict(ed <= one)} |")
+            if f"{v}/fetch-exp" in s and f"{v}/seed" in s:
+                e = s[f"{v}/fetch-exp"]["kept_per_s"]
+                line = f"{e / s[f'{v}/seed']['kept_per_s']:.2f}× seed-style"
+                if f"{v}/ceiling" in s:
+                    line += f", {e / s[f'{v}/ceiling']['kept_per_s']:.0%} of the ceiling"
+                rows.append(f"| (with the proposed core changes, {name}) | {line} ({e:.1f} kept img/s) | not landed |")
             if f"{v}/fetch_fraction_of_ceiling" in s:
                 f = s[f"{v}/fetch_fraction_of_ceiling"]
                 rows.append(f"| archive mode ≥ 85 % of the ceiling ({name}) | {f:.0%} ({s[f'{v}/fetch']['kept_per_s']:.1f} of {s[f'{v}/ceiling']['kept_per_s']:.1f}) | {verdict(f >= 0.85)} |")
@@ -96,6 +108,9 @@ def sections() -> str:
         if d:
             out.append(f"Kept sets (last run, by URL): {d['both']} kept by both; only bin/fetch: {d['only_fetch'] or 'none'}; only img2dataset: {d['only_img2dataset'] or 'none'}. "
                        f"Rejections — bin/fetch: {s['fetch']['rejected']}; img2dataset: {s['img2dataset']['rejected']}.\n")
+        for t in ("fetch", "fetch-exp"):
+            if t in s and "in_run_kept_per_s" in s[t]:
+                out.append(f"{t}: its own in-run rate (stats.json, after start-up) {s[t]['in_run_kept_per_s']:.1f} kept img/s; top-process CPU per run {s[t].get('cpu_main_s')} s.\n")
         out.append(f"CPU of the rest of the machine during each run (other processes), seconds: bin/fetch {s.get('fetch', {}).get('other_cpu_s')}, img2dataset {s.get('img2dataset', {}).get('other_cpu_s')}.\n")
         out.append("![URL mode](plots/url.png)\n")
     thr = latest("url-i2d-threads")
@@ -113,6 +128,9 @@ def sections() -> str:
             f"Runs alternate; medians of {arch['args']['runs']}.\n"
         )
         out.append(arch["table"] + "\n")
+        for k, v in arch["summary"].items():
+            if k.endswith(("/fetch", "/fetch-exp")) and "in_run_kept_per_s" in v:
+                out.append(f"{k}: in-run rate (stats.json) {v['in_run_kept_per_s']:.1f} kept img/s; top-process CPU per run {v.get('cpu_main_s')} s.\n")
         out.append("![Archive mode](plots/archive.png)\n")
     if ceil:
         out.append("## Ceiling: in-memory decode → resize → encode\n")
