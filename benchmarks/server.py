@@ -35,6 +35,10 @@ def nginx_binary() -> str:
     return found
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +168,9 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Nginx":
+        # A benchmark stopped with SIGTERM (timeout, kill) must still stop its server.
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
