@@ -53,26 +53,36 @@ def plot_url(res: dict, ceiling: dict | None) -> Path:
 
 def plot_archive(res: dict) -> Path:
     s = res["summary"]
-    variants = [v for v in ("mixed", "sa1b") if f"{v}/fetch" in s or f"{v}/seed" in s]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
-    w = 0.38
-    for k, (tool, color) in enumerate((("seed", "#999"), ("fetch", "#2a7"))):
-        xs = [i + (k - 0.5) * w for i in range(len(variants))]
+    variants = [v for v in ("mixed", "sa1b") if any(k.startswith(v + "/") for k in s)]
+    tools = [t for t in ("seed-stock", "seed", "fetch", "fetch-exp") if any(f"{v}/{t}" in s for v in variants)]
+    names = {"seed-stock": "seed-style, stock Pillow", "seed": "seed-style, same venv as bin/fetch", "fetch": "bin/fetch",
+             "fetch-exp": "bin/fetch + proposed changes"}
+    colors = {"seed-stock": "#777", "seed": "#aaa", "fetch": "#2a7", "fetch-exp": "#7c9"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    w = 0.8 / max(1, len(tools))
+    for k, tool in enumerate(tools):
+        xs = [i + (k - (len(tools) - 1) / 2) * w for i in range(len(variants))]
         vals = [s.get(f"{v}/{tool}", {}).get("kept_per_s", 0) for v in variants]
         disk = [s.get(f"{v}/{tool}", {}).get("extra_disk_mb", 0) for v in variants]
-        b1 = ax1.bar(xs, vals, w, color=color, label="seed-style" if tool == "seed" else "bin/fetch")
-        b2 = ax2.bar(xs, disk, w, color=color, label="seed-style" if tool == "seed" else "bin/fetch")
+        b1 = ax1.bar(xs, vals, w, color=colors[tool], label=names[tool])
+        b2 = ax2.bar(xs, disk, w, color=colors[tool], label=names[tool])
         for b, v in zip(b1, vals):
-            ax1.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+            ax1.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
         for b, v in zip(b2, disk):
-            ax2.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
-    names = {"mixed": "LAION-like sizes", "sa1b": "SA-1B-like (1500 px)"}
-    for ax in (ax1, ax2):
-        ax.set_xticks(range(len(variants)), [names[v] for v in variants])
-        ax.legend(fontsize=8)
+            ax2.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
     for i, v in enumerate(variants):
-        ax2.plot([i - 0.45, i + 0.45], [s[f"{v}/fetch"]["largest_archive_mb"]] * 2, "r--", lw=1) if f"{v}/fetch" in s else None
+        c = s.get(f"{v}/ceiling")
+        if c:
+            ax1.plot([i - 0.45, i + 0.45], [c["kept_per_s"]] * 2, "r--", lw=1)
+        one = next((s[f"{v}/{t}"]["largest_archive_mb"] for t in tools if f"{v}/{t}" in s), None)
+        if one:
+            ax2.plot([i - 0.45, i + 0.45], [one] * 2, "r--", lw=1)
+    labels = {"mixed": "LAION-like sizes", "sa1b": "SA-1B-like (1500 px)"}
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(variants)), [labels[v] for v in variants])
+    ax1.legend(fontsize=7)
     ax1.set_ylabel("kept images / s (median)")
+    ax1.set_title("throughput; red dashes: in-memory ceiling", fontsize=8)
     ax2.set_ylabel("extra disk at peak, MB")
     ax2.set_title("peak − output size; red dashes: one archive", fontsize=8)
     fig.suptitle(f"Archive mode (SA-1B-style tars over nginx, 2 processes); {res['date_utc']}", fontsize=9)

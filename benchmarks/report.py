@@ -68,6 +68,8 @@ def sections() -> str:
                 rows.append(f"| archive mode ≥ 3× seed-style ({name}) | {sp:.2f}× ({s[f'{v}/fetch']['kept_per_s']:.1f} vs {s[f'{v}/seed']['kept_per_s']:.1f} kept img/s) | {verdict(sp >= 3)} |")
                 ed, one = s[f"{v}/fetch"]["extra_disk_mb"], s[f"{v}/fetch"]["largest_archive_mb"]
                 rows.append(f"| archive mode: peak extra disk ≤ one archive ({name}) | {ed:.0f} MB (one archive: {one:.0f} MB; seed-style: {s[f'{v}/seed']['extra_disk_mb']:.0f} MB) | {verdict(ed <= one)} |")
+            if f"{v}/fetch_vs_seed-stock" in s:
+                rows.append(f"| archive mode vs the seed-style pipeline with stock Pillow ({name}) | {s[f'{v}/fetch_vs_seed-stock']:.2f}× (bin/fetch {s[f'{v}/fetch']['kept_per_s']:.1f} vs {s[f'{v}/seed-stock']['kept_per_s']:.1f} kept img/s) | {verdict(s[f'{v}/fetch_vs_seed-stock'] >= 3)} |")
             if f"{v}/fetch-exp" in s and f"{v}/seed" in s:
                 e = s[f"{v}/fetch-exp"]["kept_per_s"]
                 line = f"{e / s[f'{v}/seed']['kept_per_s']:.2f}× seed-style"

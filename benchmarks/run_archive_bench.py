@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
     HERE, ROOT, WORK, Measurement, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
-    median, save_result,
+    median, pillow_flavour, save_result, venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
 from server import Nginx  # noqa: E402
@@ -35,17 +36,78 @@ from server import Nginx  # noqa: E402
 CAPTION_REPO = "PixArt-alpha/SAM-LLaVA-Captions10M"
 
 
-def serve_tree(corpus: Path, variant: str) -> Path:
-    """A folder nginx serves: /tars/sa_N.tar and the Hub path of SA1B_caption.tar.gz (symlinks)."""
+def serve_tree(corpus: Path, variant: str, repeat: int = 1) -> Path:
+    """A folder nginx serves: /tars/sa_N.tar and the Hub path of SA1B_caption.tar.gz.
+
+    ``repeat`` > 1 serves more tars than the corpus has: copies of its tars whose members are
+    renamed (sa_N → sa_{N + r·10⁶}, as real SA-1B names are unique) with their captions added
+    to the captions tar. More work per run without generating more images."""
     root = fresh_dir(WORK / "archive" / f"www-{variant}")
     src = corpus / "archives" / variant
     (root / "tars").mkdir()
-    for tar in sorted(src.glob("sa_*.tar")):
+    tars = sorted(src.glob("sa_*.tar"))
+    captions = src / "SA1B_caption.tar.gz"
+    if repeat > 1:
+        tars, captions = _repeated(corpus, variant, repeat)
+    for tar in tars:
         (root / "tars" / tar.name).symlink_to(tar)
     hub = root / "datasets" / CAPTION_REPO / "resolve" / "main"
     hub.mkdir(parents=True)
-    (hub / "SA1B_caption.tar.gz").symlink_to(src / "SA1B_caption.tar.gz")
+    (hub / "SA1B_caption.tar.gz").symlink_to(captions)
     return root
+
+
+def _repeated(corpus: Path, variant: str, repeat: int) -> tuple[list[Path], Path]:
+    import io
+    import re
+    import tarfile
+
+    src = corpus / "archives" / variant
+    out = WORK / "archive" / f"repeat-{corpus.name}-{variant}-x{repeat}"
+    base = sorted(src.glob("sa_*.tar"))
+    done = out / "done"
+    if not done.exists():
+        fresh_dir(out)
+        with tarfile.open(src / "SA1B_caption.tar.gz") as t:
+            caps = {m.name: t.extractfile(m).read() for m in t if m.isfile()}
+        all_caps: dict[str, bytes] = {}
+        for r in range(repeat):
+            for i, tar_path in enumerate(base):
+                name = f"sa_{r * len(base) + i:06d}.tar"
+                with tarfile.open(tar_path) as tin, tarfile.open(out / name, "w", format=tarfile.GNU_FORMAT) as tout:
+                    for m in tin:
+                        data = tin.extractfile(m).read()
+                        new = re.sub(r"sa_(\d+)", lambda g: f"sa_{int(g.group(1)) + r * 1_000_000}", m.name)
+                        info = tarfile.TarInfo(new)
+                        info.size, info.mtime, info.mode = len(data), m.mtime, m.mode
+                        tout.addfile(info, io.BytesIO(data))
+                for cname, text in caps.items():
+                    all_caps[re.sub(r"sa_(\d+)", lambda g: f"sa_{int(g.group(1)) + r * 1_000_000}", cname)] = text
+        with tarfile.open(out / "SA1B_caption.tar.gz", "w:gz") as t:
+            for cname, text in sorted(all_caps.items()):
+                info = tarfile.TarInfo(cname)
+                info.size, info.mtime = len(text), 1_700_000_000
+                t.addfile(info, io.BytesIO(text))
+        done.touch()
+    return sorted(out.glob("sa_*.tar")), out / "SA1B_caption.tar.gz"
+
+
+def stock_python_with_main_packages() -> str:
+    """venv-stock's Python (stock Pillow) seeing the project venv's packages after its own, so
+    that the seed-style pipeline can run with stock Pillow while bin/fetch has Pillow-SIMD."""
+    import sysconfig
+
+    py = venv_python("venv-stock")
+    if not py.exists():
+        sys.exit("venv-stock missing: run benchmarks/setup.sh stock")
+    main_site = subprocess.run([main_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    own_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    pth = Path(own_site) / "zz-fastfetch-main-venv.pth"
+    if not pth.exists() or pth.read_text().strip() != main_site:
+        pth.write_text(main_site + "\n")
+    return str(py)
 
 
 def mds_samples(mds: Path) -> int:
@@ -58,9 +120,10 @@ def mds_samples(mds: Path) -> int:
 def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argparse.Namespace, help_text: str) -> Measurement:
     out = fresh_dir(WORK / "archive" / f"{tool}-{variant}-{i}")
     env = fetch_env()
-    if tool == "seed":
+    if tool.startswith("seed"):
+        python = main_python() if tool == "seed" else stock_python_with_main_packages()
         cmd = [
-            main_python(), str(HERE / "seed_baseline.py"), "--links", str(links), "--datadir", str(out),
+            python, str(HERE / "seed_baseline.py"), "--links", str(links), "--datadir", str(out),
             "--captions-url", srv.url(f"datasets/{CAPTION_REPO}/resolve/main/SA1B_caption.tar.gz"),
             "--num-proc", str(args.processes),
         ]
@@ -89,6 +152,7 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
         m.extra["rejected"] = stats["rejected"]
         m.extra["in_run_kept_per_s"] = stats["this_run"]["kept_per_s"]
     else:
+        m.extra["pillow"] = pillow_flavour(cmd[0])
         lines = [line for line in m.stdout_tail.splitlines() if line.startswith("{")]
         m.extra["stages"] = json.loads(lines[-1]) if lines else {}
     return m
@@ -100,12 +164,14 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--processes", type=int, default=2, help="pool size of both pipelines")
     p.add_argument("--variants", default="mixed,sa1b")
-    p.add_argument("--tools", default="seed,fetch", help="comma list of seed, fetch, fetch-exp (proposed core changes patched in)")
+    p.add_argument("--tools", default="seed,fetch", help="comma list of seed, seed-stock (the seed method with stock Pillow: "
+                   "benchmarks/_work/venv-stock), fetch, fetch-exp (proposed core changes patched in)")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--repeat", type=int, default=2, help="serve the corpus's tars this many times (more work per run)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
     args = p.parse_args()
     if args.quick:
-        args.runs = 1
+        args.runs, args.repeat = 1, 1
     help_text = fetch_help()
     tools = args.tools.split(",")
     if "fetch" in tools and "--links" not in help_text:
@@ -116,15 +182,15 @@ def main() -> None:
     all_runs: dict[str, list[Measurement]] = {}
     rows = []
     for variant in args.variants.split(","):
-        n_images = meta["archives"][variant]["images"]
+        n_images = meta["archives"][variant]["images"] * args.repeat
         tar_mb = max(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20
-        total_mb = sum(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20
-        root = serve_tree(corpus, variant)
+        total_mb = sum(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20 * args.repeat
+        root = serve_tree(corpus, variant, args.repeat)
         with Nginx(root) as srv:
             links = WORK / "archive" / f"links-{variant}.txt"
             lines = ["file_name\tcdn_link"] + [f"{t.name}\t{srv.url('tars/' + t.name)}" for t in sorted((root / "tars").iterdir())]
             links.write_text("\n".join(lines) + "\n")
-            for f in (corpus / "archives" / variant).iterdir():
+            for f in (root / "tars").iterdir():
                 f.read_bytes()  # page cache
             runs: dict[str, list[Measurement]] = {t: [] for t in tools}
             ceilings: list[dict[str, Any]] = []
@@ -148,7 +214,7 @@ def main() -> None:
                 "kept_per_s": median([m.extra["kept"] / m.wall_s for m in ms]), "kept": kept, "images": n_images,
                 "cpu_ms_per_image": median([m.cpu_s / n_images * 1000 for m in ms]), "peak_rss_mb": median([m.peak_rss_mb for m in ms]),
                 "peak_disk_mb": median([m.peak_disk_mb for m in ms]), "output_mb": ms[-1].extra["output_mb"],
-                "extra_disk_mb": median([m.peak_disk_mb - m.extra["output_mb"] for m in ms]),
+                "extra_disk_mb": max(0.0, median([m.peak_disk_mb - m.extra["output_mb"] for m in ms])),
                 "largest_archive_mb": tar_mb, "archives_mb": total_mb,
                 "rates": [round(m.extra["kept"] / m.wall_s, 1) for m in ms], "load": [load_str(m) for m in ms],
                 "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
@@ -163,10 +229,14 @@ def main() -> None:
         if ceilings:
             c_rate = median([c["kept_per_s"] for c in ceilings])
             summary[f"{variant}/ceiling"] = {"kept_per_s": c_rate, "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
-            rows.append([variant, "ceiling (in memory, fast path)", round(c_rate, 1), "", "", "", "", "", ceilings[0]["kept"], n_images,
+            rows.append([variant, "ceiling (in memory, fast path)", round(c_rate, 1), "", "", "", "", "", ceilings[0]["kept"], ceilings[0]["items"],
                          " ".join(map(str, summary[f"{variant}/ceiling"]["rates"])), " ".join(c["load"] for c in ceilings)])
             if "fetch" in runs:
                 summary[f"{variant}/fetch_fraction_of_ceiling"] = summary[f"{variant}/fetch"]["kept_per_s"] / c_rate
+        for base in ("seed", "seed-stock"):
+            for t in ("fetch", "fetch-exp"):
+                if {base, t} <= set(runs):
+                    summary[f"{variant}/{t}_vs_{base}"] = summary[f"{variant}/{t}"]["kept_per_s"] / summary[f"{variant}/{base}"]["kept_per_s"]
         if {"seed", "fetch"} <= set(runs):
             summary[f"{variant}/speedup"] = summary[f"{variant}/fetch"]["kept_per_s"] / summary[f"{variant}/seed"]["kept_per_s"]
     table = md_table(
@@ -175,7 +245,7 @@ def main() -> None:
     path = save_result("archive", {"command": " ".join(sys.argv), "corpus": str(corpus), "args": vars(args), "summary": summary, "table": table, "runs": all_runs})
     print(table)
     for k, v in summary.items():
-        if k.endswith("speedup"):
+        if k.endswith("speedup") or "_vs_" in k:
             print(f"{k}: {v:.2f}×")
         if k.endswith("fraction_of_ceiling"):
             print(f"{k}: {v:.1%}")
