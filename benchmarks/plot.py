@@ -36,10 +36,12 @@ def _bars(ax, labels, values, colors=None, fmt="{:.0f}"):
 
 def plot_url(res: dict, ceiling: dict | None) -> Path:
     s = res["summary"]
-    tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch") if t in s]
-    labels = {"img2dataset": "img2dataset", "img2dataset-skip": "img2dataset\n(skip_reencode)", "fetch": "bin/fetch"}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _bars(ax, [labels[t] for t in tools], [s[t]["kept_per_s"] for t in tools], ["#999", "#bbb", "#2a7"][: len(tools)])
+    tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch", "fetch-exp") if t in s]
+    labels = {"img2dataset": "img2dataset", "img2dataset-skip": "img2dataset\n(skip_reencode)", "fetch": "bin/fetch",
+              "fetch-exp": "bin/fetch +\nproposed changes"}
+    colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-exp": "#7c9"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _bars(ax, [labels[t] for t in tools], [s[t]["kept_per_s"] for t in tools], [colors[t] for t in tools])
     if ceiling:
         for c in ceiling["summary"]:
             if c["source"] == "web" and c["config"] == "fast" and c["pillow"] == res["machine"]["pillow_main_venv"]:
