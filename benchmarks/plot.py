@@ -42,7 +42,11 @@ def plot_url(res: dict, ceiling: dict | None) -> Path:
     colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-exp": "#7c9"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     _bars(ax, [labels[t] for t in tools], [s[t]["kept_per_s"] for t in tools], [colors[t] for t in tools])
-    if ceiling:
+    if "ceiling" in s:
+        c = s["ceiling"]["kept_per_s"]
+        ax.axhline(c, ls="--", color="#c33", lw=1)
+        ax.annotate(f"in-memory ceiling, same run (fast path) {c:.0f}", (0, c), xytext=(0, 3), textcoords="offset points", color="#c33", fontsize=8)
+    elif ceiling:
         for c in ceiling["summary"]:
             if c["source"] == "web" and c["config"] == "fast" and c["pillow"] == res["machine"]["pillow_main_venv"]:
                 ax.axhline(c["kept_per_s"], ls="--", color="#c33", lw=1)
