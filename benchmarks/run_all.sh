@@ -4,7 +4,7 @@
 #   benchmarks/run_all.sh --quick    # smoke test (~5 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-.venv/bin/python}"
+PY="${FASTFETCH_PY:-.venv/bin/python}"
 ARGS=("$@")
 [ ${#ARGS[@]} -eq 0 ] && ARGS=(--runs 3)
 bash benchmarks/setup.sh

@@ -17,9 +17,22 @@ WORK="$HERE/_work"
 PY="${PYTHON:-python3}"
 PILLOW_VERSION="${PILLOW_VERSION:-13.0.0}"
 mkdir -p "$WORK"
+# nginx (the benchmarks' file server) from Debian's packages, when missing and we are root.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null; }
+  else
+    echo "setup: nginx missing (apt-get install nginx)" >&2
+  fi
+fi
+# The corpus's photographs ship inside scikit-image: the project venv needs it to build the corpus.
+MAIN_PY="$ROOT/.venv/bin/python"
+if [ -x "$MAIN_PY" ] && ! "$MAIN_PY" -c "import skimage" 2>/dev/null; then
+  "$MAIN_PY" -m pip install -q --disable-pip-version-check scikit-image 2>&1 | grep -v "is ignored: it is neither" || true
+fi
 quiet() { grep -v "is ignored: it is neither" || true; }
 
-want() { [ $# -eq 0 ] || [[ " $* " == *" $1 "* ]]; }
 targets=("$@")
 has() { [ ${#targets[@]} -eq 0 ] && return 0; for t in "${targets[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
 
