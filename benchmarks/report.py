@@ -54,6 +54,10 @@ def sections() -> str:
         if "fetch_fraction_of_ceiling" in s:
             f = s["fetch_fraction_of_ceiling"]
             rows.append(f"| URL mode ≥ 85 % of the in-memory ceiling (aim 90 %) | {f:.0%} ({s['fetch']['kept_per_s']:.1f} of {s['ceiling']['kept_per_s']:.1f} kept img/s) | {verdict(f >= 0.85)} |")
+        for t in ("fetch", "fetch-exp"):
+            if f"{t}_cpu_ratio_vs_img2dataset" in s:
+                extra = f", {s[f'{t}_cpu_fraction_of_ceiling']:.0%} of the ceiling's CPU efficiency" if f"{t}_cpu_fraction_of_ceiling" in s else ""
+                rows.append(f"| (load-robust view) CPU per URL, {t} vs img2dataset | img2dataset uses {s[f'{t}_cpu_ratio_vs_img2dataset']:.2f}× the CPU of {t}{extra} | info |")
         if "fetch-exp" in s:
             e = s["fetch-exp"]["kept_per_s"]
             line = f"{e / s['img2dataset']['kept_per_s']:.2f}× img2dataset"
@@ -67,6 +71,8 @@ def sections() -> str:
                 sp = s[f"{v}/speedup"]
                 rows.append(f"| archive mode ≥ 3× seed-style ({name}) | {sp:.2f}× ({s[f'{v}/fetch']['kept_per_s']:.1f} vs {s[f'{v}/seed']['kept_per_s']:.1f} kept img/s) | {verdict(sp >= 3)} |")
                 ed, one = s[f"{v}/fetch"]["extra_disk_mb"], s[f"{v}/fetch"]["largest_archive_mb"]
+                if f"{v}/fetch_cpu_ratio_vs_seed" in s:
+                    rows.append(f"| (load-robust view) CPU per image, seed-style vs bin/fetch ({name}) | seed-style uses {s[f'{v}/fetch_cpu_ratio_vs_seed']:.2f}× the CPU | info |")
                 rows.append(f"| archive mode: peak extra disk ≤ one archive ({name}) | {ed:.0f} MB (one archive: {one:.0f} MB; seed-style: {s[f'{v}/seed']['extra_disk_mb']:.0f} MB) | {verdict(ed <= one)} |")
             if f"{v}/fetch_vs_seed-stock" in s:
                 rows.append(f"| archive mode vs the seed-style pipeline with stock Pillow ({name}) | {s[f'{v}/fetch_vs_seed-stock']:.2f}× (bin/fetch {s[f'{v}/fetch']['kept_per_s']:.1f} vs {s[f'{v}/seed-stock']['kept_per_s']:.1f} kept img/s) | {verdict(s[f'{v}/fetch_vs_seed-stock'] >= 3)} |")

@@ -167,11 +167,14 @@ def main() -> None:
     p.add_argument("--tools", default="seed,fetch", help="comma list of seed, seed-stock (the seed method with stock Pillow: "
                    "benchmarks/_work/venv-stock), fetch, fetch-exp (proposed core changes patched in)")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--repeat", type=int, default=2, help="serve the corpus's tars this many times (more work per run)")
+    p.add_argument("--repeat", default="mixed=1,sa1b=2",
+                   help="serve each variant's tars this many times (more work per run): N, or variant=N,…")
     p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
     args = p.parse_args()
     if args.quick:
-        args.runs, args.repeat = 1, 1
+        args.runs, args.repeat = 1, "1"
+    repeats = {v: int(args.repeat) for v in ("mixed", "sa1b")} if args.repeat.isdigit() else \
+        {k: int(n) for k, n in (part.split("=") for part in args.repeat.split(","))}
     help_text = fetch_help()
     tools = args.tools.split(",")
     if "fetch" in tools and "--links" not in help_text:
@@ -182,10 +185,11 @@ def main() -> None:
     all_runs: dict[str, list[Measurement]] = {}
     rows = []
     for variant in args.variants.split(","):
-        n_images = meta["archives"][variant]["images"] * args.repeat
+        repeat = repeats.get(variant, 1)
+        n_images = meta["archives"][variant]["images"] * repeat
         tar_mb = max(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20
-        total_mb = sum(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20 * args.repeat
-        root = serve_tree(corpus, variant, args.repeat)
+        total_mb = sum(t["bytes"] for t in meta["archives"][variant]["tars"]) / 2**20 * repeat
+        root = serve_tree(corpus, variant, repeat)
         with Nginx(root) as srv:
             links = WORK / "archive" / f"links-{variant}.txt"
             lines = ["file_name\tcdn_link"] + [f"{t.name}\t{srv.url('tars/' + t.name)}" for t in sorted((root / "tars").iterdir())]
@@ -228,8 +232,8 @@ def main() -> None:
                          " ".join(map(str, s["rates"])), " ".join(s["load"])])
         if ceilings:
             c_rate = median([c["kept_per_s"] for c in ceilings])
-            summary[f"{variant}/ceiling"] = {"kept_per_s": c_rate, "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
-            rows.append([variant, "ceiling (in memory, fast path)", round(c_rate, 1), "", "", "", "", "", ceilings[0]["kept"], ceilings[0]["items"],
+            summary[f"{variant}/ceiling"] = {"kept_per_s": c_rate, "cpu_ms_per_image": median([c["cpu_s"] / c["items"] * 1000 for c in ceilings]), "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
+            rows.append([variant, "ceiling (in memory, fast path)", round(c_rate, 1), round(summary[f"{variant}/ceiling"]["cpu_ms_per_image"], 1), "", "", "", "", ceilings[0]["kept"], ceilings[0]["items"],
                          " ".join(map(str, summary[f"{variant}/ceiling"]["rates"])), " ".join(c["load"] for c in ceilings)])
             if "fetch" in runs:
                 summary[f"{variant}/fetch_fraction_of_ceiling"] = summary[f"{variant}/fetch"]["kept_per_s"] / c_rate
@@ -237,6 +241,7 @@ def main() -> None:
             for t in ("fetch", "fetch-exp"):
                 if {base, t} <= set(runs):
                     summary[f"{variant}/{t}_vs_{base}"] = summary[f"{variant}/{t}"]["kept_per_s"] / summary[f"{variant}/{base}"]["kept_per_s"]
+                    summary[f"{variant}/{t}_cpu_ratio_vs_{base}"] = summary[f"{variant}/{base}"]["cpu_ms_per_image"] / summary[f"{variant}/{t}"]["cpu_ms_per_image"]
         if {"seed", "fetch"} <= set(runs):
             summary[f"{variant}/speedup"] = summary[f"{variant}/fetch"]["kept_per_s"] / summary[f"{variant}/seed"]["kept_per_s"]
     table = md_table(

@@ -223,10 +223,17 @@ def main() -> None:
         summary["speedup"] = summary["fetch"]["kept_per_s"] / summary["img2dataset"]["kept_per_s"]
     if ceilings:
         c_rate = median([c["kept_per_s"] for c in ceilings])
-        summary["ceiling"] = {"kept_per_s": c_rate, "kept": ceilings[0]["kept"], "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
-        rows.append(["ceiling (in memory, fast path)", round(c_rate, 1), "", "", "", ceilings[0]["kept"], " ".join(map(str, summary["ceiling"]["rates"])), " ".join(summary["ceiling"]["load"])])
+        summary["ceiling"] = {"kept_per_s": c_rate, "kept": ceilings[0]["kept"],
+                              "cpu_ms_per_url": median([c["cpu_s"] / n * 1000 for c in ceilings]), "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
+        rows.append(["ceiling (in memory, fast path)", round(c_rate, 1), "", round(summary["ceiling"]["cpu_ms_per_url"], 1), "", ceilings[0]["kept"], " ".join(map(str, summary["ceiling"]["rates"])), " ".join(summary["ceiling"]["load"])])
         if "fetch" in summary:
             summary["fetch_fraction_of_ceiling"] = summary["fetch"]["kept_per_s"] / c_rate
+        for t in ("fetch", "fetch-exp"):
+            if t in summary:  # load-robust view: CPU per URL of the ceiling vs the tool's
+                summary[f"{t}_cpu_fraction_of_ceiling"] = summary["ceiling"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
+    for t in ("fetch", "fetch-exp"):
+        if t in summary and "img2dataset" in summary:
+            summary[f"{t}_cpu_ratio_vs_img2dataset"] = summary["img2dataset"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
     table = md_table(["tool", "kept img/s (median)", "URLs/s", "CPU ms / URL", "peak RSS MB", "kept", "kept img/s per run", "load 1m per run"], rows)
     cmd = " ".join(sys.argv)
     path = save_result("url", {
