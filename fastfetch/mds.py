@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from streaming import MDSWriter
+from fastfetch.mdswriter import MDSWriter
 
 BASE_COLUMNS: dict[str, str] = {
     "jpg": "jpeg",  # the JPEG bytes as stored; MDS writes bytes through unchanged
@@ -97,8 +97,7 @@ class UnitWriter:
         writer = self._writers.get(bucket)
         if writer is None:
             writer = self._writers[bucket] = MDSWriter(
-                out=str(self.tmp / (bucket or "all")), columns=self.columns, compression=None,
-                hashes=["xxh64"], size_limit=SHARD_BYTES,
+                str(self.tmp / (bucket or "all")), self.columns, hashes=["xxh64"], size_limit=SHARD_BYTES
             )
         writer.write(sample)
         self.rows += 1

@@ -1,0 +1,51 @@
+"""fastfetch's MDS writer produces the very files streaming's MDSWriter produces."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from streaming import MDSWriter as StreamingWriter
+from streaming import StreamingDataset
+
+from fastfetch.mds import BASE_COLUMNS
+from fastfetch.mdswriter import MDSWriter
+from tests.conftest import make_image
+
+COLUMNS = {**BASE_COLUMNS, "url": "str", "score": "float64", "captions": "json", "n": "int64"}
+
+
+def _samples(n: int) -> list[dict]:
+    images = [make_image(300 + 20 * i, 280, seed=i) for i in range(5)]
+    return [
+        {"jpg": images[i % 5], "caption": f"caption {i} ünïcode", "width": 300 + i, "height": 280, "original_width": 900,
+         "original_height": 840, "key": f"{i:06d}", "url": f"http://example.com/{i}.jpg",
+         "score": math.nan if i % 7 == 0 else i / 3, "captions": ["a", {"b": i}], "n": -i}
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("size_limit", [1 << 26, 40_000])  # one shard; many shards
+def test_byte_identical_to_streaming(tmp_path: Path, size_limit: int) -> None:
+    samples = _samples(60)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    writer = MDSWriter(str(ours), COLUMNS, hashes=["sha1", "xxh64"], size_limit=size_limit)
+    with StreamingWriter(out=str(theirs), columns=COLUMNS, hashes=["sha1", "xxh64"], size_limit=size_limit) as reference:
+        for sample in samples:
+            writer.write(sample)
+            reference.write(sample)
+    writer.finish()
+    names = sorted(p.name for p in theirs.iterdir())
+    assert sorted(p.name for p in ours.iterdir()) == names and len(names) >= 2
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+    ds = StreamingDataset(local=str(ours), shuffle=False, batch_size=1)
+    assert [ds[i]["key"] for i in range(len(ds))] == [s["key"] for s in samples]
+    assert ds[3]["captions"] == ["a", {"b": 3}] and ds[3]["n"] == -3 and ds[5]["caption"] == "caption 5 ünïcode"
+
+
+def test_unsupported_encoding_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not supported"):
+        MDSWriter(str(tmp_path), {"x": "pkl"})
