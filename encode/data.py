@@ -62,14 +62,16 @@ class ImageRows(torch.utils.data.Dataset):
     """Rows `indices` of an image MDS, prepared for the encoders.
 
     Each item is a dict with `key`, `caption`, uint8 CHW `images` per resolution, token `ids` and
-    `mask`, optional `noise` per resolution (`--latent-mode sample`) and `jpg`; or, for a row that
-    cannot be decoded, `{'error': reason}` so that the run counts it instead of stopping.
+    `mask`, optional `noise` per resolution (`--latent-mode sample`) and `jpg`; or
+    `{'error': reason}` for a row that cannot be decoded (counted instead of stopping the run) or
+    whose key is in `done` (written by an earlier run). Skipping here rather than before the
+    loop lets the workers do a resume's key lookups in parallel with encoding.
     """
 
     def __init__(self, source: StreamingDataset, indices: Sequence[int], resolutions: Sequence[int],
                  tokenize: Tokenize, noise_shapes: dict[int, tuple[int, ...]] | None, seed: int,
-                 keep_images: bool):
-        self.source, self.indices = source, indices
+                 keep_images: bool, done: frozenset[str] = frozenset()):
+        self.source, self.indices, self.done = source, indices, done
         self.resolutions = sorted(resolutions)
         self.tokenize, self.noise_shapes, self.seed, self.keep_images = tokenize, noise_shapes, seed, keep_images
 
@@ -79,6 +81,8 @@ class ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         try:
             row = self.source[self.indices[i]]  # Streaming opens the JPEG here, lazily
+            if row["key"] in self.done:
+                return {"error": "already_done"}
             raw = jpeg_bytes(row["jpg"]) if self.keep_images else None  # before decoding drops the buffer
             item = {"key": row["key"], "caption": row["caption"], "images": self._images(row["jpg"])}
         except DECODE_ERRORS as e:
@@ -103,7 +107,7 @@ class ImageRows(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the good rows; rows that failed are only counted (`errors`)."""
+    """Stack the good rows; rows that failed or were done before are only counted (`errors`)."""
     good = [it for it in items if "error" not in it]
     batch: dict = {
         "errors": Counter(it["error"] for it in items if "error" in it),
@@ -120,17 +124,3 @@ def collate(items: list[dict]) -> dict:
     if "jpg" in good[0]:
         batch["jpg"] = [it["jpg"] for it in good]
     return batch
-
-
-def pending_rows(source: StreamingDataset, rows: range, done: set[str]) -> list[int]:
-    """The row indices of `rows` whose key is not in `done` (used on resume only: it reads every row).
-
-    A row whose image cannot even be opened stays pending, so that the workers count it again.
-    """
-    def is_done(i: int) -> bool:
-        try:
-            return source[i]["key"] in done
-        except DECODE_ERRORS:
-            return False
-
-    return [i for i in rows if not is_done(i)]

@@ -184,18 +184,15 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
 def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.Progress) -> None:
     """Encode this rank's rows that no earlier run finished; counters go to `progress`."""
     source = data.open_source(args.data, args.cache_dir)
+    done = frozenset(writer.done_keys(args.out))
     rows = data.rank_rows(source.num_samples, ctx.rank, ctx.world_size)
-    done = writer.done_keys(args.out)
-    indices = data.pending_rows(source, rows, done) if done else rows
-    stats = Counter(already_done=len(rows) - len(indices))
     loader = torch.utils.data.DataLoader(
-        data.ImageRows(source, indices, args.resolutions, m.text.tokenize, m.noise_shapes, args.seed, args.keep_images),
+        data.ImageRows(source, rows, args.resolutions, m.text.tokenize, m.noise_shapes, args.seed,
+                       args.keep_images, done),
         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=data.collate,
         pin_memory=ctx.device.type == "cuda", prefetch_factor=args.prefetch_factor if args.num_workers else None)
-    total = torch.tensor([len(indices)], device=ctx.device)  # nccl reduces device tensors only
-    if ctx.distributed:
-        dist.all_reduce(total)  # the bar's total: rows still to encode on all ranks
-    bar = tqdm(total=int(total), unit="img", dynamic_ncols=True, disable=not ctx.main)
+    stats = Counter(already_done=0)
+    bar = tqdm(total=source.num_samples - len(done), unit="img", dynamic_ncols=True, disable=not ctx.main)
     out = writer.AsyncWriter(writer.ChunkWriter(args.out, ctx.rank, writer.columns(args.resolutions, args.keep_images),
                                                 args.chunk_rows), stats)
     start, timing = time.perf_counter(), {}
@@ -203,8 +200,8 @@ def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.
         stats.update(batch["errors"])
         if batch["key"]:
             out.submit(batch, m.encoder(batch))
-        stats["seen"] += len(batch["key"]) + sum(batch["errors"].values())
-        if "first_batch_s" not in timing:
+        stats["seen"] += len(batch["key"]) + sum(batch["errors"].values()) - batch["errors"]["already_done"]
+        if batch["key"] and "first_batch_s" not in timing:  # the first encoded batch holds compilation
             timing["first_batch_s"], stats["seen_first_batch"] = time.perf_counter() - start, stats["seen"]
         timing["seconds"] = time.perf_counter() - start
         progress.update(stats, timing)
