@@ -36,10 +36,10 @@ def _bars(ax, labels, values, colors=None, fmt="{:.0f}"):
 
 def plot_url(res: dict, ceiling: dict | None) -> Path:
     s = res["summary"]
-    tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch", "fetch-exp") if t in s]
+    tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch-before", "fetch", "fetch-exp") if t in s]
     labels = {"img2dataset": "img2dataset", "img2dataset-skip": "img2dataset\n(skip_reencode)", "fetch": "bin/fetch",
-              "fetch-exp": "bin/fetch +\nproposed changes"}
-    colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-exp": "#7c9"}
+              "fetch-exp": "bin/fetch +\nproposed changes", "fetch-before": "bin/fetch before\nthe profiled fixes"}
+    colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-exp": "#7c9", "fetch-before": "#9db"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     _bars(ax, [labels[t] for t in tools], [s[t]["kept_per_s"] for t in tools], [colors[t] for t in tools])
     if "ceiling" in s:

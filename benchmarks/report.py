@@ -54,7 +54,10 @@ def sections() -> str:
         if "fetch_fraction_of_ceiling" in s:
             f = s["fetch_fraction_of_ceiling"]
             rows.append(f"| URL mode ≥ 85 % of the in-memory ceiling (aim 90 %) | {f:.0%} ({s['fetch']['kept_per_s']:.1f} of {s['ceiling']['kept_per_s']:.1f} kept img/s) | {verdict(f >= 0.85)} |")
-        for t in ("fetch", "fetch-exp"):
+        if "fetch-before" in s:
+            b = s["fetch-before"]
+            rows.append(f"| profile-driven fixes (commit {url['args'].get('before')} → now), same run | {b['kept_per_s']:.1f} → {s['fetch']['kept_per_s']:.1f} kept img/s, CPU {b['cpu_ms_per_url']:.1f} → {s['fetch']['cpu_ms_per_url']:.1f} ms/URL, peak RSS {b['peak_rss_mb']:.0f} → {s['fetch']['peak_rss_mb']:.0f} MB | measured |")
+        for t in ("fetch", "fetch-exp", "fetch-before"):
             if f"{t}_cpu_ratio_vs_img2dataset" in s:
                 extra = f", {s[f'{t}_cpu_fraction_of_ceiling']:.0%} of the ceiling's CPU efficiency" if f"{t}_cpu_fraction_of_ceiling" in s else ""
                 rows.append(f"| (load-robust view) CPU per URL, {t} vs img2dataset | img2dataset uses {s[f'{t}_cpu_ratio_vs_img2dataset']:.2f}× the CPU of {t}{extra} | info |")
@@ -116,7 +119,7 @@ def sections() -> str:
         if d:
             out.append(f"Kept sets (last run, by URL): {d['both']} kept by both; only bin/fetch: {d['only_fetch'] or 'none'}; only img2dataset: {d['only_img2dataset'] or 'none'}. "
                        f"Rejections — bin/fetch: {s['fetch']['rejected']}; img2dataset: {s['img2dataset']['rejected']}.\n")
-        for t in ("fetch", "fetch-exp"):
+        for t in ("fetch", "fetch-exp", "fetch-before"):
             if t in s and "in_run_kept_per_s" in s[t]:
                 out.append(f"{t}: its own in-run rate (stats.json, after start-up) {s[t]['in_run_kept_per_s']:.1f} kept img/s; top-process CPU per run {s[t].get('cpu_main_s')} s.\n")
         out.append(f"CPU of the rest of the machine during each run (other processes), seconds: bin/fetch {s.get('fetch', {}).get('other_cpu_s')}, img2dataset {s.get('img2dataset', {}).get('other_cpu_s')}.\n")

@@ -61,6 +61,18 @@ def i2d_cmd(urls: Path, out: Path, processes: int, threads: int, per_shard: int,
     return cmd
 
 
+def snapshot(rev: str) -> Path:
+    """bin/ and fastfetch/ of commit ``rev`` extracted under _work (git archive; the work tree is untouched)."""
+    import subprocess
+
+    dest = WORK / f"fetch-{rev}"
+    if not (dest / "bin" / "fetch").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "bin", "fastfetch"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def fetch_counts(out: Path) -> dict[str, Any]:
     stats = json.loads((out / "stats.json").read_text())
     return {"kept": stats["kept"], "items": stats["items"], "rejected": stats["rejected"], "this_run": stats["this_run"]}
@@ -120,6 +132,8 @@ def run_one(tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: 
         cmd = fetch_cmd(urls, out, args.processes, args.concurrency, help_text)
         if tool == "fetch-exp":  # bin/fetch with the proposed core changes patched in (experiments/)
             cmd[1:2] = [str(HERE / "experiments" / "exp_fetch.py"), "--native-mds", "--no-trust-env", "--"]
+        if tool == "fetch-before":  # bin/fetch of an older commit (--before REV): what a change gave
+            cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
     else:
         cmd = i2d_cmd(urls, out, args.processes, args.threads, args.per_shard, skip_reencode=(tool == "img2dataset-skip"))
     nginx0 = srv.cpu_seconds()
@@ -142,7 +156,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=256, help="bin/fetch --concurrency")
     p.add_argument("--per-shard", type=int, default=0, help="img2dataset --number_sample_per_shard (default: items/20, ≥ 50)")
     p.add_argument("--tools", default="fetch,img2dataset", help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), "
-                   "fetch-exp (bin/fetch with the proposed core changes patched in: benchmarks/experiments/exp_fetch.py)")
+                   "fetch-exp (bin/fetch with the proposed core changes patched in: benchmarks/experiments/exp_fetch.py), "
+                   "fetch-before (bin/fetch of commit --before)")
+    p.add_argument("--before", default="39e4671", help="commit whose bin/fetch the fetch-before tool runs")
     p.add_argument("--sweep-threads", action="store_true", help="one img2dataset run per thread count in --sweep, then stop")
     p.add_argument("--sweep", default="8,16,32,64,128", help="thread counts for --sweep-threads")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed")
@@ -228,10 +244,10 @@ def main() -> None:
         rows.append(["ceiling (in memory, fast path)", round(c_rate, 1), "", round(summary["ceiling"]["cpu_ms_per_url"], 1), "", ceilings[0]["kept"], " ".join(map(str, summary["ceiling"]["rates"])), " ".join(summary["ceiling"]["load"])])
         if "fetch" in summary:
             summary["fetch_fraction_of_ceiling"] = summary["fetch"]["kept_per_s"] / c_rate
-        for t in ("fetch", "fetch-exp"):
+        for t in ("fetch", "fetch-exp", "fetch-before"):
             if t in summary:  # load-robust view: CPU per URL of the ceiling vs the tool's
                 summary[f"{t}_cpu_fraction_of_ceiling"] = summary["ceiling"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
-    for t in ("fetch", "fetch-exp"):
+    for t in ("fetch", "fetch-exp", "fetch-before"):
         if t in summary and "img2dataset" in summary:
             summary[f"{t}_cpu_ratio_vs_img2dataset"] = summary["img2dataset"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
     table = md_table(["tool", "kept img/s (median)", "URLs/s", "CPU ms / URL", "peak RSS MB", "kept", "kept img/s per run", "load 1m per run"], rows)
