@@ -138,6 +138,10 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
             cmd.append("--allow-private-networks")
         if tool == "fetch-exp":  # bin/fetch with the proposed core changes patched in (experiments/)
             cmd[1:2] = [str(HERE / "experiments" / "exp_fetch.py"), "--native-mds", "--no-trust-env", "--"]
+        if tool == "fetch-before":  # bin/fetch of an older commit (--before REV)
+            from run_url_bench import snapshot
+
+            cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
     nginx0 = srv.cpu_seconds()
     m = measure(f"{tool}-{variant}", cmd, env=env, cwd=ROOT, disk_paths=[out], timeout=args.timeout)
     m.extra["nginx_cpu_s"] = round(srv.cpu_seconds() - nginx0, 2)
@@ -165,8 +169,9 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="pool size of both pipelines")
     p.add_argument("--variants", default="mixed,sa1b")
     p.add_argument("--tools", default="seed,fetch", help="comma list of seed, seed-stock (the seed method with stock Pillow: "
-                   "benchmarks/_work/venv-stock), fetch, fetch-exp (proposed core changes patched in)")
+                   "benchmarks/_work/venv-stock), fetch, fetch-exp (proposed core changes patched in), fetch-before (bin/fetch of --before)")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--before", default="39e4671", help="commit whose bin/fetch the fetch-before tool runs")
     p.add_argument("--repeat", default="mixed=1,sa1b=2",
                    help="serve each variant's tars this many times (more work per run): N, or variant=N,…")
     p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
@@ -238,7 +243,7 @@ def main() -> None:
             if "fetch" in runs:
                 summary[f"{variant}/fetch_fraction_of_ceiling"] = summary[f"{variant}/fetch"]["kept_per_s"] / c_rate
         for base in ("seed", "seed-stock"):
-            for t in ("fetch", "fetch-exp"):
+            for t in ("fetch", "fetch-exp", "fetch-before"):
                 if {base, t} <= set(runs):
                     summary[f"{variant}/{t}_vs_{base}"] = summary[f"{variant}/{t}"]["kept_per_s"] / summary[f"{variant}/{base}"]["kept_per_s"]
                     summary[f"{variant}/{t}_cpu_ratio_vs_{base}"] = summary[f"{variant}/{base}"]["cpu_ms_per_image"] / summary[f"{variant}/{t}"]["cpu_ms_per_image"]
