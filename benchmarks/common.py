@@ -284,7 +284,8 @@ def fetch_help() -> str:
 
 def fetch_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "AWS_"))}
-    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    # No proxy variables at all (as on this machine): every tool talks to nginx directly.
+    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         env.pop(k, None)
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(HF_HUB_DISABLE_TELEMETRY="1")
     return env
