@@ -152,7 +152,7 @@ def main() -> None:
     corpus_mod.add_corpus_arguments(p)
     p.add_argument("--runs", type=int, default=3, help="alternating runs per tool")
     p.add_argument("--processes", type=int, default=2, help="resize processes of both tools")
-    p.add_argument("--threads", type=int, default=16, help="img2dataset --thread_count (use --sweep-threads to pick)")
+    p.add_argument("--threads", type=int, default=32, help="img2dataset --thread_count (use --sweep-threads to pick)")
     p.add_argument("--concurrency", type=int, default=256, help="bin/fetch --concurrency")
     p.add_argument("--per-shard", type=int, default=0, help="img2dataset --number_sample_per_shard (default: items/20, ≥ 50)")
     p.add_argument("--tools", default="fetch,img2dataset", help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), "
