@@ -242,7 +242,7 @@ class Fetcher:
             auto_decompress=True,
             # With trust_env aiohttp looks up the proxy environment and ~/.netrc in a thread for
             # every request (~10% of the event loop's CPU): only pay that where a proxy is set.
-            trust_env=bool(urllib.request.getproxies()),
+            trust_env=any(k in ("http", "https") for k in urllib.request.getproxies()),  # NO_PROXY alone: no
         )
         return self
 

@@ -64,7 +64,7 @@ class MDSWriter:
             if size is None:
                 sizes.append(len(datum))
             parts.append(datum)
-        data = struct.pack(f"<{len(sizes)}I", *sizes) + b"".join(parts)
+        data = b"".join([struct.pack(f"<{len(sizes)}I", *sizes), *parts])  # one copy of the JPEG
         if self._samples and self._size + len(data) + 4 > self.size_limit:
             self._flush()
         self._samples.append(data)
@@ -81,11 +81,15 @@ class MDSWriter:
         offsets = [4 + 4 * (n + 1) + len(self._config_bytes)]
         for sample in self._samples:
             offsets.append(offsets[-1] + len(sample))
-        raw = b"".join([struct.pack(f"<I{n + 1}I", n, *offsets), self._config_bytes, *self._samples])
+        pieces = [struct.pack(f"<I{n + 1}I", n, *offsets), self._config_bytes, *self._samples]
         basename = f"shard.{len(self.shards):05}.mds"
         with open(os.path.join(self.out, basename), "wb") as f:
-            f.write(raw)
-        info = {"basename": basename, "bytes": len(raw), "hashes": {a: _hash(a, raw) for a in self.hashes}}
+            f.writelines(pieces)  # the shard is never joined into one more copy
+        hashers = [(a, _hasher(a)) for a in self.hashes]
+        for piece in pieces:
+            for _, h in hashers:
+                h.update(piece)
+        info = {"basename": basename, "bytes": sum(map(len, pieces)), "hashes": {a: h.hexdigest() for a, h in hashers}}
         self.shards.append({"samples": n, "raw_data": info, "zip_data": None, **self.config})
         self._samples = []
         self._size = 8 + len(self._config_bytes)
@@ -108,9 +112,10 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode("utf-8")
 
 
-def _hash(algo: str, data: bytes) -> str:
+def _hasher(algo: str) -> Any:
+    """An incremental hasher for one of streaming's hash names (xxh*, or hashlib's)."""
     if algo.startswith("xxh"):
-        return getattr(xxhash, algo)(data).hexdigest()
+        return getattr(xxhash, algo)()
     import hashlib
 
-    return hashlib.new(algo, data).hexdigest()
+    return hashlib.new(algo)
