@@ -233,11 +233,14 @@ def summarize(args: argparse.Namespace, ctx: Ctx, progress: writer.Progress) -> 
     for p in ranks:
         total.update(p["stats"])
     seconds = max(p["timing"].get("seconds", 0.0) for p in ranks)
-    steady = sum(
-        (p["stats"].get("seen", 0) - p["stats"].get("seen_first_batch", 0))
-        / max(p["timing"]["seconds"] - p["timing"]["first_batch_s"], 1e-9)
-        for p in ranks if "first_batch_s" in p["timing"]
-    )
+    # Throughput after each rank's first encoded batch (compilation, worker start-up); None when
+    # no rank got past its first batch.
+    after_first = [
+        (p["stats"]["seen"] - p["stats"]["seen_first_batch"]) / (p["timing"]["seconds"] - p["timing"]["first_batch_s"])
+        for p in ranks
+        if "first_batch_s" in p["timing"] and p["stats"]["seen"] > p["stats"]["seen_first_batch"]
+    ]
+    steady = round(sum(after_first), 3) if after_first else None
     skipped = {k: v for k, v in sorted(total.items()) if k.startswith(("skipped", "decode_error", "already"))}
     stats = {
         "rows": writer.merge(args.out),
@@ -245,14 +248,14 @@ def summarize(args: argparse.Namespace, ctx: Ctx, progress: writer.Progress) -> 
         "skipped": skipped,
         "seconds": round(seconds, 3),
         "images_per_s": round(total["seen"] / seconds, 3) if seconds else 0.0,
-        "images_per_s_steady": round(steady, 3),
+        "images_per_s_steady": steady,
         "world_size": ctx.world_size,
         "device": ctx.device.type,
     }
     writer.write_json(os.path.join(args.out, "stats.json"), stats)
-    print(f"encoded {stats['rows_this_run']} rows in {seconds:.1f} s ({stats['images_per_s']:.2f} img/s, "
-          f"{stats['images_per_s_steady']:.2f} img/s after the first batch) on {ctx.world_size} × {ctx.device.type}; "
-          f"{stats['rows']} rows in {args.out}")
+    rate = f"{stats['images_per_s']:.2f} img/s" + (f", {steady:.2f} after the first batch" if steady else "")
+    print(f"encoded {stats['rows_this_run']} rows in {seconds:.1f} s ({rate}) on {ctx.world_size} × "
+          f"{ctx.device.type}; {stats['rows']} rows in {args.out}")
     for reason, n in skipped.items():
         print(f"  {reason}: {n}")
     if total["skipped_non_finite"]:
