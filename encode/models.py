@@ -27,8 +27,12 @@ def _from_pretrained(cls, name: str, subfolder: str | None, **kwargs):
     Trying the subfolder first lets one flag accept both a pipeline repo such as
     stabilityai/stable-diffusion-xl-base-1.0 and a bare model repo or folder.
     """
+    if os.path.isdir(name):  # a local folder shows its layout; a hub id has to be tried
+        subs = [subfolder] if subfolder and os.path.isdir(os.path.join(name, subfolder)) else [None]
+    else:
+        subs = ([subfolder] if subfolder else []) + [None]
     errors = []
-    for sub in ([subfolder] if subfolder else []) + [None]:
+    for sub in subs:
         try:
             return cls.from_pretrained(name, **({"subfolder": sub} if sub else {}), **kwargs)
         except (OSError, ValueError) as e:
