@@ -1,7 +1,10 @@
-"""Where datasets live: local folders now, `s3://`-style remotes through MosaicML Streaming.
+"""Where datasets live: local folders, or `s3://`-style remotes through MosaicML Streaming.
 
 Every place that turns a user-given dataset path into something Streaming can open goes through
-here, so that adding remote outputs later touches one module.
+here. A remote output is written into a local mirror (`stream_location`) and its finished
+pieces are uploaded with Streaming's uploaders; `pull_small_files` brings the small bookkeeping
+files (chunk indexes, keys) of a remote output back into the mirror, so that a rerun on another
+machine, or rank 0 merging chunks written by other nodes, sees them.
 """
 
 from __future__ import annotations
@@ -42,3 +45,33 @@ def fetch_small_file(path: str, name: str, cache_dir: str | None = None) -> str:
         os.makedirs(local, exist_ok=True)
         CloudDownloader.direct_download(f"{remote.rstrip('/')}/{name}", dest, timeout=60)
     return dest
+
+
+def upload_files(local_dir: str, remote_dir: str, names: list[str]) -> None:
+    """Upload `names` from `local_dir` to `remote_dir`, in the given order."""
+    from streaming.base.storage.upload import CloudUploader
+
+    uploader = CloudUploader.get(out=(local_dir, remote_dir), keep_local=True, exist_ok=True)
+    for name in names:
+        uploader.upload_file(name)
+
+
+def pull_small_files(remote: str, local: str, names: tuple[str, ...]) -> int:
+    """Download every `<folder>/<name>` under `remote` whose name is in `names` and is missing
+    locally; returns how many were fetched."""
+    from streaming.base.storage.upload import CloudUploader
+
+    url = urllib.parse.urlparse(remote)
+    prefix = url.path.strip("/")
+    lister = CloudUploader.get(out=(local, remote), keep_local=True, exist_ok=True)
+    fetched = 0
+    for key in lister.list_objects() or []:  # the uploader lists below its own remote; keys are full
+        rel = key[len(prefix):].lstrip("/") if prefix else key
+        if rel.count("/") != 1 or rel.rsplit("/", 1)[1] not in names:
+            continue
+        dest = os.path.join(local, rel)
+        if not os.path.exists(dest):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            CloudDownloader.direct_download(f"{url.scheme}://{url.netloc}/{key}", dest, timeout=120)
+            fetched += 1
+    return fetched

@@ -29,7 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 import encode  # noqa: E402
 from encode import data, models, writer  # noqa: E402
-from encode.paths import INDEX, is_remote  # noqa: E402
+from encode.paths import INDEX, is_remote, pull_small_files, stream_location, upload_files  # noqa: E402
 
 # Settings that change what is written: a resumed run must use the same ones.
 SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype",
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="image MDS folder written by bin/fetch (or a remote URL)")
-    p.add_argument("--out", required=True, help="latent MDS folder to create or resume")
+    p.add_argument("--out", required=True, help="latent MDS folder to create or resume, or a remote URL (s3://…: "
+                   "written into a local mirror under --cache-dir, each finished chunk uploaded)")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local folder")
     p.add_argument("--vae-subfolder", default=None, help="subfolder holding the VAE; default: try vae/, then the root")
     p.add_argument("--text-encoder", required=True, type=models.TextSpec.parse,
@@ -66,12 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-rows", type=int, default=2048,
                    help="rows per output chunk; a crash loses at most one unfinished chunk per rank")
     p.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu or cuda")
-    p.add_argument("--cache-dir", default=None, help="local cache for a remote --data")
+    p.add_argument("--cache-dir", default=None, help="local cache for a remote --data, and the local mirror of a "
+                   "remote --out (default: a folder under the system temp dir)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0 or args.prefetch_factor < 1 or args.chunk_rows < 1:
         p.error("--batch-size, --prefetch-factor and --chunk-rows must be ≥ 1, --num-workers ≥ 0")
-    if is_remote(args.out):
-        p.error(f"--out {args.out}: remote outputs are not supported yet; write locally and upload")
+    # A remote --out is written into its local mirror; `remote_out` says where pieces go.
+    args.remote_out = args.out.rstrip("/") if is_remote(args.out) else None
+    if args.remote_out:
+        args.out = stream_location(args.remote_out, args.cache_dir)[1]
     if not is_remote(args.data) and not os.path.exists(os.path.join(args.data, INDEX)):
         p.error(f"--data {args.data}: no {INDEX} there; point it at the mds folder bin/fetch wrote")
     return args
@@ -194,7 +198,7 @@ def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.
     stats = Counter(already_done=0)
     bar = tqdm(total=source.num_samples - len(done), unit="img", dynamic_ncols=True, disable=not ctx.main)
     out = writer.AsyncWriter(writer.ChunkWriter(args.out, ctx.rank, writer.columns(args.resolutions, args.keep_images),
-                                                args.chunk_rows), stats)
+                                                args.chunk_rows, args.remote_out), stats)
     start, timing = time.perf_counter(), {}
     for batch in loader:
         stats.update(batch["errors"])
@@ -272,13 +276,19 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.main:
             os.makedirs(args.out, exist_ok=True)
             writer.remove_unfinished(args.out)
+            if args.remote_out:  # chunks finished by an earlier run, possibly elsewhere
+                pull_small_files(args.remote_out, args.out, writer.CHUNK_BOOKKEEPING)
             writer.write_json(os.path.join(args.out, writer.META_NAME), loaded.meta)
         ctx.barrier()  # nobody reads `out` before rank 0 has cleaned it
         progress = writer.Progress(args.out, ctx.rank, ctx.world_size)
         encode_loop(args, ctx, loaded, progress)
         ctx.barrier()
         if ctx.main:
+            if args.remote_out:  # chunks other nodes wrote into the same remote output
+                pull_small_files(args.remote_out, args.out, writer.CHUNK_BOOKKEEPING)
             summarize(args, ctx, progress)
+            if args.remote_out:
+                upload_files(args.out, args.remote_out, [writer.META_NAME, "stats.json", INDEX])
     except (UsageError, models.ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,10 @@ import torch
 from streaming import MDSWriter
 from streaming.base.util import merge_index
 
+from encode.paths import upload_files
+
 META_NAME = "latents.json"
+CHUNK_BOOKKEEPING = ("index.json", "keys.json")  # what a rerun or the merge needs of a chunk
 PROGRESS_DIR = ".progress"
 TMP_SUFFIX = ".tmp"
 
@@ -93,8 +96,8 @@ def read_meta(out: str) -> dict | None:
 class ChunkWriter:
     """Rows of one rank → a sequence of chunk folders of at most `chunk_rows` rows each."""
 
-    def __init__(self, out: str, rank: int, cols: dict[str, str], chunk_rows: int):
-        self.out, self.rank, self.cols, self.chunk_rows = out, rank, cols, chunk_rows
+    def __init__(self, out: str, rank: int, cols: dict[str, str], chunk_rows: int, remote: str | None = None):
+        self.out, self.rank, self.cols, self.chunk_rows, self.remote = out, rank, cols, chunk_rows, remote
         prefix = f"r{rank:05d}-c"
         taken = [int(os.path.basename(d)[len(prefix):]) for d in chunk_dirs(out)
                  if os.path.basename(d).startswith(prefix)]
@@ -121,8 +124,19 @@ class ChunkWriter:
         tmp = self._path() + TMP_SUFFIX
         write_json(os.path.join(tmp, "keys.json"), self.keys)
         os.replace(tmp, self._path())
+        if self.remote:
+            self._upload(self._path())
         self.writer, self.keys = None, []
         self.next_chunk += 1
+
+    def _upload(self, chunk: str) -> None:
+        """Shards first, the bookkeeping files last (a chunk counts once its keys.json is up),
+        then free the local shards."""
+        name = os.path.basename(chunk)
+        shards = sorted(f for f in os.listdir(chunk) if f not in CHUNK_BOOKKEEPING)
+        upload_files(chunk, f"{self.remote}/{name}", shards + list(CHUNK_BOOKKEEPING))
+        for f in shards:
+            os.remove(os.path.join(chunk, f))
 
 
 class AsyncWriter:

@@ -244,8 +244,10 @@ async def _fetch(args: argparse.Namespace) -> int:
             if pipeline is not None and prepared:
                 complete = status == "done" and not counters.units_failed
                 _publish(places, pipeline, manifest, counters, settings, status, complete)
-        except OSError as exc:  # the disk may still be full: the manifest is what matters
-            print(f"fetch: could not write the index or stats.json: {exc}", file=sys.stderr)
+        except Exception as exc:  # a full disk, an unreachable bucket: the manifest is what matters
+            print(f"fetch: could not publish the index or stats.json: {redact(f'{type(exc).__name__}: {exc}')}; "
+                  "rerun the same command to retry", file=sys.stderr)
+            fatal = fatal or "the run's results were not published"
         manifest.close()
         lock.close()
     if stopping:

@@ -202,10 +202,10 @@ def _rebased(shard: dict[str, Any], prefix: str) -> dict[str, Any]:
 def _read_unit_index(layout: Layout, rel: str) -> dict[str, Any]:
     local = layout.root / rel / "index.json"
     if not local.exists() and layout.remote:
-        from streaming.base.storage.download import download_file
+        from streaming.base.storage.download import CloudDownloader
 
         local.parent.mkdir(parents=True, exist_ok=True)
-        download_file(f"{layout.remote}/{rel}/index.json", str(local), timeout=120)
+        CloudDownloader.direct_download(f"{layout.remote}/{rel}/index.json", str(local), timeout=120)
     return orjson.loads(local.read_bytes())
 
 

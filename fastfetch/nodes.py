@@ -69,17 +69,19 @@ def read_summaries(out: str, cache: Path) -> list[dict[str, Any]]:
     """Every node's summary under the output (downloaded into ``cache`` when remote)."""
     if not is_remote(out):
         return [orjson.loads(p.read_bytes()) for p in sorted(Path(out).glob(f"_nodes/*/{SUMMARY}"))]
-    from streaming.base.storage.download import download_file
+    from streaming.base.storage.download import CloudDownloader
     from streaming.base.storage.upload import CloudUploader
 
     url = urlparse(out)
     prefix = f"{url.path.strip('/')}/_nodes/".lstrip("/")
     summaries = []
-    for key in sorted(CloudUploader.get(out=(str(cache), out), keep_local=True, exist_ok=True).list_objects(prefix)):
+    # the uploader lists below its own remote (the prefix is relative to it); keys come back full
+    listed = CloudUploader.get(out=(str(cache), out), keep_local=True, exist_ok=True).list_objects("_nodes/") or []
+    for key in sorted(listed):
         if key.endswith(f"/{SUMMARY}"):
             local = cache / "_nodes" / key[len(prefix):]
             local.parent.mkdir(parents=True, exist_ok=True)
-            download_file(f"{url.scheme}://{url.netloc}/{key}", str(local), timeout=120)
+            CloudDownloader.direct_download(f"{url.scheme}://{url.netloc}/{key}", str(local), timeout=120)
             summaries.append(orjson.loads(local.read_bytes()))
     return summaries
 

@@ -3,52 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import pytest
 
 from tests.conftest import LoopbackServer, fetch_env, read_mds, run_fetch, serve_numbered, start_fetch
 from tests.test_fetch_urls import write_list
 
 NET = ("--allow-private-networks", "--workers", "2")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    """A moto S3 server on 127.0.0.1 with a bucket; yields the environment that reaches it."""
-    port = _free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="data")
-    yield env
-    proc.terminate()
-    proc.wait(10)
 
 
 def _corpus(server: LoopbackServer, n: int, delay: float = 0.0) -> list[dict[str, str]]:
@@ -170,3 +136,20 @@ def test_resolution_buckets(tmp_path: Path, server: LoopbackServer) -> None:
             assert low <= min(r["original_width"], r["original_height"]) < high
     assert seen == 27
     assert {len(read_mds(out / "mds" / f"short-{b:04d}")) > 0 for b in (256, 512)} == {True}
+
+
+def test_two_nodes_into_s3_then_merge_by_hand(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
+    """Each node has only its own local cache; --merge on a third machine reads the node
+    summaries and unit indexes back from S3."""
+    rows = _corpus(server, 24)
+    listing = write_list(tmp_path / "l.jsonl", rows)
+    base = ("--dataset", "urls", "--urls", listing, "--unit-size", "5", "--out", "s3://data/nodes", *NET)
+    for rank in (1, 0):  # rank 0 last: it sees both summaries complete and merges by itself
+        proc = run_fetch(*base, "--local-cache", tmp_path / f"cache-{rank}", "--node-rank", str(rank), "--num-nodes", "2",
+                         env=fetch_env(**s3))
+        assert proc.returncode == 0, proc.stderr
+    assert "merged 2 nodes" in proc.stderr
+    merged = run_fetch("--merge", "--out", "s3://data/nodes", "--local-cache", tmp_path / "cache-merge", env=fetch_env(**s3))
+    assert merged.returncode == 0, merged.stderr
+    got = _remote_rows(s3, "s3://data/nodes/mds", tmp_path / "read")
+    assert sorted(r["caption"] for r in got) == sorted(r["caption"] for r in rows)
