@@ -75,10 +75,13 @@ def machine() -> dict[str, Any]:
 
 
 def pillow_flavour(python: str | Path) -> str:
+    """Which Pillow ``python`` really imports. Both distributions may be registered (a venv that
+    sees another's site-packages), so the imported PIL's version decides, not the metadata."""
     code = (
         "import importlib.metadata as m, PIL\n"
-        "try:\n    print('Pillow-SIMD', m.version('pillow-simd'))\n"
-        "except m.PackageNotFoundError:\n    print('Pillow', m.version('pillow'))\n"
+        "try:\n    simd = m.version('pillow-simd')\n"
+        "except m.PackageNotFoundError:\n    simd = None\n"
+        "print(('Pillow-SIMD ' if PIL.__version__ == simd else 'Pillow ') + PIL.__version__)\n"
     )
     try:
         return subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60).stdout.strip() or "?"

@@ -143,10 +143,13 @@ def inner(inputs: dict[str, list[str]], lib: str, repeats: int) -> dict[str, Any
     if lib == "pillow":
         import importlib.metadata as m
 
+        import PIL
+
         try:
-            flavour = f"Pillow-SIMD {m.version('pillow-simd')}"
+            simd = m.version("pillow-simd")
         except m.PackageNotFoundError:
-            flavour = f"Pillow {m.version('pillow')}"
+            simd = None
+        flavour = ("Pillow-SIMD " if PIL.__version__ == simd else "Pillow ") + PIL.__version__
     else:
         import cv2
 
