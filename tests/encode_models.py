@@ -252,3 +252,33 @@ def read_rows(out: str) -> list[dict]:
     rows = [ds[i] for i in range(ds.num_samples)]
     del ds
     return rows
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it, as a node failure would.
+
+    torchrun starts its ranks in sessions of their own, so killing the launcher's process group
+    alone leaves the ranks running (and holding ~700 MB each): collect the whole tree first.
+    """
+    import signal
+
+    def children(p: int) -> list[int]:
+        found: list[int] = []
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    found.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+        return found
+
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children(p))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -56,3 +56,4 @@ def test_remote_data_to_remote_latents_and_loader(tmp_path: Path, s3: dict[str, 
     again = _run("s3://data/enc/images", out, tmp_path / "cache-b", s3)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "encoded 0 rows" in again.stdout and "37 rows" in again.stdout
+

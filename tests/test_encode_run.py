@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -79,7 +78,7 @@ def test_resume_after_sigkill(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, like a node failure
+        em.kill_tree(proc.pid)  # torchrun and both ranks, like a node failure
         proc.wait()
     assert not os.path.exists(os.path.join(out, "index.json"))
 
