@@ -9,8 +9,10 @@ does not copy safely.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -19,13 +21,19 @@ from fastfetch.imaging import Processed, ResizeConfig, process
 _CFG: ResizeConfig | None = None
 
 
-def _init(cfg: ResizeConfig) -> None:
+def _init(cfg: ResizeConfig, parent: int) -> None:
     global _CFG
     _CFG = cfg
     # A worker must not die of the parent's Ctrl-C: the parent decides when the pool stops.
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ... but it must die with the parent: after a SIGKILL the pool's pipes stay open in the
+    # workers themselves, and they would wait for work forever (Linux: PR_SET_PDEATHSIG).
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 def _run(data: bytes) -> Processed:
@@ -61,7 +69,7 @@ class ResizePool:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(self.cfg,)
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(self.cfg, os.getpid())
         )
 
     def close(self) -> float:
