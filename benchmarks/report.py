@@ -139,6 +139,8 @@ def sections() -> str:
             f"Runs alternate; medians of {arch['args']['runs']}.\n"
         )
         out.append(arch["table"] + "\n")
+        if arch.get("note"):
+            out.append(f"Note: {arch['note']}\n")
         for k, v in arch["summary"].items():
             if k.endswith(("/fetch", "/fetch-exp")) and "in_run_kept_per_s" in v:
                 out.append(f"{k}: in-run rate (stats.json) {v['in_run_kept_per_s']:.1f} kept img/s; top-process CPU per run {v.get('cpu_main_s')} s.\n")
