@@ -122,6 +122,11 @@ def sections() -> str:
         for t in ("fetch", "fetch-exp", "fetch-before"):
             if t in s and "in_run_kept_per_s" in s[t]:
                 out.append(f"{t}: its own in-run rate (stats.json, after start-up) {s[t]['in_run_kept_per_s']:.1f} kept img/s; top-process CPU per run {s[t].get('cpu_main_s')} s.\n")
+        out.append("The rejections add up to the same total and differ only in their names: bin/fetch decides the size from the "
+                   "header before decoding, so a truncated JPEG smaller than 256 px is `too_small` for it and a decoding error for "
+                   "OpenCV; zero-byte bodies are `not_an_image` for bin/fetch and an `imdecode` assertion for OpenCV. Truncated JPEGs "
+                   "≥ 256 px are rejected by both (Pillow with LOAD_TRUNCATED_IMAGES off, OpenCV's libjpeg error), so the kept sets "
+                   "are identical URL for URL.\n")
         out.append(f"CPU of the rest of the machine during each run (other processes), seconds: bin/fetch {s.get('fetch', {}).get('other_cpu_s')}, img2dataset {s.get('img2dataset', {}).get('other_cpu_s')}.\n")
         out.append("![URL mode](plots/url.png)\n")
     thr = latest("url-i2d-threads")
