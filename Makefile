@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastfetch-installed
 
-.PHONY: setup demo test test-quick simd bench clean
+.PHONY: setup demo test test-quick simd bench bench-quick clean
 
 $(STAMP): requirements.txt scripts/setup-venv.sh
 	bash scripts/setup-venv.sh $(VENV)
@@ -20,8 +20,14 @@ test: $(STAMP)  ## the whole test suite, slow tests included (what CI runs)
 test-quick: $(STAMP)  ## the suite without tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-simd: $(STAMP)  ## (re)build Pillow-SIMD into the venv, falling back to Pillow
+simd: $(STAMP)  ## (re)build Pillow-SIMD into the venv (wheel cached per venv), falling back to Pillow
 	bash scripts/install-pillow-simd.sh $(VENV)
+
+bench: $(STAMP)  ## every benchmark (~25 min on 2 cores): results in benchmarks/RESULTS.md
+	FASTFETCH_PY=$(PY) bash benchmarks/run_all.sh
+
+bench-quick: $(STAMP)  ## a smoke run of the benchmarks (~5 min)
+	FASTFETCH_PY=$(PY) bash benchmarks/run_all.sh --quick
 
 clean:
 	rm -rf data/demo .pytest_cache
