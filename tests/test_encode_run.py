@@ -107,7 +107,6 @@ def test_rerun_after_success_writes_nothing(tmp_path):
     (["--text-encoder", "t5:/nonexistent/t5"], "/nonexistent/t5"),
     (["--text-encoder", "openclip:ViT-H-14-378-quickgelu"], "@<tag>"),
     (["--resolutions", "100"], "resolution"),
-    (["--out", "s3://bucket/latents"], "s3://bucket/latents"),
 ])
 def test_bad_arguments_exit_2(tmp_path, change, needle):
     data, _ = em.image_mds(37)
