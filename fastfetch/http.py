@@ -15,7 +15,6 @@ import random
 import socket
 import urllib.request
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urljoin
@@ -354,19 +353,6 @@ class Fetcher:
         """Give back the memory reserved for a body once it has been processed."""
         if result.data is not None:
             self.budget.give(result.ticket, len(result.data))
-
-    async def stream(self, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
-        """Yield the body of a (large) response in chunks; for archives and list files.
-
-        Errors propagate: a unit that cannot be read is failed and retried as a whole.
-        """
-        async with self.session.get(
-            url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=self.cfg.read_timeout * 6)
-        ) as resp:
-            resp.raise_for_status()
-            async for chunk in resp.content.iter_chunked(1 << 20):
-                self.bytes_in += len(chunk)
-                yield chunk
 
 
 def _checked_url(url: str, allow_private: bool) -> URL:
