@@ -274,14 +274,16 @@ def _done_units(out: Path) -> set[str]:
     db = sqlite3.connect(out / "manifest.sqlite")
     try:
         return {r[0] for r in db.execute("SELECT id FROM units WHERE state='done'")}
+    except sqlite3.OperationalError:  # polled before the run created its schema
+        return set()
     finally:
         db.close()
 
 
 def test_resume_after_sigkill(tmp_path: Path, server: LoopbackServer) -> None:
     n = 240
-    listing = write_list(tmp_path / "list.parquet", serve_numbered(server, "/r", n, delay=0.05))
-    args = ("--dataset", "urls", "--urls", listing, "--unit-size", "20", "--concurrency", "8", *NET)
+    listing = write_list(tmp_path / "list.parquet", serve_numbered(server, "/r", n, delay=0.2))
+    args = ("--dataset", "urls", "--urls", listing, "--unit-size", "20", "--concurrency", "4", *NET)  # ~12 s of work
 
     out = tmp_path / "killed"
     proc = start_fetch(*args, "--out", out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from tests.conftest import LoopbackServer, fetch_env, read_mds, run_fetch, serve_numbered, start_fetch
-from tests.test_fetch_urls import write_list
+from tests.test_fetch_urls import _done_units, write_list
 
 NET = ("--allow-private-networks", "--workers", "2")
 
@@ -64,12 +63,8 @@ def test_remote_fetch_resumes_after_sigkill(tmp_path: Path, server: LoopbackServ
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None and time.monotonic() < deadline
-        if (cache / "manifest.sqlite").exists():
-            db = sqlite3.connect(cache / "manifest.sqlite")
-            done = db.execute("SELECT COUNT(*) FROM units WHERE state='done'").fetchone()[0]
-            db.close()
-            if done >= 3:
-                break
+        if (cache / "manifest.sqlite").exists() and len(_done_units(cache)) >= 3:
+            break
         time.sleep(0.1)
     proc.kill()
     proc.wait()
