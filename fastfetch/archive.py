@@ -12,6 +12,7 @@ absolute paths and ``..`` are skipped, and nothing is ever written to disk by na
 from __future__ import annotations
 
 import asyncio
+import collections
 import posixpath
 import struct
 import tarfile
@@ -96,47 +97,70 @@ async def maybe_gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 class _Reader:
-    """Exact-size reads over an async chunk stream (the tar parser's input)."""
+    """Exact-size reads over an async chunk stream (the tar parser's input).
+
+    Chunks are queued as they arrive and only the bytes a caller asks for are joined: a
+    member that fills one chunk is returned without a copy, a larger one with one copy, and
+    skipped members (SA-1B's mask JSONs) are never copied at all.
+    """
 
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self._it = chunks.__aiter__()
-        self._buf = bytearray()
-        self._pos = 0
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._head = 0  # bytes of _chunks[0] already consumed
+        self._have = 0  # bytes queued and not consumed
         self.offset = 0  # bytes consumed so far
 
     async def _fill(self, n: int) -> bool:
-        while len(self._buf) - self._pos < n:
+        while self._have < n:
             try:
                 chunk = await self._it.__anext__()
             except StopAsyncIteration:
                 return False
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += chunk
+            if chunk:
+                self._chunks.append(chunk)
+                self._have += len(chunk)
         return True
+
+    def _consume(self, n: int) -> list[bytes | memoryview]:
+        """Take ``n`` queued bytes (``n`` ≤ what is queued), as the pieces they lie in."""
+        pieces: list[bytes | memoryview] = []
+        self._have -= n
+        self.offset += n
+        while n:
+            chunk = self._chunks[0]
+            left = len(chunk) - self._head
+            if left <= n:
+                pieces.append(memoryview(chunk)[self._head :] if self._head else chunk)
+                self._chunks.popleft()
+                self._head = 0
+                n -= left
+            else:
+                pieces.append(memoryview(chunk)[self._head : self._head + n])
+                self._head += n
+                n = 0
+        return pieces
 
     async def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer only at the end of the stream."""
         await self._fill(n)
-        out = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += len(out)
-        self.offset += len(out)
-        return out
+        pieces = self._consume(min(n, self._have))
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
 
     async def drain(self) -> None:
         """Consume the rest of the stream (a few KiB of padding after a tar's end blocks)."""
+        self._consume(self._have)
         async for chunk in self._it:
             self.offset += len(chunk)
 
     async def skip(self, n: int) -> None:
         while n > 0:
-            have = len(self._buf) - self._pos
-            if have == 0 and not await self._fill(1):
+            if self._have == 0 and not await self._fill(1):
                 raise ArchiveError("archive truncated")
-            take = min(n, len(self._buf) - self._pos)
-            self._pos += take
-            self.offset += take
+            take = min(n, self._have)
+            self._consume(take)
             n -= take
 
 

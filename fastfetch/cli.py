@@ -240,6 +240,9 @@ async def _fetch(args: argparse.Namespace) -> int:
         counters.worker_peak_rss_mb = resizer.close()
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
+            # From here on the loop no longer dispatches signals: a signal during publishing or
+            # interpreter shutdown still means "quit at once", with the signal's exit code.
+            signal.signal(sig, _exit_at_once)
         try:
             if pipeline is not None and prepared:
                 complete = status == "done" and not counters.units_failed
@@ -256,6 +259,10 @@ async def _fetch(args: argparse.Namespace) -> int:
         print(f"fetch: error: {fatal}", file=sys.stderr)
         return EXIT_FAILED_UNITS
     return EXIT_FAILED_UNITS if counters.units_failed else EXIT_OK
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    os._exit(EXIT_SIGNAL[signal.Signals(signum)])
 
 
 def _publish(places: Places, pipeline: Pipeline, manifest: Manifest, counters: RunCounters,

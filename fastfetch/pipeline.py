@@ -123,7 +123,7 @@ class Pipeline:
         self.progress_enabled = progress_enabled
         self.progress: Progress | None = None
         self.columns: dict[str, str] = {}
-        self._item_slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.workers * 4)
+        self._item_slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.capacity)
 
     async def prepare(self, selection: Selection, retry_failed: bool = False) -> list[Unit]:
         """Plan, record the plan, drop unfinished leftovers; returns the units still to do

@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -158,7 +157,7 @@ class ResumableStream:
                     raise RemoteChanged(f"{self.url} ignores Range and has no validator; cannot resume safely")
                 skip = pos
             remaining = None if self.end is None else self.end - pos + 1
-            async for chunk in resp.content.iter_chunked(CHUNK):
+            async for chunk, _ in resp.content.iter_chunks():  # as received: no re-joining
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut

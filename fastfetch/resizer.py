@@ -1,84 +1,226 @@
-"""The process pool that runs ``imaging.process``: bytes in, bytes (or a reason) out.
+"""The resize processes that run ``imaging.process``: bytes in, bytes (or a reason) out.
 
-The rules travel to each worker once (pool initializer), so a task pickles only the image
-bytes; a kept-as-is JPEG comes back as a flag rather than as a second copy of its bytes.
-Workers are spawned, not forked: the parent runs an event loop and threads, which ``fork``
-does not copy safely.
+Each worker owns one Unix socket to the parent's event loop; a task is a length-prefixed
+body, a result a small fixed header (+ reason, + new JPEG). There is no thread in between,
+no pickling and no shared queue: ``concurrent.futures.ProcessPoolExecutor`` hands every task
+through a manager thread and a feeder thread, and with the event loop holding the GIL those
+hand-offs wait for the interpreter's switch interval (5 ms), which starves workers whose
+images take 2–20 ms (benchmarks/PROFILING.md). Here the loop writes straight into a socket
+and reads results as they arrive, so a worker's queue is refilled as soon as the loop runs.
+
+A worker processes its socket in order, so results come back in the order tasks were sent:
+the parent keeps one FIFO of pending futures per worker. A kept-as-is JPEG comes back as a
+flag rather than as a second copy of its bytes. Workers are fresh interpreters running
+``python -m fastfetch.resizer``, not forks (the parent runs an event loop and threads, which
+``fork`` does not copy safely) and not ``multiprocessing`` spawns (those re-import the
+parent's main script, i.e. all of bin/fetch, ~0.5 s of CPU per worker): they import Pillow
+and ``fastfetch.imaging`` only.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import collections
 import ctypes
-import multiprocessing
+import dataclasses
+import json
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastfetch.imaging import Processed, ResizeConfig, process
 
-_CFG: ResizeConfig | None = None
+#: tasks queued per worker: enough that a worker never waits for the loop, few enough that a
+#: small image does not wait behind many large ones
+DEPTH = 4
+_TASK = struct.Struct("<Q")  # body length
+_RESULT = struct.Struct("<iiiiiq")  # reason length, width, height, original w, h, data length (-1: keep original)
+_BUFFER = 4 << 20  # socket buffers: a few bodies in flight without waking the other side
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where ``import fastfetch`` works from
 
 
-def _init(cfg: ResizeConfig, parent: int) -> None:
-    global _CFG
-    _CFG = cfg
-    # A worker must not die of the parent's Ctrl-C: the parent decides when the pool stops.
+# -- worker side ---------------------------------------------------------------------------------
+def _serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
+    """Worker main loop: read a body, process it, answer; exit at end of stream."""
+    # A worker must not die of the parent's Ctrl-C: the parent decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # ... but it must die with the parent: after a SIGKILL the pool's pipes stay open in the
-    # workers themselves, and they would wait for work forever (Linux: PR_SET_PDEATHSIG).
+    # ... but it must die with the parent (Linux: PR_SET_PDEATHSIG), should it be SIGKILLed.
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
+    while True:
+        head = _read_exactly(sock, _TASK.size)
+        if head is None:
+            return
+        body = _read_exactly(sock, _TASK.unpack(head)[0])
+        if body is None:
+            return
+        out = process(body, cfg)
+        reason = (out.reason or "").encode()
+        data = out.data
+        sock.sendall(
+            _RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
+                         -1 if data is None else len(data)) + reason
+        )
+        if data:
+            sock.sendall(data)
 
 
-def _run(data: bytes) -> Processed:
-    assert _CFG is not None
-    return process(data, _CFG)
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes from a blocking socket, or None at end of stream.
+
+    ``MSG_WAITALL`` receives straight into the returned ``bytes``, which Pillow then reads
+    without copying (``io.BytesIO`` shares a ``bytes`` buffer but copies a ``bytearray``)."""
+    data = sock.recv(n, socket.MSG_WAITALL)
+    while len(data) < n:  # interrupted by a signal: rare, so the extra copy does not matter
+        more = sock.recv(n - len(data), socket.MSG_WAITALL)
+        if not more:
+            return None
+        data += more
+    return data
+
+
+# -- parent side ---------------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    sock: socket.socket
+    pending: collections.deque[tuple[asyncio.Future[Processed], bytes]] = field(default_factory=collections.deque, repr=False)
+    writer: asyncio.StreamWriter | None = None
+    connecting: asyncio.Future[None] | None = None
+    reader_task: asyncio.Task[None] | None = None
+    peak_rss_mb: float = 0.0
 
 
 class ResizePool:
-    """Bounded asynchronous front of a process pool (``workers=0`` runs inline, for debugging)."""
+    """Asynchronous front of ``workers`` resize processes (``workers=0`` runs inline, for debugging).
+
+    ``process(data)`` sends the body to the least-busy worker and waits for its answer; at
+    most ``workers × DEPTH`` bodies are with the workers at once. A worker that dies (out of
+    memory on a hostile image, killed) costs only the image it was on, counted as a decode
+    error: it is replaced and its queued images are sent again.
+    """
 
     def __init__(self, cfg: ResizeConfig, workers: int) -> None:
         self.cfg = cfg
         self.workers = workers
-        self._pool = self._new_pool() if workers > 0 else None
-        # Enough queued work to keep every worker busy while results travel back.
-        self._slots = asyncio.Semaphore(max(1, workers) * 4)
+        # Started now, so that the interpreters start while the source plans its units.
+        self._workers = [self._start() for _ in range(workers)]
+        self.capacity = max(1, workers) * DEPTH
+        self._slots = asyncio.Semaphore(self.capacity)
+        self._closed = False
 
     async def process(self, data: bytes) -> Processed:
         async with self._slots:
-            if self._pool is None:
+            if not self._workers:
                 return process(data, self.cfg)
+            worker = min(self._workers, key=lambda w: len(w.pending))
+            future: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
+            await self._send(worker, future, data)
+            return await future
+
+    async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: bytes) -> None:
+        if worker.connecting is None:  # the first task: wrap the socket into a stream, once
+            worker.connecting = asyncio.ensure_future(self._connect(worker))
+        await worker.connecting
+        assert worker.writer is not None
+        worker.pending.append((future, data))
+        worker.writer.write(_TASK.pack(len(data)))
+        worker.writer.write(data)
+        if worker.writer.transport.get_write_buffer_size() > _BUFFER:
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, _run, data)
-            except BrokenProcessPool:
-                # A worker died (out of memory on a hostile image, killed): count and go on.
-                self._restart()
-                return Processed("decode_error")
+                await worker.writer.drain()
+            except ConnectionError:
+                pass  # the reader sees the worker die and deals with its queue
 
-    def _restart(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
+    async def _connect(self, worker: _Worker) -> None:
+        reader, worker.writer = await asyncio.open_unix_connection(sock=worker.sock, limit=_BUFFER)
+        worker.reader_task = asyncio.create_task(self._read_results(worker, reader), name="resize-results")
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(self.cfg, os.getpid())
-        )
+    async def _read_results(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                rlen, width, height, ow, oh, dlen = _RESULT.unpack(await reader.readexactly(_RESULT.size))
+                reason = (await reader.readexactly(rlen)).decode() if rlen else None
+                data = await reader.readexactly(dlen) if dlen > 0 else (b"" if dlen == 0 else None)
+                future, _ = worker.pending.popleft()
+                if not future.done():  # the caller may have been cancelled meanwhile
+                    future.set_result(Processed(reason, data, width, height, ow, oh))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not self._closed:
+                self._replace(worker)
+
+    def _replace(self, dead: _Worker) -> None:
+        """A worker died: its current image is a decode error, the rest go to its successor."""
+        if dead not in self._workers:
+            return
+        _reap(dead.process, 1)
+        if dead.writer is not None:
+            dead.writer.close()
+        dead.sock.close()
+        successor = self._start()
+        self._workers[self._workers.index(dead)] = successor
+        queued = list(dead.pending)
+        if queued:
+            first, _ = queued.pop(0)
+            if not first.done():
+                first.set_result(Processed("decode_error"))
+        for future, data in queued:
+            if not future.done():
+                asyncio.ensure_future(self._send(successor, future, data))
+
+    def _start(self) -> _Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (parent, child):
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                s.setsockopt(socket.SOL_SOCKET, opt, _BUFFER)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "fastfetch.resizer", "--fd", str(child.fileno()), "--parent", str(os.getpid()),
+               "--config", json.dumps(dataclasses.asdict(self.cfg))]
+        proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        child.close()
+        return _Worker(proc, parent)
 
     def close(self) -> float:
         """Stop the workers; returns the largest peak resident memory of one worker, in MB."""
-        if self._pool is None:
-            return 0.0
-        peak = max((_peak_rss_mb(pid) for pid in list(getattr(self._pool, "_processes", None) or {})), default=0.0)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._closed = True
+        peak = max((_peak_rss_mb(w.process.pid) for w in self._workers), default=0.0)
+        for w in self._workers:
+            if w.reader_task is not None:
+                w.reader_task.cancel()
+            try:  # end of stream now, whoever else holds the descriptor: the worker exits
+                w.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if w.writer is not None:
+                w.writer.close()
+            w.sock.close()
+        for w in self._workers:
+            _reap(w.process, 5)
+        for w in self._workers:
+            for future, _ in w.pending:
+                future.cancel()
+        self._workers = []
         return peak
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for a worker that was told to stop (end of stream); kill it if it does not."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -99,3 +241,16 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser(description="a fastfetch resize worker (started by ResizePool)")
+    p.add_argument("--fd", type=int, required=True, help="the socket to the parent")
+    p.add_argument("--parent", type=int, required=True, help="the parent's pid")
+    p.add_argument("--config", required=True, help="ResizeConfig as JSON")
+    args = p.parse_args()
+    _serve(socket.socket(fileno=args.fd), ResizeConfig(**json.loads(args.config)), args.parent)
+
+
+if __name__ == "__main__":
+    _main()

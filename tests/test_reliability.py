@@ -259,8 +259,8 @@ def test_sigterm_exits_143_and_second_ctrl_c_exits_at_once(tmp_path: Path, serve
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
     rerun = run_fetch(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(f"c{i}" for i in range(80))
