@@ -19,7 +19,7 @@ import tarfile
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 BLOCK = 512
 MAX_MEMBER = 256 * 1024 * 1024  # a member larger than this is never held in memory
@@ -218,10 +218,12 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
         if header.count(0) == BLOCK:  # the end-of-archive zero blocks
             await reader.drain()  # and the padding after them, so that the download completes
             return
-        try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise ArchiveError(f"bad tar header at byte {reader.offset - BLOCK}: {exc}") from exc
+        info = _regular_header(header)
+        if info is None:  # anything but a plain file: the standard library's full parser
+            try:
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise ArchiveError(f"bad tar header at byte {reader.offset - BLOCK}: {exc}") from exc
         size = info.size
         if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
             meta = await reader.read(size)
@@ -242,6 +244,37 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
         member = TarMember(safe, size, reader)
         yield member
         await member._finish()
+
+
+class _Header(NamedTuple):
+    name: str
+    size: int
+    type: bytes
+
+
+def _regular_header(block: bytes) -> _Header | None:
+    """The header of a regular file, parsed the way ``tarfile.TarInfo.frombuf`` does, or None
+    for anything else (other types, base-256 sizes, a checksum to look at more closely).
+
+    Archives are almost all regular files: this keeps ``frombuf`` (~25 µs a header, a third
+    of it the checksum's 512-tuple) off the path of every image."""
+    kind = block[156:157]
+    if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE) or block[124] & 0x80:
+        return None
+    try:
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(block) - sum(block[148:156]) + 256:  # 8 spaces stand for the field itself
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+    if name.endswith("/"):  # a v7 directory
+        return None
+    return _Header(name, size, kind)
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:

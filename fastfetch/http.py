@@ -69,6 +69,7 @@ class MemoryBudget:
         self._downloading: dict[int, int] = {}  # ticket → bytes held so far
         self._evicted: set[int] = set()
         self._cond = asyncio.Condition()
+        self._waiting = 0  # takers blocked on the budget (no wake-up to schedule when none)
 
     async def take(self, ticket: int, n: int) -> None:
         async with self._cond:
@@ -78,14 +79,17 @@ class MemoryBudget:
                 if self.used + n <= self.limit or self.used == 0:
                     break
                 victim = max(self._downloading, key=self._downloading.__getitem__, default=None)
-                if victim is None:  # everything held is waiting for the resizer: it comes back soon
-                    await self._cond.wait()
-                    continue
                 if victim == ticket:
                     raise _Reject("memory_limit")
-                self._evicted.add(victim)
-                self._cond.notify_all()
-                await self._cond.wait()
+                if victim is not None:
+                    self._evicted.add(victim)
+                    self._cond.notify_all()
+                # else: everything held is waiting for the resizer, and comes back soon
+                self._waiting += 1
+                try:
+                    await self._cond.wait()
+                finally:
+                    self._waiting -= 1
             self.used += n
             self._downloading[ticket] = self._downloading.get(ticket, 0) + n
 
@@ -98,7 +102,8 @@ class MemoryBudget:
         self._evicted.discard(ticket)
         if n:
             self.used -= n
-            asyncio.get_running_loop().create_task(self._notify())
+            if self._waiting:
+                asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
         async with self._cond:

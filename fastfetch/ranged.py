@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+_READ_BUFFER = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -132,7 +133,9 @@ class ResumableStream:
             if self.validator is not None and self.validator.if_range():
                 headers["If-Range"] = self.validator.if_range() or ""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
-        async with self.session.get(self.url, headers=headers, timeout=timeout) as resp:
+        # A large read buffer: an archive is one long body read by few connections, and with
+        # aiohttp's 64 KiB default the connection is paused and resumed every 128 KiB.
+        async with self.session.get(self.url, headers=headers, timeout=timeout, read_bufsize=_READ_BUFFER) as resp:
             if resp.status in (401, 403):
                 raise AccessDenied(self.url, resp.status)
             if resp.status >= 500 or resp.status == 429:
