@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow.parquet as pq
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
+from fastfetch.lists import pq
 from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
 from fastfetch.sources.base import Item, Unit, UsageError
 

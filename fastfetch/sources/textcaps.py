@@ -13,8 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pyarrow.parquet as pq
 
+from fastfetch.lists import pq
 from fastfetch.sources.archived import HubArchiveSource, add_split_flag, caption_item, split_of
 from fastfetch.sources.base import Item, Unit
 

@@ -20,12 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from fastfetch import hub
-from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
+from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa, pc, pq, read_batches
 from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import Item, Source, Unit, UsageError
 
