@@ -388,15 +388,20 @@ def load_items(corpus: Path) -> list[dict]:
     return json.loads((corpus / "web" / "items.json").read_text())
 
 
-def write_url_list(corpus: Path, base_url: str, out: Path) -> int:
-    """A LAION-like parquet (url, caption) over the web corpus at ``base_url`` (…/web/)."""
+def write_url_list(corpus: Path, base_url: str, out: Path, repeat: int = 1) -> int:
+    """A LAION-like parquet (url, caption) over the web corpus at ``base_url`` (…/web/).
+
+    ``repeat`` > 1 lists every image that many times, the copies told apart by a ``?copy=N``
+    query (a static server ignores it): more URLs without generating more images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     items = load_items(corpus)
-    urls = [f"{base_url.rstrip('/')}/{r['file']}" for r in items]
+    base = [f"{base_url.rstrip('/')}/{r['file']}" for r in items]
+    urls = [u if copy == 0 else f"{u}?copy={copy}" for copy in range(repeat) for u in base]
+    captions = [r["caption"] for r in items] * repeat
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"url": urls, "caption": [r["caption"] for r in items]}), out)
+    pq.write_table(pa.table({"url": urls, "caption": captions}), out)
     return len(urls)
 
 

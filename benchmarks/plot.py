@@ -36,10 +36,10 @@ def _bars(ax, labels, values, colors=None, fmt="{:.0f}"):
 
 def plot_url(res: dict, ceiling: dict | None) -> Path:
     s = res["summary"]
-    tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch-before", "fetch", "fetch-exp") if t in s]
+    tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch-before", "fetch") if t in s]
     labels = {"img2dataset": "img2dataset", "img2dataset-skip": "img2dataset\n(skip_reencode)", "fetch": "bin/fetch",
-              "fetch-exp": "bin/fetch +\nproposed changes", "fetch-before": "bin/fetch before\nthe profiled fixes"}
-    colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-exp": "#7c9", "fetch-before": "#9db"}
+              "fetch-before": "bin/fetch before\nthe last changes"}
+    colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-before": "#9db"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     _bars(ax, [labels[t] for t in tools], [s[t]["kept_per_s"] for t in tools], [colors[t] for t in tools])
     if "ceiling" in s:
@@ -60,10 +60,10 @@ def plot_url(res: dict, ceiling: dict | None) -> Path:
 def plot_archive(res: dict) -> Path:
     s = res["summary"]
     variants = [v for v in ("mixed", "sa1b") if any(k.startswith(v + "/") for k in s)]
-    tools = [t for t in ("seed-stock", "seed", "fetch-before", "fetch", "fetch-exp") if any(f"{v}/{t}" in s for v in variants)]
+    tools = [t for t in ("seed-stock", "seed", "fetch-before", "fetch") if any(f"{v}/{t}" in s for v in variants)]
     names = {"seed-stock": "seed-style, stock Pillow", "seed": "seed-style, same venv as bin/fetch", "fetch": "bin/fetch",
-             "fetch-exp": "bin/fetch + proposed changes", "fetch-before": "bin/fetch before the profiled fixes"}
-    colors = {"seed-stock": "#777", "seed": "#aaa", "fetch": "#2a7", "fetch-exp": "#7c9", "fetch-before": "#9db"}
+             "fetch-before": "bin/fetch before the last changes"}
+    colors = {"seed-stock": "#777", "seed": "#aaa", "fetch": "#2a7", "fetch-before": "#9db"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     w = 0.8 / max(1, len(tools))
     for k, tool in enumerate(tools):

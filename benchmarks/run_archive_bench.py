@@ -136,8 +136,6 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
         ]
         if "--allow-private-networks" in help_text:
             cmd.append("--allow-private-networks")
-        if tool == "fetch-exp":  # bin/fetch with the proposed core changes patched in (experiments/)
-            cmd[1:2] = [str(HERE / "experiments" / "exp_fetch.py"), "--native-mds", "--no-trust-env", "--"]
         if tool == "fetch-before":  # bin/fetch of an older commit (--before REV)
             from run_url_bench import snapshot
 
@@ -169,7 +167,7 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="pool size of both pipelines")
     p.add_argument("--variants", default="mixed,sa1b")
     p.add_argument("--tools", default="seed,fetch", help="comma list of seed, seed-stock (the seed method with stock Pillow: "
-                   "benchmarks/_work/venv-stock), fetch, fetch-exp (proposed core changes patched in), fetch-before (bin/fetch of --before)")
+                   "benchmarks/_work/venv-stock), fetch, fetch-before (bin/fetch of --before)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--before", default="39e4671", help="commit whose bin/fetch the fetch-before tool runs")
     p.add_argument("--repeat", default="mixed=1,sa1b=2",
@@ -243,7 +241,7 @@ def main() -> None:
             if "fetch" in runs:
                 summary[f"{variant}/fetch_fraction_of_ceiling"] = summary[f"{variant}/fetch"]["kept_per_s"] / c_rate
         for base in ("seed", "seed-stock"):
-            for t in ("fetch", "fetch-exp", "fetch-before"):
+            for t in ("fetch", "fetch-before"):
                 if {base, t} <= set(runs):
                     summary[f"{variant}/{t}_vs_{base}"] = summary[f"{variant}/{t}"]["kept_per_s"] / summary[f"{variant}/{base}"]["kept_per_s"]
                     summary[f"{variant}/{t}_cpu_ratio_vs_{base}"] = summary[f"{variant}/{base}"]["cpu_ms_per_image"] / summary[f"{variant}/{t}"]["cpu_ms_per_image"]

@@ -119,8 +119,8 @@ def i2d_kept_urls(out: Path) -> set[str]:
 def explain_differences(items: list[dict], base: str, fetch_out: Path, i2d_out: Path) -> dict[str, Any]:
     by_url = {f"{base}/{r['file']}": r for r in items}
     a, b = fetch_kept_urls(fetch_out), i2d_kept_urls(i2d_out)
-    only_fetch = Counter(by_url[u]["kind"] for u in a - b if u in by_url)
-    only_i2d = Counter(by_url[u]["kind"] for u in b - a if u in by_url)
+    only_fetch = Counter(by_url[u.split("?")[0]]["kind"] for u in a - b if u.split("?")[0] in by_url)
+    only_i2d = Counter(by_url[u.split("?")[0]]["kind"] for u in b - a if u.split("?")[0] in by_url)
     return {"both": len(a & b), "only_fetch": dict(only_fetch), "only_img2dataset": dict(only_i2d)}
 
 
@@ -130,8 +130,6 @@ def run_one(tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: 
         out.rmdir()  # img2dataset makes it (an existing folder + overwrite mode loses its _tmp)
     if tool.startswith("fetch"):
         cmd = fetch_cmd(urls, out, args.processes, args.concurrency, help_text)
-        if tool == "fetch-exp":  # bin/fetch with the proposed core changes patched in (experiments/)
-            cmd[1:2] = [str(HERE / "experiments" / "exp_fetch.py"), "--native-mds", "--no-trust-env", "--"]
         if tool == "fetch-before":  # bin/fetch of an older commit (--before REV): what a change gave
             cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
     else:
@@ -156,8 +154,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=256, help="bin/fetch --concurrency")
     p.add_argument("--per-shard", type=int, default=0, help="img2dataset --number_sample_per_shard (default: items/20, ≥ 50)")
     p.add_argument("--tools", default="fetch,img2dataset", help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), "
-                   "fetch-exp (bin/fetch with the proposed core changes patched in: benchmarks/experiments/exp_fetch.py), "
                    "fetch-before (bin/fetch of commit --before)")
+    p.add_argument("--repeat", type=int, default=1, help="list every corpus URL this many times (copies differ by a ?copy=N "
+                   "query, which nginx ignores): more work per run, so start-up weighs as little as in a real job")
     p.add_argument("--before", default="39e4671", help="commit whose bin/fetch the fetch-before tool runs")
     p.add_argument("--sweep-threads", action="store_true", help="one img2dataset run per thread count in --sweep, then stop")
     p.add_argument("--sweep", default="8,16,32,64,128", help="thread counts for --sweep-threads")
@@ -171,14 +170,14 @@ def main() -> None:
         sys.exit("img2dataset venv missing: run benchmarks/setup.sh img2dataset")
     corpus = corpus_mod.build(corpus_mod.params_from_args(args))
     items = corpus_mod.load_items(corpus)
-    n = len(items)
+    n = len(items) * args.repeat
     args.per_shard = args.per_shard or max(50, n // 20)
     help_text = fetch_help()
     tools = [t for t in args.tools.split(",") if t]
 
     with Nginx(corpus / "web") as srv:
         urls = WORK / "url" / "urls.parquet"
-        corpus_mod.write_url_list(corpus, srv.base, urls)
+        corpus_mod.write_url_list(corpus, srv.base, urls, args.repeat)
         # Warm the page cache (and nginx's open-file cache) so that run 1 is not special.
         for r in items[: min(n, 20000)]:
             f = corpus / "web" / r["file"]
@@ -244,10 +243,10 @@ def main() -> None:
         rows.append(["ceiling (in memory, fast path)", round(c_rate, 1), "", round(summary["ceiling"]["cpu_ms_per_url"], 1), "", ceilings[0]["kept"], " ".join(map(str, summary["ceiling"]["rates"])), " ".join(summary["ceiling"]["load"])])
         if "fetch" in summary:
             summary["fetch_fraction_of_ceiling"] = summary["fetch"]["kept_per_s"] / c_rate
-        for t in ("fetch", "fetch-exp", "fetch-before"):
+        for t in ("fetch", "fetch-before"):
             if t in summary:  # load-robust view: CPU per URL of the ceiling vs the tool's
                 summary[f"{t}_cpu_fraction_of_ceiling"] = summary["ceiling"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
-    for t in ("fetch", "fetch-exp", "fetch-before"):
+    for t in ("fetch", "fetch-before"):
         if t in summary and "img2dataset" in summary:
             summary[f"{t}_cpu_ratio_vs_img2dataset"] = summary["img2dataset"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
     table = md_table(["tool", "kept img/s (median)", "URLs/s", "CPU ms / URL", "peak RSS MB", "kept", "kept img/s per run", "load 1m per run"], rows)

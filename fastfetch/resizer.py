@@ -31,6 +31,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +96,37 @@ class _Worker:
     process: subprocess.Popen[bytes]
     sock: socket.socket
     pending: collections.deque[tuple[asyncio.Future[Processed], bytes]] = field(default_factory=collections.deque, repr=False)
-    writer: asyncio.StreamWriter | None = None
-    connecting: asyncio.Future[None] | None = None
-    reader_task: asyncio.Task[None] | None = None
-    peak_rss_mb: float = 0.0
+    connecting: asyncio.Future[asyncio.Transport] | None = None
+
+
+class _Results(asyncio.Protocol):
+    """One worker's socket on the event loop: each result frame completes the oldest pending
+    future (a worker answers in order). Parsing happens in ``data_received``, so a result
+    costs no coroutine, future or task of its own on the way back."""
+
+    def __init__(self, worker: _Worker, on_lost: Callable[[_Worker], None]) -> None:
+        self._worker = worker
+        self._on_lost = on_lost
+        self._buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        head = _RESULT.size
+        while len(buf) >= head:
+            rlen, width, height, ow, oh, dlen = _RESULT.unpack_from(buf)
+            end = head + rlen + max(dlen, 0)
+            if len(buf) < end:
+                return
+            reason = buf[head : head + rlen].decode() if rlen else None
+            out = bytes(memoryview(buf)[head + rlen : end]) if dlen > 0 else (b"" if dlen == 0 else None)
+            del buf[:end]
+            future, _ = self._worker.pending.popleft()
+            if not future.done():  # the caller may have been cancelled meanwhile
+                future.set_result(Processed(reason, out, width, height, ow, oh))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(self._worker)
 
 
 class ResizePool:
@@ -129,43 +157,28 @@ class ResizePool:
             return await future
 
     async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: bytes) -> None:
-        if worker.connecting is None:  # the first task: wrap the socket into a stream, once
+        if worker.connecting is None:  # the first task: put the socket on the event loop, once
             worker.connecting = asyncio.ensure_future(self._connect(worker))
-        await worker.connecting
-        assert worker.writer is not None
+        transport = await worker.connecting
         worker.pending.append((future, data))
-        worker.writer.write(_TASK.pack(len(data)))
-        worker.writer.write(data)
-        if worker.writer.transport.get_write_buffer_size() > _BUFFER:
-            try:
-                await worker.writer.drain()
-            except ConnectionError:
-                pass  # the reader sees the worker die and deals with its queue
+        # Bodies in flight are bounded by DEPTH per worker (and by the fetcher's memory
+        # budget), so the transport's buffer needs no drain here.
+        transport.writelines((_TASK.pack(len(data)), data))
 
-    async def _connect(self, worker: _Worker) -> None:
-        reader, worker.writer = await asyncio.open_unix_connection(sock=worker.sock, limit=_BUFFER)
-        worker.reader_task = asyncio.create_task(self._read_results(worker, reader), name="resize-results")
+    async def _connect(self, worker: _Worker) -> asyncio.Transport:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_unix_connection(lambda: _Results(worker, self._lost), sock=worker.sock)
+        return transport
 
-    async def _read_results(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                rlen, width, height, ow, oh, dlen = _RESULT.unpack(await reader.readexactly(_RESULT.size))
-                reason = (await reader.readexactly(rlen)).decode() if rlen else None
-                data = await reader.readexactly(dlen) if dlen > 0 else (b"" if dlen == 0 else None)
-                future, _ = worker.pending.popleft()
-                if not future.done():  # the caller may have been cancelled meanwhile
-                    future.set_result(Processed(reason, data, width, height, ow, oh))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            if not self._closed:
-                self._replace(worker)
+    def _lost(self, worker: _Worker) -> None:
+        if not self._closed:
+            self._replace(worker)
 
     def _replace(self, dead: _Worker) -> None:
         """A worker died: its current image is a decode error, the rest go to its successor."""
         if dead not in self._workers:
             return
         _reap(dead.process, 1)
-        if dead.writer is not None:
-            dead.writer.close()
         dead.sock.close()
         successor = self._start()
         self._workers[self._workers.index(dead)] = successor
@@ -196,14 +209,12 @@ class ResizePool:
         self._closed = True
         peak = max((_peak_rss_mb(w.process.pid) for w in self._workers), default=0.0)
         for w in self._workers:
-            if w.reader_task is not None:
-                w.reader_task.cancel()
             try:  # end of stream now, whoever else holds the descriptor: the worker exits
                 w.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            if w.writer is not None:
-                w.writer.close()
+            if w.connecting is not None and w.connecting.done() and not w.connecting.cancelled():
+                w.connecting.result().close()
             w.sock.close()
         for w in self._workers:
             _reap(w.process, 5)

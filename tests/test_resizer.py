@@ -1,0 +1,47 @@
+"""The resize processes behind the event loop: answers matched to requests, and what a worker's
+death costs (only the image it was on)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from fastfetch.imaging import ResizeConfig, process
+from fastfetch.resizer import ResizePool
+from tests.conftest import make_image
+
+
+def test_results_match_their_requests_across_workers() -> None:
+    sizes = [(300 + 37 * i, 280 + 23 * i) for i in range(24)]
+    bodies = [make_image(*s, seed=i) for i, s in enumerate(sizes)] + [b"not an image", b""]
+
+    async def run() -> list:
+        pool = ResizePool(ResizeConfig(), 2)
+        try:
+            return await asyncio.gather(*(pool.process(b) for b in bodies))
+        finally:
+            pool.close()
+
+    got = asyncio.run(run())
+    assert got == [process(b, ResizeConfig()) for b in bodies]
+
+
+def test_a_killed_worker_costs_at_most_the_image_it_was_on() -> None:
+    jpeg = make_image(900, 700)
+
+    async def run() -> tuple[list, object]:
+        pool = ResizePool(ResizeConfig(), 1)
+        try:
+            first = await pool.process(jpeg)
+            assert first.reason is None
+            os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+            results = await asyncio.gather(*(pool.process(jpeg) for _ in range(6)))
+            return results, await pool.process(jpeg)
+        finally:
+            pool.close()
+
+    results, after = asyncio.run(run())
+    reasons = [r.reason for r in results]
+    assert reasons.count(None) >= 5 and set(reasons) <= {None, "decode_error"}, reasons
+    assert after.reason is None and (after.width, after.height) == (658, 512)
