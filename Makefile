@@ -23,7 +23,7 @@ test-quick: $(STAMP)  ## the suite without tests marked slow
 simd: $(STAMP)  ## (re)build Pillow-SIMD into the venv (wheel cached per venv), falling back to Pillow
 	bash scripts/install-pillow-simd.sh $(VENV)
 
-bench: $(STAMP)  ## every benchmark (~25 min on 2 cores): results in benchmarks/RESULTS.md
+bench: $(STAMP)  ## every benchmark (~35 min on 2 cores): results in benchmarks/RESULTS.md
 	FASTFETCH_PY=$(PY) bash benchmarks/run_all.sh
 
 bench-quick: $(STAMP)  ## a smoke run of the benchmarks (~5 min)
