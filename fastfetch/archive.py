@@ -256,8 +256,8 @@ def _regular_header(block: bytes) -> _Header | None:
     """The header of a regular file, parsed the way ``tarfile.TarInfo.frombuf`` does, or None
     for anything else (other types, base-256 sizes, a checksum to look at more closely).
 
-    Archives are almost all regular files: this keeps ``frombuf`` (~25 µs a header, a third
-    of it the checksum's 512-tuple) off the path of every image."""
+    Archives are almost all regular files: this keeps ``frombuf`` (~14 µs a header, against
+    ~3.5 µs here; its checksum unpacks a 512-tuple) off the path of every image."""
     kind = block[156:157]
     if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE) or block[124] & 0x80:
         return None

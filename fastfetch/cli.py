@@ -7,9 +7,9 @@ Exit codes: 0 every selected unit done; 1 some units failed (rerun to retry them
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import fcntl
+import gc
 import os
 import signal
 import sys

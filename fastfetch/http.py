@@ -13,8 +13,8 @@ import ipaddress
 import itertools
 import random
 import socket
-import urllib.request
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urljoin

@@ -8,10 +8,10 @@ case-insensitive because the same dataset is published as ``URL``/``url``/``Url`
 from __future__ import annotations
 
 import gzip
+import importlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 

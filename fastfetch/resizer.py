@@ -11,10 +11,9 @@ and reads results as they arrive, so a worker's queue is refilled as soon as the
 A worker processes its socket in order, so results come back in the order tasks were sent:
 the parent keeps one FIFO of pending futures per worker. A kept-as-is JPEG comes back as a
 flag rather than as a second copy of its bytes. Workers are fresh interpreters running
-``python -m fastfetch.resizer``, not forks (the parent runs an event loop and threads, which
-``fork`` does not copy safely) and not ``multiprocessing`` spawns (those re-import the
-parent's main script, i.e. all of bin/fetch, ~0.5 s of CPU per worker): they import Pillow
-and ``fastfetch.imaging`` only.
+``python -m fastfetch.resizer`` that import Pillow and ``fastfetch.imaging`` only, and get
+their socket by descriptor inheritance; they are not forks, because the parent runs an event
+loop and threads, which ``fork`` does not copy safely.
 """
 
 from __future__ import annotations
