@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from fastfetch.body import Body, body_bytes, body_len
+
 BLOCK = 512
 MAX_MEMBER = 256 * 1024 * 1024  # a member larger than this is never held in memory
 _THREAD_MIN = 1 << 16  # inflate chunks at least this large in a thread (zlib releases the GIL)
@@ -99,8 +101,8 @@ async def maybe_gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 class _Reader:
     """Exact-size reads over an async chunk stream (the tar parser's input).
 
-    Chunks are queued as they arrive and only the bytes a caller asks for are joined: a
-    member that fills one chunk is returned without a copy, a larger one with one copy, and
+    Chunks are queued as they arrive and only the bytes a caller asks for are taken: as the
+    pieces of chunks they lie in (``read_body``, no copy) or joined (``read``, one copy);
     skipped members (SA-1B's mask JSONs) are never copied at all.
     """
 
@@ -143,11 +145,15 @@ class _Reader:
 
     async def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer only at the end of the stream."""
+        return body_bytes(await self.read_body(n))
+
+    async def read_body(self, n: int) -> Body:
+        """Like ``read``, as the pieces of the received chunks (``fastfetch.body``): no copy."""
         await self._fill(n)
         pieces = self._consume(min(n, self._have))
         if len(pieces) == 1 and isinstance(pieces[0], bytes):
             return pieces[0]
-        return b"".join(pieces)
+        return tuple(pieces)
 
     async def drain(self) -> None:
         """Consume the rest of the stream (a few KiB of padding after a tar's end blocks)."""
@@ -180,13 +186,19 @@ class TarMember:
 
     async def read(self, limit: int = MAX_MEMBER) -> bytes | None:
         """All the data, or None (data skipped) when it is larger than ``limit``."""
+        body = await self.read_body(limit)
+        return None if body is None else body_bytes(body)
+
+    async def read_body(self, limit: int = MAX_MEMBER) -> Body | None:
+        """Like ``read``, without joining the chunks the data lies in (an image on its way to
+        a resize worker and an MDS shard needs no contiguous copy of its own)."""
         if self.size > limit:
             return None
-        data = await self._reader.read(self._left)
-        self._left -= len(data)
+        body = await self._reader.read_body(self._left)
+        self._left -= body_len(body)
         if self._left:
             raise ArchiveError(f"archive truncated inside {self.name}")
-        return data
+        return body
 
     async def chunks(self, size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The data piece by piece (for members too large to hold, e.g. a JSONL of captions)."""

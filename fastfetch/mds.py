@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from fastfetch.body import body_len
 from fastfetch.mdswriter import MDSWriter
 
 BASE_COLUMNS: dict[str, str] = {
@@ -101,7 +103,7 @@ class UnitWriter:
             )
         writer.write(sample)
         self.rows += 1
-        self.bytes += len(sample["jpg"])
+        self.bytes += body_len(sample["jpg"])
 
     def finish(self) -> list[str]:
         """Flush, sync and rename every bucket folder into place; upload them when the output

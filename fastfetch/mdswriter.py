@@ -21,6 +21,8 @@ from typing import Any
 
 import xxhash
 
+from fastfetch.body import Body, body_len, body_pieces
+
 _FIXED = {"int8": "<b", "int16": "<h", "int32": "<i", "int64": "<q", "uint8": "<B", "uint16": "<H", "uint32": "<I",
           "uint64": "<Q", "float16": "<e", "float32": "<f", "float64": "<d"}
 _VARIABLE = ("bytes", "str", "json", "jpeg", "png", "pil")
@@ -30,8 +32,9 @@ class MDSWriter:
     """Write samples (dicts of column → value) into ``out`` as MDS shards of at most
     ``size_limit`` bytes, then ``index.json`` on ``finish``.
 
-    Values of variable-size columns may be given as ``bytes`` (stored as they are, whatever the
-    encoding: that is how a JPEG is stored without re-encoding), ``str`` (for ``str``) or any
+    Values of variable-size columns may be given as ``bytes`` or as a tuple of byte buffers
+    (``fastfetch.body``; stored as they are, whatever the encoding: that is how a JPEG is
+    stored without re-encoding), ``str`` (for ``str``) or any
     JSON value (for ``json``).
     """
 
@@ -58,12 +61,12 @@ class MDSWriter:
 
     def write(self, sample: dict[str, Any]) -> None:
         sizes: list[int] = []
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         for name, encoding, size in zip(self.names, self.encodings, self.sizes):
             datum = _encode(encoding, sample[name])
             if size is None:
-                sizes.append(len(datum))
-            parts.append(datum)
+                sizes.append(body_len(datum))
+            parts.extend(body_pieces(datum))
         data = b"".join([struct.pack(f"<{len(sizes)}I", *sizes), *parts])  # one copy of the JPEG
         if self._samples and self._size + len(data) + 4 > self.size_limit:
             self._flush()
@@ -95,8 +98,8 @@ class MDSWriter:
         self._size = 8 + len(self._config_bytes)
 
 
-def _encode(encoding: str, value: Any) -> bytes:
-    if isinstance(value, bytes):
+def _encode(encoding: str, value: Any) -> Body:
+    if isinstance(value, (bytes, tuple)):  # bytes, or a body in pieces (fastfetch.body)
         return value
     if encoding == "str":
         return value.encode("utf-8")

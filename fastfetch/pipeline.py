@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastfetch.body import Body, body_len
 from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
 from fastfetch.manifest import DONE, Manifest
@@ -267,7 +268,7 @@ class Pipeline:
         if item.reject:
             return item.reject, 0
         if item.data is not None:  # archive members count as bytes in
-            return self._store(item, item.data, writer, await self.resizer.process(item.data)), len(item.data)
+            return self._store(item, item.data, writer, await self.resizer.process(item.data)), body_len(item.data)
         result = await self.fetcher.fetch(item.url or "")
         if result.data is None:
             return result.reason, 0
@@ -276,7 +277,7 @@ class Pipeline:
         finally:
             self.fetcher.release(result)
 
-    def _store(self, item: Item, data: bytes, writer: UnitWriter, processed: Processed) -> str | None:
+    def _store(self, item: Item, data: Body, writer: UnitWriter, processed: Processed) -> str | None:
         """Write the kept image; returns the rejection reason instead when there is one."""
         if processed.reason is not None:
             return processed.reason
@@ -292,7 +293,7 @@ class Pipeline:
             **extra,
         }
         writer.write(row)
-        self.counters.bytes_out += len(row["jpg"])
+        self.counters.bytes_out += body_len(row["jpg"])
         return None
 
     def _count(self, reason: str | None, nbytes: int) -> None:

@@ -25,6 +25,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -34,11 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastfetch.body import Body, body_bytes, body_len, body_pieces
 from fastfetch.imaging import Processed, ResizeConfig, process
 
 #: tasks queued per worker: enough that a worker never waits for the loop, few enough that a
 #: small image does not wait behind many large ones
-DEPTH = 4
+DEPTH = 8
 _TASK = struct.Struct("<Q")  # body length
 _RESULT = struct.Struct("<iiiiiq")  # reason length, width, height, original w, h, data length (-1: keep original)
 _BUFFER = 4 << 20  # socket buffers: a few bodies in flight without waking the other side
@@ -100,7 +102,7 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
 class _Worker:
     process: subprocess.Popen[bytes]
     sock: socket.socket
-    pending: collections.deque[tuple[asyncio.Future[Processed], bytes]] = field(default_factory=collections.deque, repr=False)
+    pending: collections.deque[tuple[asyncio.Future[Processed], Body]] = field(default_factory=collections.deque, repr=False)
     connecting: asyncio.Future[asyncio.Transport] | None = None
 
 
@@ -152,23 +154,23 @@ class ResizePool:
         self._slots = asyncio.Semaphore(self.capacity)
         self._closed = False
 
-    async def process(self, data: bytes) -> Processed:
+    async def process(self, data: Body) -> Processed:
         async with self._slots:
             if not self._workers:
-                return process(data, self.cfg)
+                return process(body_bytes(data), self.cfg)
             worker = min(self._workers, key=lambda w: len(w.pending))
             future: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
             await self._send(worker, future, data)
             return await future
 
-    async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: bytes) -> None:
+    async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: Body) -> None:
         if worker.connecting is None:  # the first task: put the socket on the event loop, once
             worker.connecting = asyncio.ensure_future(self._connect(worker))
         transport = await worker.connecting
         worker.pending.append((future, data))
         # Bodies in flight are bounded by DEPTH per worker (and by the fetcher's memory
         # budget), so the transport's buffer needs no drain here.
-        transport.writelines((_TASK.pack(len(data)), data))
+        transport.writelines((_TASK.pack(body_len(data)), *body_pieces(data)))  # pieces: no join
 
     async def _connect(self, worker: _Worker) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
@@ -231,9 +233,21 @@ class ResizePool:
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait for a worker that was told to stop (end of stream); kill it if it does not."""
+    """Wait for a worker that was told to stop (end of stream); kill it if it does not.
+
+    ``Popen.wait(timeout)`` polls with sleeps that grow to 50 ms, which is most of the time a
+    run spends stopping its workers; a pidfd (Linux) wakes exactly when the worker exits."""
     try:
-        proc.wait(timeout)
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux ≥ 5.3, or already reaped
+        pidfd = None
+    if pidfd is not None:
+        try:
+            select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+    try:
+        proc.wait(0 if pidfd is not None else timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -266,6 +280,9 @@ def _main() -> None:
     p.add_argument("--config", required=True, help="ResizeConfig as JSON")
     args = p.parse_args()
     _serve(socket.socket(fileno=args.fd), ResizeConfig(**json.loads(args.config)), args.parent)
+    # Nothing is left to flush (every answer was sent with sendall): skip the interpreter's
+    # teardown, which the parent would otherwise wait for at the end of every run.
+    os._exit(0)
 
 
 if __name__ == "__main__":

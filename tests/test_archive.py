@@ -17,6 +17,7 @@ import pytest
 
 from fakehub import ServedFile, file_handler, make_tar, make_zip
 from fastfetch.archive import ArchiveError, _regular_header, iter_tar, iter_tar_groups, iter_zip, safe_name, zip_entries
+from fastfetch.body import body_bytes, body_len
 from fastfetch.ranged import RemoteChanged, RemoteFile, ResumableStream, download_file, probe
 
 
@@ -220,3 +221,17 @@ def test_regular_header_fast_path_agrees_with_tarfile(fmt: int) -> None:
                 fast += 1
                 assert (got.name, got.size, got.type) == (ref.name, ref.size, ref.type)
     assert fast >= 2  # the short ASCII names at least (pax moves the others into extended headers)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 20])  # members over many chunks, a few, one
+def test_read_body_gives_the_members_bytes_in_pieces_without_joining(chunk: int) -> None:
+    files = [(f"{i}.jpg", bytes(range(256)) * (3 + 5 * i)) for i in range(6)]
+    archive = make_tar(files)
+
+    async def run() -> list[tuple[str, object]]:
+        return [(m.name, await m.read_body()) async for m in iter_tar(chunked(archive, chunk))]
+
+    for (name, body), (want_name, want) in zip(asyncio.run(run()), files, strict=True):
+        assert name == want_name and body_len(body) == len(want) and body_bytes(body) == want
+        if chunk == 7:  # spans chunks: pieces of them, not a new joined copy
+            assert isinstance(body, tuple) and len(body) > 1

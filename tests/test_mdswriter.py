@@ -46,6 +46,19 @@ def test_byte_identical_to_streaming(tmp_path: Path, size_limit: int) -> None:
     assert ds[3]["captions"] == ["a", {"b": 3}] and ds[3]["n"] == -3 and ds[5]["caption"] == "caption 5 ünïcode"
 
 
+def test_a_body_in_pieces_is_stored_as_its_bytes(tmp_path: Path) -> None:
+    samples = _samples(12)
+    joined, pieces = MDSWriter(str(tmp_path / "joined"), COLUMNS), MDSWriter(str(tmp_path / "pieces"), COLUMNS)
+    for sample in samples:
+        joined.write(sample)
+        jpg = memoryview(sample["jpg"])
+        pieces.write({**sample, "jpg": (jpg[:100], bytes(jpg[100:1000]), jpg[1000:])})
+    joined.finish()
+    pieces.finish()
+    for name in sorted(p.name for p in (tmp_path / "joined").iterdir()):
+        assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "joined" / name).read_bytes(), name
+
+
 def test_unsupported_encoding_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not supported"):
         MDSWriter(str(tmp_path), {"x": "pkl"})

@@ -16,10 +16,14 @@ def test_results_match_their_requests_across_workers() -> None:
     sizes = [(300 + 37 * i, 280 + 23 * i) for i in range(24)]
     bodies = [make_image(*s, seed=i) for i, s in enumerate(sizes)] + [b"not an image", b""]
 
+    def in_pieces(body: bytes, i: int) -> bytes | tuple:  # every other body as received chunks
+        view = memoryview(body)
+        return body if i % 2 else (view[:7], bytes(view[7 : 7 + 5 * i]), view[7 + 5 * i :])
+
     async def run() -> list:
         pool = ResizePool(ResizeConfig(), 2)
         try:
-            return await asyncio.gather(*(pool.process(b) for b in bodies))
+            return await asyncio.gather(*(pool.process(in_pieces(b, i)) for i, b in enumerate(bodies)))
         finally:
             pool.close()
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import aiohttp
 import orjson
 
 from fastfetch import hub
+from fastfetch.body import Body
 from fastfetch.archive import ArchiveError, RandomAccess, TarMember, iter_tar
 from fastfetch.ranged import (
     AccessDenied, LocalFile, RemoteChanged, RemoteFile, ResumableStream, Validator, download_file, probe,
@@ -55,7 +57,7 @@ def split_of(args: argparse.Namespace, allowed: tuple[str, ...], dataset: str) -
     return split
 
 
-def caption_item(key: str, data: bytes, caption: str | None, extra: dict[str, Any], reject: str | None = None) -> Item:
+def caption_item(key: str, data: Body, caption: str | None, extra: dict[str, Any], reject: str | None = None) -> Item:
     """An archive image as an item; a missing or blank caption is a ``no_caption`` rejection."""
     caption = caption.strip() if isinstance(caption, str) else None
     if reject is None and not caption:
@@ -123,7 +125,10 @@ class CaptionIndex:
     def get(self, name: str) -> tuple[str | None, dict[str, Any]] | None:
         """(caption, extra) for ``name``, or None when the side file does not know it."""
         if self._db is None:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            # immutable: the lookup never changes once renamed into place, so SQLite may skip
+            # the file lock and change check it would otherwise make around every lookup
+            uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro&immutable=1"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         row = self._db.execute("SELECT caption, extra FROM captions WHERE name=?", (name,)).fetchone()
         if row is None:
             return None

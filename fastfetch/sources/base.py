@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fastfetch.body import Body
+
 if TYPE_CHECKING:
     from fastfetch.http import Fetcher
 
@@ -33,7 +35,7 @@ class Item:
     key: str
     caption: str | None
     url: str | None = None
-    data: bytes | None = None
+    data: Body | None = None  # bytes, or the pieces of received chunks (fastfetch.body)
     extra: dict[str, Any] = field(default_factory=dict)
     reject: str | None = None
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
-from aiohttp import web
 from PIL import Image, ImageDraw
 
 from fastfetch.sources.base import Item, Unit
@@ -131,6 +130,8 @@ class DemoSource(UrlsSource):
         listing.write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
         self.args.urls = [str(listing)]
         self.args.url_col = self.args.caption_col = self.args.keep_cols = None
+
+        from aiohttp import web  # the server side of aiohttp: only the demo needs it
 
         async def serve(request: web.Request) -> web.Response:
             found = files.get(request.path)

@@ -65,7 +65,7 @@ class JourneyDBSource(HubArchiveSource):
             base = member.name.rsplit("/", 1)[-1]
             if not base.lower().endswith(IMAGE_EXTS):
                 continue
-            data = await member.read()
+            data = await member.read_body()
             if data is None:
                 continue
             found = self.prompts.get(base)

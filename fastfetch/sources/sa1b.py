@@ -96,7 +96,7 @@ class SA1BSource(HubArchiveSource):
                 match = _IMAGE.fullmatch(member.name)
                 if match is None:
                     continue  # the masks JSON: skipped in the stream, never held
-                data = await member.read()
+                data = await member.read_body()
                 if data is None:
                     continue
                 found = self.captions.get(match.group(1))
