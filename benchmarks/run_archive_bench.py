@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    HERE, ROOT, WORK, Measurement, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
+    HERE, ROOT, WORK, Measurement, byte_compile, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
     median, pillow_flavour, save_result, venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
@@ -95,8 +94,6 @@ def _repeated(corpus: Path, variant: str, repeat: int) -> tuple[list[Path], Path
 def stock_python_with_main_packages() -> str:
     """venv-stock's Python (stock Pillow) seeing the project venv's packages after its own, so
     that the seed-style pipeline can run with stock Pillow while bin/fetch has Pillow-SIMD."""
-    import sysconfig
-
     py = venv_python("venv-stock")
     if not py.exists():
         sys.exit("venv-stock missing: run benchmarks/setup.sh stock")
@@ -178,6 +175,7 @@ def main() -> None:
         args.runs, args.repeat = 1, "1"
     repeats = {v: int(args.repeat) for v in ("mixed", "sa1b")} if args.repeat.isdigit() else \
         {k: int(n) for k, n in (part.split("=") for part in args.repeat.split(","))}
+    byte_compile(ROOT)
     help_text = fetch_help()
     tools = args.tools.split(",")
     if "fetch" in tools and "--links" not in help_text:

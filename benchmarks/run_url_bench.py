@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    HERE, ROOT, WORK, Measurement, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, median,
-    save_result, venv_python,
+    ROOT, WORK, Measurement, byte_compile, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
+    median, save_result, venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
 from server import Nginx  # noqa: E402
@@ -70,6 +70,7 @@ def snapshot(rev: str) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "bin", "fastfetch"], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    byte_compile(dest)
     return dest
 
 
@@ -172,6 +173,7 @@ def main() -> None:
     items = corpus_mod.load_items(corpus)
     n = len(items) * args.repeat
     args.per_shard = args.per_shard or max(50, n // 20)
+    byte_compile(ROOT)
     help_text = fetch_help()
     tools = [t for t in args.tools.split(",") if t]
 

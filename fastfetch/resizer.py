@@ -243,7 +243,9 @@ def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
         pidfd = None
     if pidfd is not None:
         try:
-            select.select([pidfd], [], [], timeout)
+            waiter = select.poll()  # not select(): descriptors may be numbered past 1024
+            waiter.register(pidfd, select.POLLIN)
+            waiter.poll(timeout * 1000)
         finally:
             os.close(pidfd)
     try:

@@ -18,4 +18,6 @@ fi
 if [ -f scripts/install-pillow-simd.sh ] && [ "${FASTFETCH_NO_SIMD:-0}" != "1" ]; then
   bash scripts/install-pillow-simd.sh "$VENV" || echo "setup: Pillow-SIMD not installed; using Pillow"
 fi
+# Byte-compile the package once, as pip does for an installed one (start-up of every run).
+"$VENV/bin/python" -m compileall -q fastfetch > /dev/null
 "$VENV/bin/python" -c "import PIL, streaming, aiohttp; print('setup: ok, Pillow', PIL.__version__)"

@@ -49,3 +49,20 @@ def test_a_killed_worker_costs_at_most_the_image_it_was_on() -> None:
     reasons = [r.reason for r in results]
     assert reasons.count(None) >= 5 and set(reasons) <= {None, "decode_error"}, reasons
     assert after.reason is None and (after.width, after.height) == (658, 512)
+
+
+def test_workers_stop_cleanly_when_descriptors_are_numbered_past_1024() -> None:
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # a long run's open files
+
+    async def run() -> object:
+        pool = ResizePool(ResizeConfig(), 2)
+        try:
+            return await pool.process(make_image(600, 400))
+        finally:
+            pool.close()  # waits for the workers on a descriptor numbered past 1024
+
+    try:
+        assert asyncio.run(run()).reason is None
+    finally:
+        for fd in held:
+            os.close(fd)
