@@ -169,8 +169,16 @@ class Measurement:
 
 def measure(
     label: str, cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-    disk_paths: list[Path] = (), timeout: float = 900, interval: float = 0.05, disk_interval: float = 0.25,
+    disk_paths: list[Path] = (), timeout: float = 900, interval: float = 0.25, disk_interval: float = 0.5,
 ) -> Measurement:
+    """Run ``cmd`` and measure it: wall time, CPU of its whole process tree, peak RSS of the
+    tree and peak size of ``disk_paths`` (sampled every ``interval`` / ``disk_interval`` s).
+
+    The CPU total is exact: it comes from ``wait4``, which counts the command and every
+    descendant it reaped, however short-lived. Sampling is only for what has no exact
+    source (RSS of the tree, disk, the top process alone), and is kept sparse: at 20 samples
+    a second the sampler itself used ~0.3 CPU-seconds per 10 s run on 2 cores, a tax the
+    in-memory ceiling never pays."""
     m = Measurement(label, [str(c) for c in cmd])
     m.load_before = loadavg()
     busy0, _ = _cpu_total()
@@ -199,8 +207,13 @@ def measure(
     if disk_thread:
         disk_thread.start()
     deadline = t0 + timeout
+    status, usage = 0, None
     try:
-        while proc.poll() is None:
+        while True:
+            # wait4, not proc.poll(): reaping it ourselves is how its rusage is not lost
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
             rss = 0
             for pid in _tree(proc.pid):
                 s = _proc_sample(pid)
@@ -212,10 +225,14 @@ def measure(
             if time.perf_counter() > deadline:
                 proc.kill()
                 m.extra["timeout"] = True
+                _, status, usage = os.wait4(proc.pid, 0)
                 break
             time.sleep(interval)
     finally:
-        proc.wait()
+        if usage is None:  # interrupted before the command ended
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
         m.wall_s = time.perf_counter() - t0
         stop.set()
         if disk_thread:
@@ -224,13 +241,12 @@ def measure(
             r.join(5)
     busy1, _ = _cpu_total()
     m.returncode = proc.returncode
-    sampled = sum(cpu_seen.values())
-    m.cpu_s = sampled
-    m.extra["cpu_main_s"] = round(cpu_seen.get(proc.pid, 0.0), 2)  # the top process alone (event loop, MDS writer)
+    m.cpu_s = usage.ru_utime + usage.ru_stime  # the command and every descendant it waited for
+    m.extra["cpu_main_s"] = round(cpu_seen.get(proc.pid, 0.0), 2)  # the top process alone, as last sampled
     m.peak_rss_mb = peak_rss / 2**20
     m.peak_disk_mb = peak_disk / 2**20
     m.load_after = loadavg()
-    m.other_cpu_s = max(0.0, (busy1 - busy0) - sampled)
+    m.other_cpu_s = max(0.0, (busy1 - busy0) - m.cpu_s)
     m.stdout_tail = "".join(out_chunks)[-3000:]
     m.stderr_tail = "".join(err_chunks)[-3000:]
     return m
