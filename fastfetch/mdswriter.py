@@ -26,6 +26,7 @@ from fastfetch.body import Body, body_len, body_pieces
 _FIXED = {"int8": "<b", "int16": "<h", "int32": "<i", "int64": "<q", "uint8": "<B", "uint16": "<H", "uint32": "<I",
           "uint64": "<Q", "float16": "<e", "float32": "<f", "float64": "<d"}
 _VARIABLE = ("bytes", "str", "json", "jpeg", "png", "pil")
+_BINARY = ("bytes", "jpeg", "png", "pil")  # the encodings whose values may come in pieces
 
 
 class MDSWriter:
@@ -99,8 +100,8 @@ class MDSWriter:
 
 
 def _encode(encoding: str, value: Any) -> Body:
-    if isinstance(value, (bytes, tuple)):  # bytes, or a body in pieces (fastfetch.body)
-        return value
+    if isinstance(value, bytes) or (isinstance(value, tuple) and encoding in _BINARY):
+        return value  # bytes, or a body in pieces (fastfetch.body): stored as they are
     if encoding == "str":
         return value.encode("utf-8")
     if encoding in _FIXED:

@@ -59,6 +59,13 @@ def test_a_body_in_pieces_is_stored_as_its_bytes(tmp_path: Path) -> None:
         assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "joined" / name).read_bytes(), name
 
 
+def test_a_tuple_in_a_json_column_is_json_not_pieces(tmp_path: Path) -> None:
+    writer = MDSWriter(str(tmp_path), COLUMNS)
+    writer.write({**_samples(1)[0], "captions": ("a", "b")})
+    writer.finish()
+    assert StreamingDataset(local=str(tmp_path), shuffle=False, batch_size=1)[0]["captions"] == ["a", "b"]
+
+
 def test_unsupported_encoding_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not supported"):
         MDSWriter(str(tmp_path), {"x": "pkl"})

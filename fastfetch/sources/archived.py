@@ -26,8 +26,8 @@ import aiohttp
 import orjson
 
 from fastfetch import hub
-from fastfetch.body import Body
 from fastfetch.archive import ArchiveError, RandomAccess, TarMember, iter_tar
+from fastfetch.body import Body
 from fastfetch.ranged import (
     AccessDenied, LocalFile, RemoteChanged, RemoteFile, ResumableStream, Validator, download_file, probe,
 )
