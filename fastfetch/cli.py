@@ -25,7 +25,7 @@ from fastfetch.mds import Layout, is_remote
 from fastfetch.nodes import Node, all_complete, detect, merge_nodes, write_summary
 from fastfetch.pipeline import DiskFull, Pipeline, Selection
 from fastfetch.redact import redact
-from fastfetch.resizer import ResizePool, default_workers
+from fastfetch.resizer import ResizePool, default_workers, keep_freed_memory
 from fastfetch.sources import SOURCES, RunContext, UsageError
 from fastfetch.stats import RunCounters, dataset_totals, print_summary, write_stats
 
@@ -186,6 +186,7 @@ async def _fetch(args: argparse.Namespace) -> int:
     gc.set_threshold(50_000, 20, 20)
     resize = ResizeConfig(args.min_size, args.max_size, args.resize_filter, args.quality)
     resizer = ResizePool(resize, args.workers)  # first: the workers start while we plan
+    keep_freed_memory()  # archive chunks and results are 0.1–1 MB each: reuse, don't remap
     fetch_cfg = FetchConfig(
         concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
         connect_timeout=min(10.0, args.timeout), read_timeout=min(10.0, args.timeout), retries=args.retries,

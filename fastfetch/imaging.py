@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from fastfetch.body import Body
+
 # Truncated files are rejected, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -62,11 +64,12 @@ class Processed(NamedTuple):
 
     ``reason`` is ``None`` for a kept image, else the rejection reason counted in stats.
     ``data`` is ``None`` when the caller's original bytes are to be stored as they are: the
-    original never crosses the process boundary a second time.
+    original never crosses the process boundary a second time. From a resize worker it is
+    the buffer the new JPEG was received into (a one-piece ``fastfetch.body.Body``).
     """
 
     reason: str | None
-    data: bytes | None = None
+    data: Body | None = None
     width: int = 0
     height: int = 0
     original_width: int = 0

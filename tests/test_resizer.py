@@ -4,11 +4,13 @@ death costs (only the image it was on)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 
-from fastfetch.imaging import ResizeConfig, process
-from fastfetch.resizer import ResizePool
+from fastfetch.body import body_bytes
+from fastfetch.imaging import Processed, ResizeConfig, process
+from fastfetch.resizer import _RESULT, ResizePool, _Results
 from tests.conftest import make_image
 
 
@@ -27,8 +29,38 @@ def test_results_match_their_requests_across_workers() -> None:
         finally:
             pool.close()
 
-    got = asyncio.run(run())
+    got = [r._replace(data=None if r.data is None else body_bytes(r.data)) for r in asyncio.run(run())]
     assert got == [process(b, ResizeConfig()) for b in bodies]
+
+
+def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
+    """Frames as a worker writes them, received in reads of 1 byte, 5 bytes and all at once."""
+    jpeg = make_image(64, 48)
+    frames = [(b"", 600, 400, 900, 600, jpeg), (b"too_small", 0, 0, 100, 80, None), (b"", 512, 512, 512, 512, b"")]
+    stream = b"".join(
+        _RESULT.pack(len(reason), w, h, ow, oh, -1 if data is None else len(data)) + reason + (data or b"")
+        for reason, w, h, ow, oh, data in frames
+    )
+    expected = [Processed(None, jpeg, 600, 400, 900, 600), Processed("too_small", None, 0, 0, 100, 80),
+                Processed(None, b"", 512, 512, 512, 512)]
+
+    async def receive(read_size: int) -> list[Processed]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in frames]
+        worker = type("W", (), {"pending": collections.deque((f, b"") for f in futures)})()
+        protocol = _Results(worker, lambda w: None)  # type: ignore[arg-type]
+        pos = 0
+        while pos < len(stream):
+            buffer = protocol.get_buffer(-1)
+            n = min(read_size, len(buffer), len(stream) - pos)
+            buffer[:n] = stream[pos : pos + n]
+            protocol.buffer_updated(n)
+            pos += n
+        return [f.result() for f in futures]
+
+    for read_size in (1, 5, len(stream)):
+        got = asyncio.run(receive(read_size))
+        assert [r._replace(data=None if r.data is None else body_bytes(r.data)) for r in got] == expected
 
 
 def test_a_killed_worker_costs_at_most_the_image_it_was_on() -> None:
