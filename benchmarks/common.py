@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -174,12 +175,16 @@ def measure(
     """Run ``cmd`` and measure it: wall time, CPU of its whole process tree, peak RSS of the
     tree and peak size of ``disk_paths`` (sampled every ``interval`` / ``disk_interval`` s).
 
-    The CPU total is exact: it comes from ``wait4``, which counts the command and every
-    descendant it reaped, however short-lived. Sampling is only for what has no exact
-    source (RSS of the tree, disk, the top process alone), and is kept sparse: at 20 samples
-    a second the sampler itself used ~0.3 CPU-seconds per 10 s run on 2 cores, a tax the
-    in-memory ceiling never pays."""
+    Wall time and CPU are exact: a thread blocks in ``wait4`` and notes the moment the command
+    ends (polling between samples would add up to one interval, ~1 % of a 10 s run, to every
+    wall time), and ``wait4``'s CPU counts the command and every descendant it reaped, however
+    short-lived. Sampling is only for what has no exact source (RSS of the tree, disk, the top
+    process alone), and is kept sparse: at 20 samples a second the sampler itself used ~0.3
+    CPU-seconds per 10 s run on 2 cores, a tax the in-memory ceiling never pays. Dirty pages
+    of the runs before are written out first (``sync``, not timed), so that no run pays for
+    another's writeback."""
     m = Measurement(label, [str(c) for c in cmd])
+    os.sync()
     m.load_before = loadavg()
     busy0, _ = _cpu_total()
     t0 = time.perf_counter()
@@ -192,28 +197,33 @@ def measure(
     ]
     for r in readers:
         r.start()
+    ended = threading.Event()
+    end: dict[str, Any] = {}
+
+    def wait_loop() -> None:
+        # wait4, not proc.wait(): reaping it ourselves is how its rusage is not lost
+        _, end["status"], end["usage"] = os.wait4(proc.pid, 0)
+        end["t"] = time.perf_counter()
+        ended.set()
+
+    waiter = threading.Thread(target=wait_loop, daemon=True)
+    waiter.start()
     cpu_seen: dict[int, float] = {}
     peak_rss = 0
     peak_disk = 0
-    stop = threading.Event()
 
     def disk_loop() -> None:
         nonlocal peak_disk
-        while not stop.is_set():
+        while not ended.is_set():
             peak_disk = max(peak_disk, sum(dir_size(p) for p in disk_paths))
-            stop.wait(disk_interval)
+            ended.wait(disk_interval)
 
     disk_thread = threading.Thread(target=disk_loop, daemon=True) if disk_paths else None
     if disk_thread:
         disk_thread.start()
     deadline = t0 + timeout
-    status, usage = 0, None
     try:
-        while True:
-            # wait4, not proc.poll(): reaping it ourselves is how its rusage is not lost
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        while not ended.is_set():
             rss = 0
             for pid in _tree(proc.pid):
                 s = _proc_sample(pid)
@@ -223,23 +233,21 @@ def measure(
                 rss += s[1]
             peak_rss = max(peak_rss, rss)
             if time.perf_counter() > deadline:
-                proc.kill()
                 m.extra["timeout"] = True
-                _, status, usage = os.wait4(proc.pid, 0)
                 break
-            time.sleep(interval)
+            ended.wait(interval)
     finally:
-        if usage is None:  # interrupted before the command ended
-            proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        m.wall_s = time.perf_counter() - t0
-        stop.set()
+        if not ended.is_set():  # timed out, or interrupted before the command ended
+            os.kill(proc.pid, signal.SIGKILL)  # not proc.kill(): its poll() would reap it under the waiter
+        waiter.join()
+        proc.returncode = os.waitstatus_to_exitcode(end["status"])
+        m.wall_s = end["t"] - t0
         if disk_thread:
             disk_thread.join()
         for r in readers:
             r.join(5)
     busy1, _ = _cpu_total()
+    usage = end["usage"]
     m.returncode = proc.returncode
     m.cpu_s = usage.ru_utime + usage.ru_stime  # the command and every descendant it waited for
     m.extra["cpu_main_s"] = round(cpu_seen.get(proc.pid, 0.0), 2)  # the top process alone, as last sampled
