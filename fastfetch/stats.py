@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from tqdm import tqdm
 
 from fastfetch.manifest import DONE, FAILED, Manifest
 
@@ -42,17 +41,24 @@ class RunCounters:
 
 
 class Progress:
-    """A tqdm bar over items with kept/rejected counts and throughput."""
+    """A tqdm bar over items with kept/rejected counts and throughput (or nothing at all:
+    without a bar, tqdm is not even imported, ~20 ms of every ``--no-progress`` start)."""
 
     def __init__(self, total: int, counters: RunCounters, enabled: bool = True) -> None:
         self.counters = counters
-        self.bar = tqdm(
-            total=total, unit="img", dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
-            disable=not enabled, file=sys.stderr, desc="fetch",
-        )
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, unit="img", dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
+                file=sys.stderr, desc="fetch",
+            )
         self._last = 0.0
 
     def update(self, n: int = 1) -> None:
+        if self.bar is None:
+            return
         self.bar.update(n)
         now = time.monotonic()
         if now - self._last > 0.5:
@@ -64,7 +70,8 @@ class Progress:
             )
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def dataset_totals(manifest: Manifest) -> dict[str, Any]:
