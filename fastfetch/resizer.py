@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastfetch.body import Body, body_bytes, body_len, body_pieces
-from fastfetch.imaging import Processed, ResizeConfig, process
+from fastfetch.imaging import Processed, ResizeConfig, process, warm_up
 
 #: tasks queued per worker: enough that a worker never waits for the loop even on a run of
 #: small images (with 4, each worker waited ~0.5 s of a 10 s web-size archive run; with 8,
@@ -61,6 +61,7 @@ def _serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
     keep_freed_memory()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
+    warm_up(cfg)
     while True:
         head = _read_exactly(sock, _TASK.size)
         if head is None:
@@ -115,6 +116,12 @@ class _Worker:
     sock: socket.socket
     pending: collections.deque[tuple[asyncio.Future[Processed], Body]] = field(default_factory=collections.deque, repr=False)
     connecting: asyncio.Future[asyncio.Transport] | None = None
+    waiting: int = 0  # tasks given to this worker that wait for its socket to be on the loop
+
+    @property
+    def load(self) -> int:
+        """Tasks given to this worker and not answered yet."""
+        return len(self.pending) + self.waiting
 
 
 class _Results(asyncio.BufferedProtocol):
@@ -192,15 +199,22 @@ class ResizePool:
         async with self._slots:
             if not self._workers:
                 return process(body_bytes(data), self.cfg)
-            worker = min(self._workers, key=lambda w: len(w.pending))
+            worker = min(self._workers, key=lambda w: w.load)
             future: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
             await self._send(worker, future, data)
             return await future
 
     async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: Body) -> None:
-        if worker.connecting is None:  # the first task: put the socket on the event loop, once
+        if worker.connecting is None:  # a pool made outside the event loop: connect on first use
             worker.connecting = asyncio.ensure_future(self._connect(worker))
-        transport = await worker.connecting
+        # Counted while it waits: a burst of tasks at the start of a run (a whole first
+        # archive chunk's images) must not all go to the worker that looks idle because its
+        # socket is not connected yet; that left the other worker idle for ~70 ms.
+        worker.waiting += 1
+        try:
+            transport = await worker.connecting
+        finally:
+            worker.waiting -= 1
         worker.pending.append((future, data))
         # Bodies in flight are bounded by DEPTH per worker (and by the fetcher's memory
         # budget), so the transport's buffer needs no drain here.
@@ -243,7 +257,13 @@ class ResizePool:
                "--config", json.dumps(dataclasses.asdict(self.cfg))]
         proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()
-        return _Worker(proc, parent)
+        worker = _Worker(proc, parent)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # made outside the event loop: connected on first use
+            return worker
+        worker.connecting = loop.create_task(self._connect(worker))  # ready before the first task
+        return worker
 
     def close(self) -> float:
         """Stop the workers; returns the largest peak resident memory of one worker, in MB."""
@@ -254,7 +274,9 @@ class ResizePool:
                 w.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            if w.connecting is not None and w.connecting.done() and not w.connecting.cancelled():
+            if w.connecting is not None and not w.connecting.done():
+                w.connecting.cancel()
+            elif w.connecting is not None and not w.connecting.cancelled() and w.connecting.exception() is None:
                 w.connecting.result().close()
             w.sock.close()
         for w in self._workers:

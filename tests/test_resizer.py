@@ -33,6 +33,26 @@ def test_results_match_their_requests_across_workers() -> None:
     assert got == [process(b, ResizeConfig()) for b in bodies]
 
 
+def test_a_burst_of_tasks_at_the_start_is_shared_between_the_workers() -> None:
+    """The first archive chunk's images arrive before the workers' sockets are on the loop:
+    they must still go to both workers, not all to the one that looks idle."""
+    jpeg = make_image(400, 300)
+
+    async def run() -> tuple[list[int], list]:
+        pool = ResizePool(ResizeConfig(), 2)
+        try:
+            tasks = [asyncio.ensure_future(pool.process(jpeg)) for _ in range(16)]
+            await asyncio.sleep(0)  # every task has picked its worker
+            loads = [w.load for w in pool._workers]
+            return loads, await asyncio.gather(*tasks)
+        finally:
+            pool.close()
+
+    loads, results = asyncio.run(run())
+    assert loads == [8, 8]
+    assert all(r.reason is None and (r.width, r.height) == (400, 300) for r in results)
+
+
 def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
     """Frames as a worker writes them, received in reads of 1 byte, 5 bytes and all at once."""
     jpeg = make_image(64, 48)
