@@ -85,7 +85,7 @@ def keep_freed_memory() -> None:
 
     Every image brings buffers of 0.1–1 MB (received chunks, the body, decoded pixels, the new
     JPEG) that glibc would map fresh and unmap again, page-faulting through every page of each
-    (~3 % of a worker's CPU on SA-1B-size images, ~4 % of the parent's): kept in the heap, the
+    (~3 % of a worker's CPU on SA-1B-size images, ~3 % of the parent's): kept in the heap, the
     next image's buffers reuse them. Called by the workers and by the parent process."""
     try:
         libc = ctypes.CDLL(None)
