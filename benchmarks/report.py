@@ -85,6 +85,9 @@ def sections() -> str:
             if f"{v}/fetch_fraction_of_ceiling" in s:
                 f = s[f"{v}/fetch_fraction_of_ceiling"]
                 rows.append(f"| archive mode ≥ 85 % of the ceiling ({name}) | {f:.0%} ({fetch['kept_per_s']:.1f} of {s[f'{v}/ceiling']['kept_per_s']:.1f}) | {verdict(f >= 0.85)} |")
+    long_ = latest("archive-long")
+    if long_:
+        rows.extend(_long_rows(arch, long_))
     if ceil:
         by = {(r["source"], r["config"], r["pillow"]): r["kept_per_s"] for r in ceil["summary"]}
         stock = [k for k in by if k[2].startswith("Pillow ")]
@@ -145,10 +148,21 @@ def sections() -> str:
         out.append(arch["table"] + "\n")
         if arch.get("note"):
             out.append(f"Note: {arch['note']}\n")
+        if _seed_stages(arch):
+            out.append(f"Seed-style stages, stock Pillow (medians): {_seed_stages(arch)}.\n")
         for k, v in arch["summary"].items():
             if k.endswith(("/fetch", "/fetch-before")) and "in_run_kept_per_s" in v:
                 out.append(f"{k}: in-run rate (stats.json) {v['in_run_kept_per_s']:.1f} kept img/s; top-process CPU per run {v.get('cpu_main_s')} s.\n")
         out.append("![Archive mode](plots/archive.png)\n")
+    if long_:
+        out.append("## Archive mode, longer runs\n")
+        out.append(f"Command: `{_cmd(long_)}` — {long_['date_utc']} — {_machine(long_)}.\n")
+        out.append("The same benchmark with more copies of the archives per run (the `repeat` argument), the same code. "
+                   "Together with the table above it separates what each pipeline pays once per run (start-up, the seed "
+                   "method's imports and pools) from what it pays per image.\n")
+        out.append(long_["table"] + "\n")
+        if _seed_stages(long_):
+            out.append(f"Seed-style stages, stock Pillow (medians): {_seed_stages(long_)}.\n")
     if ceil:
         out.append("## Ceiling: in-memory decode → resize → encode\n")
         out.append(f"Command: `{_cmd(ceil)}` — {ceil['date_utc']} — {_machine(ceil)}.\n")
@@ -168,6 +182,36 @@ def sections() -> str:
     if prof.exists():
         out.append(prof.read_text().strip() + "\n")
     return "\n".join(out)
+
+
+def _long_rows(short: dict | None, long_: dict) -> list[str]:
+    """The longer run's ratios: the same targets when each run has more images per fixed cost."""
+    rows = []
+    for v, name in (("mixed", "LAION-like sizes"), ("sa1b", "SA-1B-like, 1500 px")):
+        b = long_["summary"]
+        shorter = short is None or f"{v}/fetch" not in short["summary"] or \
+            short["summary"][f"{v}/fetch"]["images"] < b.get(f"{v}/fetch", {}).get("images", 0)
+        if shorter and f"{v}/fetch_vs_seed-stock" in b and f"{v}/fetch_fraction_of_ceiling" in b:
+            n = b[f"{v}/fetch"]["images"]
+            rows.append(f"| (longer runs, {n} images, {name}) vs seed-style with stock Pillow; vs the ceiling | "
+                        f"{b[f'{v}/fetch_vs_seed-stock']:.2f}× ({b[f'{v}/fetch']['kept_per_s']:.1f} vs {b[f'{v}/seed-stock']['kept_per_s']:.1f}); "
+                        f"{b[f'{v}/fetch_fraction_of_ceiling']:.0%} | info |")
+    return rows
+
+
+def _seed_stages(result: dict) -> str:
+    """Median seconds of the seed-style pipeline's stages, per variant (stock Pillow)."""
+    parts = []
+    for key, runs in result.get("runs", {}).items():
+        if not key.endswith("/seed-stock"):
+            continue
+        stages = [r["extra"].get("stages", {}) for r in runs if r["extra"].get("stages")]
+        if not stages:
+            continue
+        med = {k: sorted(st[k] for st in stages)[len(stages) // 2] for k in ("captions_s", "download_extract_resize_s", "convert_s")}
+        parts.append(f"{key.split('/')[0]} ({stages[0]['written']} images): captions {med['captions_s']:.1f} s, download + extract + "
+                     f"resize {med['download_extract_resize_s']:.1f} s, read back into MDS {med['convert_s']:.1f} s")
+    return "; ".join(parts)
 
 
 def write(text: str) -> None:
