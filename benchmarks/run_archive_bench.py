@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--repeat", default="mixed=1,sa1b=2",
                    help="serve each variant's tars this many times (more work per run): N, or variant=N,…")
     p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
+    p.add_argument("--save-as", default="archive", help="result name: archive (the reference runs) or archive-long "
+                   "(the same with more images per run; report.py shows both)")
     args = p.parse_args()
     if args.quick:
         args.runs, args.repeat = 1, "1"
@@ -248,7 +250,7 @@ def main() -> None:
     table = md_table(
         ["archives", "pipeline", "kept img/s (median)", "CPU ms / image", "peak RSS MB", "peak disk MB", "extra disk MB (peak − output)",
          "largest archive MB", "kept", "images", "kept img/s per run", "load 1m per run"], rows)
-    path = save_result("archive", {"command": " ".join(sys.argv), "corpus": str(corpus), "args": vars(args), "summary": summary, "table": table, "runs": all_runs})
+    path = save_result(args.save_as, {"command": " ".join(sys.argv), "corpus": str(corpus), "args": vars(args), "summary": summary, "table": table, "runs": all_runs})
     print(table)
     for k, v in summary.items():
         if k.endswith("speedup") or "_vs_" in k:
