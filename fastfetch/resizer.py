@@ -115,7 +115,7 @@ class _Worker:
     process: subprocess.Popen[bytes]
     sock: socket.socket
     pending: collections.deque[tuple[asyncio.Future[Processed], Body]] = field(default_factory=collections.deque, repr=False)
-    connecting: asyncio.Future[asyncio.Transport] | None = None
+    connecting: asyncio.Task[asyncio.Transport] = field(init=False, repr=False)  # set by ResizePool._start
     waiting: int = 0  # tasks given to this worker that wait for its socket to be on the loop
 
     @property
@@ -187,6 +187,7 @@ class ResizePool:
     """
 
     def __init__(self, cfg: ResizeConfig, workers: int) -> None:
+        """Made on the running event loop, which the workers' sockets join at once."""
         self.cfg = cfg
         self.workers = workers
         # Started now, so that the interpreters start while the source plans its units.
@@ -205,8 +206,6 @@ class ResizePool:
             return await future
 
     async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: Body) -> None:
-        if worker.connecting is None:  # a pool made outside the event loop: connect on first use
-            worker.connecting = asyncio.ensure_future(self._connect(worker))
         # Counted while it waits: a burst of tasks at the start of a run (a whole first
         # archive chunk's images) must not all go to the worker that looks idle because its
         # socket is not connected yet; that left the other worker idle for ~70 ms.
@@ -258,11 +257,7 @@ class ResizePool:
         proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()
         worker = _Worker(proc, parent)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # made outside the event loop: connected on first use
-            return worker
-        worker.connecting = loop.create_task(self._connect(worker))  # ready before the first task
+        worker.connecting = asyncio.get_running_loop().create_task(self._connect(worker))  # ready before the first task
         return worker
 
     def close(self) -> float:
@@ -274,9 +269,9 @@ class ResizePool:
                 w.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            if w.connecting is not None and not w.connecting.done():
+            if not w.connecting.done():
                 w.connecting.cancel()
-            elif w.connecting is not None and not w.connecting.cancelled() and w.connecting.exception() is None:
+            elif not w.connecting.cancelled() and w.connecting.exception() is None:
                 w.connecting.result().close()
             w.sock.close()
         for w in self._workers:
