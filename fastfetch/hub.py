@@ -9,8 +9,11 @@ into archives) rather than hf_hub_download's cache of whole files.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
 
 from fastfetch import __version__
 from fastfetch.sources.base import UsageError
@@ -37,17 +40,46 @@ def dataset_page(repo: str) -> str:
     return f"{endpoint()}/datasets/{repo}"
 
 
+# URLs and tokens come from huggingface_hub's constants module (~10 ms to import) rather than
+# from ``hf_hub_url`` and ``build_hf_headers``: those bring requests and the rest of
+# huggingface_hub.utils (~100 ms) onto the start-up path of every run that downloads a side
+# file such as a caption archive, while the resize workers wait for their first image. The
+# rules are the library's own: the same URL template and repo-type prefix, and the same token
+# lookup order (``tests/test_hub.py`` checks both against the library's functions).
 def file_url(repo: str, path: str, revision: str = DEFAULT_REVISION) -> str:
-    from huggingface_hub import hf_hub_url
+    """The ``resolve`` URL of a file of a dataset repo (what ``hf_hub_url`` returns)."""
+    from huggingface_hub import constants
 
-    return hf_hub_url(repo, path, repo_type="dataset", revision=revision)
+    repo_id = constants.REPO_TYPES_URL_PREFIXES["dataset"] + repo
+    return constants.HUGGINGFACE_CO_URL_TEMPLATE.format(repo_id=repo_id, revision=quote(revision, safe=""), filename=quote(path))
+
+
+def token() -> str | None:
+    """The user's token: HF_TOKEN, then HUGGING_FACE_HUB_TOKEN, then the file ``huggingface-cli
+    login`` saved (HF_TOKEN_PATH, default ``$HF_HOME/token``); None when there is none or when
+    HF_HUB_DISABLE_IMPLICIT_TOKEN is set. (huggingface_hub also reads Google Colab's secrets
+    vault, which only a notebook's own kernel can reach, never a command like this one.)"""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN:
+        return None
+    found = _clean(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+    if found is None:
+        try:
+            found = _clean(Path(constants.HF_TOKEN_PATH).read_text())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _clean(value: str | None) -> str | None:
+    return (value.replace("\r", "").replace("\n", "").strip() or None) if value is not None else None
 
 
 def headers() -> dict[str, str]:
-    """Request headers with the user's token (HF_TOKEN or the cached login) when there is one."""
-    from huggingface_hub.utils import build_hf_headers
-
-    return build_hf_headers(library_name="fastfetch", library_version=__version__)
+    """Request headers with the user's token when there is one (the user agent is the session's)."""
+    found = token()
+    return {"authorization": f"Bearer {found}"} if found else {}
 
 
 def access_error(repo: str, status: int | None = None) -> UsageError:

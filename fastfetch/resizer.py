@@ -11,24 +11,21 @@ and reads results as they arrive, so a worker's queue is refilled as soon as the
 A worker processes its socket in order, so results come back in the order tasks were sent:
 the parent keeps one FIFO of pending futures per worker. A kept-as-is JPEG comes back as a
 flag rather than as a second copy of its bytes. Workers are fresh interpreters running
-``python -m fastfetch.resizer`` that import Pillow and ``fastfetch.imaging`` only, and get
-their socket by descriptor inheritance; they are not forks, because the parent runs an event
-loop and threads, which ``fork`` does not copy safely.
+``python -m fastfetch.resize_worker`` (the worker half and the frame formats, in a module of
+its own so that a worker imports only Pillow and ``fastfetch.imaging``), and get their socket
+by descriptor inheritance; they are not forks, because the parent runs an event loop and
+threads, which ``fork`` does not copy safely.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import ctypes
 import dataclasses
 import json
 import os
 import select
-import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,77 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastfetch.body import Body, body_bytes, body_len, body_pieces
-from fastfetch.imaging import Processed, ResizeConfig, process, warm_up
+from fastfetch.imaging import Processed, ResizeConfig, process
+from fastfetch.resize_worker import RESULT, TASK, keep_freed_memory
 
 #: tasks queued per worker: enough that a worker never waits for the loop even on a run of
 #: small images (with 4, each worker waited ~0.5 s of a 10 s web-size archive run; with 8,
 #: 0.1 s), few enough that the last images of a run are shared evenly between the workers
 DEPTH = 8
-_TASK = struct.Struct("<Q")  # body length
-_RESULT = struct.Struct("<iiiiiq")  # reason length, width, height, original w, h, data length (-1: keep original)
 _BUFFER = 4 << 20  # socket buffers: a few bodies in flight without waking the other side
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where ``import fastfetch`` works from
-
-
-# -- worker side ---------------------------------------------------------------------------------
-def _serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
-    """Worker main loop: read a body, process it, answer; exit at end of stream."""
-    # A worker must not die of the parent's Ctrl-C: the parent decides when the workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # ... but it must die with the parent (Linux: PR_SET_PDEATHSIG), should it be SIGKILLed.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    keep_freed_memory()
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
-    warm_up(cfg)
-    while True:
-        head = _read_exactly(sock, _TASK.size)
-        if head is None:
-            return
-        body = _read_exactly(sock, _TASK.unpack(head)[0])
-        if body is None:
-            return
-        out = process(body, cfg)
-        reason = (out.reason or "").encode()
-        data = out.data
-        sock.sendall(
-            _RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
-                         -1 if data is None else len(data)) + reason
-        )
-        if data:
-            sock.sendall(data)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc reuse freed large buffers instead of unmapping them (no-op elsewhere).
-
-    Every image brings buffers of 0.1–1 MB (received chunks, the body, decoded pixels, the new
-    JPEG) that glibc would map fresh and unmap again, page-faulting through every page of each
-    (~3 % of a worker's CPU on SA-1B-size images, ~3 % of the parent's): kept in the heap, the
-    next image's buffers reuse them. Called by the workers and by the parent process."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: heap, not mmap, below 64 MiB
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: give memory back past 256 MiB free
-    except (OSError, AttributeError):
-        pass
-
-
-def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
-    """``n`` bytes from a blocking socket, or None at end of stream.
-
-    ``MSG_WAITALL`` receives straight into the returned ``bytes``, which Pillow then reads
-    without copying (``io.BytesIO`` shares a ``bytes`` buffer but copies a ``bytearray``)."""
-    data = sock.recv(n, socket.MSG_WAITALL)
-    while len(data) < n:  # interrupted by a signal: rare, so the extra copy does not matter
-        more = sock.recv(n - len(data), socket.MSG_WAITALL)
-        if not more:
-            return None
-        data += more
-    return data
 
 
 # -- parent side ---------------------------------------------------------------------------------
@@ -139,7 +74,7 @@ class _Results(asyncio.BufferedProtocol):
     def __init__(self, worker: _Worker, on_lost: Callable[[_Worker], None]) -> None:
         self._worker = worker
         self._on_lost = on_lost
-        self._header = bytearray(_RESULT.size)
+        self._header = bytearray(RESULT.size)
         self._fields: tuple[int, ...] | None = None  # the header of the frame whose body is being read
         self._body = bytearray()
         self._target = memoryview(self._header)  # what the next bytes received fill
@@ -153,7 +88,7 @@ class _Results(asyncio.BufferedProtocol):
         if self._filled < len(self._target):
             return
         if self._fields is None:  # a header: then its reason and data, if it has any
-            fields = _RESULT.unpack(self._header)
+            fields = RESULT.unpack(self._header)
             size = fields[0] + max(fields[5], 0)
             if size:
                 self._fields, self._body = fields, bytearray(size)
@@ -217,7 +152,7 @@ class ResizePool:
         worker.pending.append((future, data))
         # Bodies in flight are bounded by DEPTH per worker (and by the fetcher's memory
         # budget), so the transport's buffer needs no drain here.
-        transport.writelines((_TASK.pack(body_len(data)), *body_pieces(data)))  # pieces: no join
+        transport.writelines((TASK.pack(body_len(data)), *body_pieces(data)))  # pieces: no join
 
     async def _connect(self, worker: _Worker) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
@@ -252,8 +187,8 @@ class ResizePool:
                 s.setsockopt(socket.SOL_SOCKET, opt, _BUFFER)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "fastfetch.resizer", "--fd", str(child.fileno()), "--parent", str(os.getpid()),
-               "--config", json.dumps(dataclasses.asdict(self.cfg))]
+        cmd = [sys.executable, "-m", "fastfetch.resize_worker", str(child.fileno()), str(os.getpid()),
+               json.dumps(dataclasses.asdict(self.cfg))]
         proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()
         worker = _Worker(proc, parent)
@@ -324,19 +259,3 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def _main() -> None:
-    p = argparse.ArgumentParser(description="a fastfetch resize worker (started by ResizePool)")
-    p.add_argument("--fd", type=int, required=True, help="the socket to the parent")
-    p.add_argument("--parent", type=int, required=True, help="the parent's pid")
-    p.add_argument("--config", required=True, help="ResizeConfig as JSON")
-    args = p.parse_args()
-    _serve(socket.socket(fileno=args.fd), ResizeConfig(**json.loads(args.config)), args.parent)
-    # Nothing is left to flush (every answer was sent with sendall): skip the interpreter's
-    # teardown, which the parent would otherwise wait for at the end of every run.
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    _main()

@@ -10,7 +10,8 @@ import signal
 
 from fastfetch.body import body_bytes
 from fastfetch.imaging import Processed, ResizeConfig, process
-from fastfetch.resizer import _RESULT, ResizePool, _Results
+from fastfetch.resize_worker import RESULT
+from fastfetch.resizer import ResizePool, _Results
 from tests.conftest import make_image
 
 
@@ -58,7 +59,7 @@ def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
     jpeg = make_image(64, 48)
     frames = [(b"", 600, 400, 900, 600, jpeg), (b"too_small", 0, 0, 100, 80, None), (b"", 512, 512, 512, 512, b"")]
     stream = b"".join(
-        _RESULT.pack(len(reason), w, h, ow, oh, -1 if data is None else len(data)) + reason + (data or b"")
+        RESULT.pack(len(reason), w, h, ow, oh, -1 if data is None else len(data)) + reason + (data or b"")
         for reason, w, h, ow, oh, data in frames
     )
     expected = [Processed(None, jpeg, 600, 400, 900, 600), Processed("too_small", None, 0, 0, 100, 80),

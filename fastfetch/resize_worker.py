@@ -1,0 +1,102 @@
+"""A resize worker process: ``python -m fastfetch.resize_worker`` (started by ``ResizePool``).
+
+The worker half of ``fastfetch.resizer``, kept apart so that a worker imports only what it
+runs: the socket, Pillow and ``fastfetch.imaging``. Importing the pool's module would bring
+asyncio and subprocess too, ~55 ms of every worker's start-up, spent while the parent is
+still starting and competing with it for the same cores.
+
+Frames on the socket (both directions, in order):
+
+* a task: ``_TASK`` (body length), then the body;
+* a result: ``_RESULT`` (reason length, width, height, original width and height, data length
+  or -1 for "keep the original bytes"), then the reason, then the new JPEG.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+from fastfetch.imaging import ResizeConfig, process, warm_up
+
+TASK = struct.Struct("<Q")  # body length
+RESULT = struct.Struct("<iiiiiq")  # reason length, width, height, original w, h, data length (-1: keep original)
+
+
+def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
+    """Worker main loop: read a body, process it, answer; return at end of stream."""
+    # A worker must not die of the parent's Ctrl-C: the parent decides when the workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ... but it must die with the parent (Linux: PR_SET_PDEATHSIG), should it be SIGKILLed.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    keep_freed_memory()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+    warm_up(cfg)
+    while True:
+        head = _read_exactly(sock, TASK.size)
+        if head is None:
+            return
+        body = _read_exactly(sock, TASK.unpack(head)[0])
+        if body is None:
+            return
+        out = process(body, cfg)
+        reason = (out.reason or "").encode()
+        data = out.data
+        sock.sendall(
+            RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
+                        -1 if data is None else len(data)) + reason
+        )
+        if data:
+            sock.sendall(data)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc reuse freed large buffers instead of unmapping them (no-op elsewhere).
+
+    Every image brings buffers of 0.1–1 MB (received chunks, the body, decoded pixels, the new
+    JPEG) that glibc would map fresh and unmap again, page-faulting through every page of each
+    (~3 % of a worker's CPU on SA-1B-size images, ~3 % of the parent's): kept in the heap, the
+    next image's buffers reuse them. Called by the workers and by the parent process."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: heap, not mmap, below 64 MiB
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: give memory back past 256 MiB free
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes from a blocking socket, or None at end of stream.
+
+    ``MSG_WAITALL`` receives straight into the returned ``bytes``, which Pillow then reads
+    without copying (``io.BytesIO`` shares a ``bytes`` buffer but copies a ``bytearray``)."""
+    data = sock.recv(n, socket.MSG_WAITALL)
+    while len(data) < n:  # interrupted by a signal: rare, so the extra copy does not matter
+        more = sock.recv(n - len(data), socket.MSG_WAITALL)
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) != 3:
+        sys.exit("usage: python -m fastfetch.resize_worker SOCKET_FD PARENT_PID CONFIG_JSON (started by ResizePool)")
+    fd, parent, config = argv
+    serve(socket.socket(fileno=int(fd)), ResizeConfig(**json.loads(config)), int(parent))
+    # Nothing is left to flush (every answer was sent with sendall): skip the interpreter's
+    # teardown, which the parent would otherwise wait for at the end of every run.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
