@@ -138,7 +138,10 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
 
             cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
     nginx0 = srv.cpu_seconds()
-    m = measure(f"{tool}-{variant}", cmd, env=env, cwd=ROOT, disk_paths=[out], timeout=args.timeout)
+    # Each bin/fetch runs from its own tree: an older commit's resize workers (``python -m``
+    # without -P, before session 5) would otherwise import the working tree's modules.
+    cwd = Path(cmd[1]).parents[1] if tool.startswith("fetch") else ROOT
+    m = measure(f"{tool}-{variant}", cmd, env=env, cwd=cwd, disk_paths=[out], timeout=args.timeout)
     m.extra["nginx_cpu_s"] = round(srv.cpu_seconds() - nginx0, 2)
     if m.returncode != 0:
         print(f"{tool} failed ({m.returncode}):\n{m.stderr_tail}\n{m.stdout_tail}", file=sys.stderr)

@@ -41,6 +41,7 @@ from fastfetch.resize_worker import RESULT, TASK, keep_freed_memory
 #: 0.1 s), few enough that the last images of a run are shared evenly between the workers
 DEPTH = 8
 _BUFFER = 4 << 20  # socket buffers: a few bodies in flight without waking the other side
+_START_ATTEMPTS = 3  # workers in a row exiting before their first answer: they cannot start
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where ``import fastfetch`` works from
 
 
@@ -52,6 +53,7 @@ class _Worker:
     pending: collections.deque[tuple[asyncio.Future[Processed], Body]] = field(default_factory=collections.deque, repr=False)
     connecting: asyncio.Task[asyncio.Transport] = field(init=False, repr=False)  # set by ResizePool._start
     waiting: int = 0  # tasks given to this worker that wait for its socket to be on the loop
+    answered: int = 0  # results received from it
 
     @property
     def load(self) -> int:
@@ -105,6 +107,7 @@ class _Results(asyncio.BufferedProtocol):
         reason = body[:rlen].decode() if rlen else None
         out: Body | None = (memoryview(body)[rlen:],) if dlen > 0 else (b"" if dlen == 0 else None)
         future, _ = self._worker.pending.popleft()
+        self._worker.answered += 1
         if not future.done():  # the caller may have been cancelled meanwhile
             future.set_result(Processed(reason, out, width, height, ow, oh))
 
@@ -130,9 +133,13 @@ class ResizePool:
         self.capacity = max(1, workers) * DEPTH
         self._slots = asyncio.Semaphore(self.capacity)
         self._closed = False
+        self._failed_starts = 0  # workers in a row that exited with an error before any answer
+        self._broken: RuntimeError | None = None  # set when workers cannot start at all
 
     async def process(self, data: Body) -> Processed:
         async with self._slots:
+            if self._broken is not None:
+                raise self._broken
             if not self._workers:
                 return process(body_bytes(data), self.cfg)
             worker = min(self._workers, key=lambda w: w.load)
@@ -164,15 +171,34 @@ class ResizePool:
             self._replace(worker)
 
     def _replace(self, dead: _Worker) -> None:
-        """A worker died: its current image is a decode error, the rest go to its successor."""
+        """A worker died: its current image is a decode error, the rest go to its successor.
+
+        A worker killed by a signal (out of memory on a hostile image) is simply replaced. One
+        that exited with an error before answering anything failed to start (a broken Pillow,
+        a bad interpreter): no image is blamed, and after ``_START_ATTEMPTS`` in a row every
+        image fails with an error that says so, instead of respawning workers forever."""
         if dead not in self._workers:
             return
         _reap(dead.process, 1)
         dead.sock.close()
+        status = dead.process.returncode
+        failed_start = dead.answered == 0 and status is not None and status > 0
+        self._failed_starts = self._failed_starts + 1 if failed_start else 0
+        queued = list(dead.pending)
+        if self._failed_starts >= _START_ATTEMPTS:
+            self._broken = RuntimeError(
+                f"the resize workers exit at start ({_START_ATTEMPTS} in a row, last exit status {status}; their "
+                f"error is printed above). Check that `{sys.executable} -c 'import PIL.Image'` works in this "
+                "environment, then rerun the same command"
+            )
+            self._workers.remove(dead)
+            for future, _ in queued:
+                if not future.done():
+                    future.set_exception(self._broken)
+            return
         successor = self._start()
         self._workers[self._workers.index(dead)] = successor
-        queued = list(dead.pending)
-        if queued:
+        if queued and not failed_start:
             first, _ = queued.pop(0)
             if not first.done():
                 first.set_result(Processed("decode_error"))
@@ -187,7 +213,9 @@ class ResizePool:
                 s.setsockopt(socket.SOL_SOCKET, opt, _BUFFER)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "fastfetch.resize_worker", str(child.fileno()), str(os.getpid()),
+        # -P: the current directory is not put on sys.path, so a worker runs the package this
+        # process runs (PYTHONPATH above), never a ``fastfetch`` folder where the user stands.
+        cmd = [sys.executable, "-P", "-m", "fastfetch.resize_worker", str(child.fileno()), str(os.getpid()),
                json.dumps(dataclasses.asdict(self.cfg))]
         proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()

@@ -8,6 +8,8 @@ import collections
 import os
 import signal
 
+import pytest
+
 from fastfetch.body import body_bytes
 from fastfetch.imaging import Processed, ResizeConfig, process
 from fastfetch.resize_worker import RESULT
@@ -68,7 +70,7 @@ def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
     async def receive(read_size: int) -> list[Processed]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in frames]
-        worker = type("W", (), {"pending": collections.deque((f, b"") for f in futures)})()
+        worker = type("W", (), {"pending": collections.deque((f, b"") for f in futures), "answered": 0})()
         protocol = _Results(worker, lambda w: None)  # type: ignore[arg-type]
         pos = 0
         while pos < len(stream):
@@ -119,3 +121,45 @@ def test_workers_stop_cleanly_when_descriptors_are_numbered_past_1024() -> None:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_workers_run_this_package_whatever_folder_the_user_is_in(tmp_path, monkeypatch) -> None:
+    """A ``fastfetch`` folder in the current directory (another checkout, an older version) must
+    not be what the workers import: they run the package of the process that started them."""
+    impostor = tmp_path / "fastfetch"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "resize_worker.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    jpeg = make_image(700, 600)
+
+    async def run() -> Processed:
+        pool = ResizePool(ResizeConfig(), 1)
+        try:
+            return await asyncio.wait_for(pool.process(jpeg), 30)
+        finally:
+            pool.close()
+
+    got = asyncio.run(run())
+    assert got._replace(data=body_bytes(got.data)) == process(jpeg, ResizeConfig())
+
+
+def test_workers_that_cannot_start_fail_the_work_with_a_message_instead_of_respawning_forever(tmp_path, monkeypatch) -> None:
+    broken = tmp_path / "PIL"  # a Pillow that cannot be imported, first on the workers' path
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('this Pillow is broken')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    async def run() -> BaseException:
+        pool = ResizePool(ResizeConfig(), 1)
+        try:
+            with pytest.raises(RuntimeError) as info:
+                await asyncio.wait_for(pool.process(make_image(300, 300)), 60)
+            with pytest.raises(RuntimeError):  # and every later image, at once
+                await pool.process(make_image(300, 300))
+            return info.value
+        finally:
+            pool.close()
+
+    message = str(asyncio.run(run()))
+    assert "exit at start (3 in a row, last exit status 1" in message and "import PIL.Image" in message
