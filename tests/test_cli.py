@@ -50,6 +50,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert stats["kept"] == len(expected)
     assert {"too_small", "http_404", "not_an_image", "decode_error", "no_caption"} <= set(stats["rejected"])
     assert "fastfetch: done" in proc.stderr
+    # The summary table: kept and every rejection reason, with the dataset's and this run's counts.
+    table = {words[words[0] == "rejected:"]: words[-2:] for words in map(str.split, proc.stderr.splitlines()) if len(words) >= 3}
+    assert table["kept"] == [f"{len(expected):,}"] * 2
+    for reason, n in stats["rejected"].items():
+        assert table[reason] == [f"{n:,}"] * 2, reason
     # A second run has nothing left to do and changes nothing.
     again = run_fetch("--dataset", "demo", "--out", out)
     assert again.returncode == 0 and "nothing to do" in again.stderr
