@@ -51,12 +51,9 @@ def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
         out = process(body, cfg)
         reason = (out.reason or "").encode()
         data = out.data
-        sock.sendall(
-            RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
-                        -1 if data is None else len(data)) + reason
-        )
-        if data:
-            sock.sendall(data)
+        head = RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
+                           -1 if data is None else len(data)) + reason
+        _send(sock, head, data)
 
 
 def keep_freed_memory() -> None:
@@ -72,6 +69,16 @@ def keep_freed_memory() -> None:
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: give memory back past 256 MiB free
     except (OSError, AttributeError):
         pass
+
+
+def _send(sock: socket.socket, head: bytes, data: bytes | None) -> None:
+    """A result's frame in one system call (the parent then reads it in one wake-up)."""
+    if not data:
+        sock.sendall(head)
+        return
+    sent = sock.sendmsg((head, data))
+    if sent < len(head) + len(data):  # cut short by a signal: rare, so the copy does not matter
+        sock.sendall((head + data)[sent:])
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
