@@ -45,7 +45,6 @@ _START_ATTEMPTS = 3  # workers in a row exiting before their first answer: they 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where ``import fastfetch`` works from
 
 
-# -- parent side ---------------------------------------------------------------------------------
 @dataclass
 class _Worker:
     process: subprocess.Popen[bytes]
