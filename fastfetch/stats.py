@@ -63,15 +63,19 @@ class Progress:
         now = time.monotonic()
         if now - self._last > 0.5:
             self._last = now
-            c = self.counters
-            self.bar.set_postfix(
-                kept=c.kept, rejected=sum(c.rejected.values()),
-                MBps=f"{c.bytes_in / 1e6 / max(c.seconds, 1e-9):.1f}", refresh=False,
-            )
+            self._set_counts()
 
     def close(self) -> None:
         if self.bar is not None:
+            self._set_counts()  # the bar's last line shows the final counts, not the last refresh's
             self.bar.close()
+
+    def _set_counts(self) -> None:
+        c = self.counters
+        self.bar.set_postfix(
+            kept=c.kept, rejected=sum(c.rejected.values()),
+            MBps=f"{c.bytes_in / 1e6 / max(c.seconds, 1e-9):.1f}", refresh=False,
+        )
 
 
 def dataset_totals(manifest: Manifest) -> dict[str, Any]:

@@ -126,3 +126,18 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, server: LoopbackServer
     rerun = run_fetch(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(f"c{i}" for i in range(60))
+
+
+def test_the_progress_bar_ends_on_the_final_counts(capsys) -> None:
+    """The bar's counts are refreshed at most every 0.5 s; its last line must not be stale."""
+    from fastfetch.stats import Progress, RunCounters
+
+    counters = RunCounters()
+    bar = Progress(5, counters)
+    for i in range(5):  # all within one refresh interval
+        counters.kept += i % 2
+        counters.rejected["too_small"] += 1 - i % 2
+        bar.update()
+    bar.close()
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/5" in last and "kept=2" in last and "rejected=3" in last, last
