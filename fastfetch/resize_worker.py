@@ -7,8 +7,8 @@ still starting and competing with it for the same cores.
 
 Frames on the socket (both directions, in order):
 
-* a task: ``_TASK`` (body length), then the body;
-* a result: ``_RESULT`` (reason length, width, height, original width and height, data length
+* a task: ``TASK`` (body length), then the body;
+* a result: ``RESULT`` (reason length, width, height, original width and height, data length
   or -1 for "keep the original bytes"), then the reason, then the new JPEG.
 """
 
@@ -51,9 +51,9 @@ def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
         out = process(body, cfg)
         reason = (out.reason or "").encode()
         data = out.data
-        head = RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
-                           -1 if data is None else len(data)) + reason
-        _send(sock, head, data)
+        frame = RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
+                            -1 if data is None else len(data)) + reason
+        _send(sock, frame, data)
 
 
 def keep_freed_memory() -> None:
