@@ -318,6 +318,15 @@ def fetch_help() -> str:
     return subprocess.run([main_python(), str(ROOT / "bin" / "fetch"), "--help"], capture_output=True, text=True, cwd=ROOT).stdout
 
 
+def run_dir(cmd: list[str]) -> Path:
+    """The directory a benchmarked command runs in: a ``bin/fetch`` runs from its own tree, so
+    that an older commit's resize workers (``python -m`` without -P, before session 5: the
+    current directory first on ``sys.path``) import that commit's modules, not the working
+    tree's; anything else runs from the repository."""
+    script = Path(cmd[1]) if len(cmd) > 1 else Path()
+    return script.parents[1] if script.name == "fetch" and script.parent.name == "bin" else ROOT
+
+
 def fetch_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "AWS_"))}
     # No proxy variables at all (as on this machine): every tool talks to nginx directly.

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    HERE, ROOT, WORK, Measurement, byte_compile, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
+    HERE, ROOT, WORK, Measurement, byte_compile, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, run_dir,
     median, pillow_flavour, save_result, venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
@@ -138,10 +138,7 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
 
             cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
     nginx0 = srv.cpu_seconds()
-    # Each bin/fetch runs from its own tree: an older commit's resize workers (``python -m``
-    # without -P, before session 5) would otherwise import the working tree's modules.
-    cwd = Path(cmd[1]).parents[1] if tool.startswith("fetch") else ROOT
-    m = measure(f"{tool}-{variant}", cmd, env=env, cwd=cwd, disk_paths=[out], timeout=args.timeout)
+    m = measure(f"{tool}-{variant}", cmd, env=env, cwd=run_dir(cmd), disk_paths=[out], timeout=args.timeout)
     m.extra["nginx_cpu_s"] = round(srv.cpu_seconds() - nginx0, 2)
     if m.returncode != 0:
         print(f"{tool} failed ({m.returncode}):\n{m.stderr_tail}\n{m.stdout_tail}", file=sys.stderr)

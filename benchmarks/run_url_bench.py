@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    ROOT, WORK, Measurement, byte_compile, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure,
+    ROOT, WORK, Measurement, byte_compile, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, run_dir,
     median, save_result, venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
@@ -136,9 +136,7 @@ def run_one(tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: 
     else:
         cmd = i2d_cmd(urls, out, args.processes, args.threads, args.per_shard, skip_reencode=(tool == "img2dataset-skip"))
     nginx0 = srv.cpu_seconds()
-    # Each bin/fetch runs from its own tree: an older commit's resize workers (``python -m``
-    # without -P, before session 5) would otherwise import the working tree's modules.
-    m = measure(tool, cmd, env=fetch_env(), cwd=Path(cmd[1]).parents[1] if tool.startswith("fetch") else ROOT, timeout=args.timeout)
+    m = measure(tool, cmd, env=fetch_env(), cwd=run_dir(cmd), timeout=args.timeout)
     m.extra["nginx_cpu_s"] = round(srv.cpu_seconds() - nginx0, 2)
     if m.returncode != 0:
         print(f"{tool} failed ({m.returncode}):\n{m.stderr_tail}", file=sys.stderr)

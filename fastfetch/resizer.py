@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fastfetch.body import Body, body_bytes, body_len, body_pieces
 from fastfetch.imaging import Processed, ResizeConfig, process
-from fastfetch.resize_worker import RESULT, TASK, keep_freed_memory
+from fastfetch.resize_worker import RESULT, TASK
 
 #: tasks queued per worker: enough that a worker never waits for the loop even on a run of
 #: small images (with 4, each worker waited ~0.5 s of a 10 s web-size archive run; with 8,
@@ -133,12 +133,12 @@ class ResizePool:
         self._slots = asyncio.Semaphore(self.capacity)
         self._closed = False
         self._failed_starts = 0  # workers in a row that exited with an error before any answer
-        self._broken: RuntimeError | None = None  # set when workers cannot start at all
+        self._broken: str | None = None  # why every image fails: the workers cannot start at all
 
     async def process(self, data: Body) -> Processed:
         async with self._slots:
             if self._broken is not None:
-                raise self._broken
+                raise RuntimeError(self._broken)  # a new one each time: a shared instance's traceback would grow
             if not self._workers:
                 return process(body_bytes(data), self.cfg)
             worker = min(self._workers, key=lambda w: w.load)
@@ -185,7 +185,7 @@ class ResizePool:
         self._failed_starts = self._failed_starts + 1 if failed_start else 0
         queued = list(dead.pending)
         if self._failed_starts >= _START_ATTEMPTS:
-            self._broken = RuntimeError(
+            self._broken = (
                 f"the resize workers exit at start ({_START_ATTEMPTS} in a row, last exit status {status}; their "
                 f"error is printed above). Check that `{sys.executable} -c 'import PIL.Image'` works in this "
                 "environment, then rerun the same command"
@@ -193,7 +193,7 @@ class ResizePool:
             self._workers.remove(dead)
             for future, _ in queued:
                 if not future.done():
-                    future.set_exception(self._broken)
+                    future.set_exception(RuntimeError(self._broken))
             return
         successor = self._start()
         self._workers[self._workers.index(dead)] = successor
