@@ -25,10 +25,11 @@ from encode.paths import stream_location
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def open_source(path: str, cache_dir: str | None = None) -> StreamingDataset:
-    """The image MDS at `path` (local folder or remote URL), unshuffled, read by index only."""
+def open_source(path: str, cache_dir: str | None = None, validate_hash: str | None = None) -> StreamingDataset:
+    """The image MDS at `path` (local folder or remote URL), unshuffled, read by index only;
+    `validate_hash` checks each downloaded shard of a remote one."""
     remote, local = stream_location(path, cache_dir)
-    return StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+    return StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=validate_hash)
 
 
 def rank_rows(num_rows: int, rank: int, world_size: int) -> range:

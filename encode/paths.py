@@ -56,22 +56,30 @@ def upload_files(local_dir: str, remote_dir: str, names: list[str]) -> None:
         uploader.upload_file(name)
 
 
+def remote_names(remote: str) -> set[str]:
+    """Every object below `remote`, as paths relative to it."""
+    from streaming.base.storage.upload import CloudUploader
+
+    prefix = urllib.parse.urlparse(remote).path.strip("/")
+    scratch = os.path.join(tempfile.gettempdir(), "fastfetch-lister")  # the uploader wants a local side
+    lister = CloudUploader.get(out=(scratch, remote), keep_local=True, exist_ok=True)
+    # the uploader lists below its own remote; keys come back full
+    return {key[len(prefix):].lstrip("/") if prefix else key for key in lister.list_objects() or []}
+
+
 def pull_small_files(remote: str, local: str, names: tuple[str, ...]) -> int:
     """Download every `<folder>/<name>` under `remote` whose name is in `names` and is missing
     locally; returns how many were fetched."""
-    from streaming.base.storage.upload import CloudUploader
-
     url = urllib.parse.urlparse(remote)
     prefix = url.path.strip("/")
-    lister = CloudUploader.get(out=(local, remote), keep_local=True, exist_ok=True)
     fetched = 0
-    for key in lister.list_objects() or []:  # the uploader lists below its own remote; keys are full
-        rel = key[len(prefix):].lstrip("/") if prefix else key
+    for rel in sorted(remote_names(remote)):
         if rel.count("/") != 1 or rel.rsplit("/", 1)[1] not in names:
             continue
         dest = os.path.join(local, rel)
         if not os.path.exists(dest):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
+            key = f"{prefix}/{rel}" if prefix else rel
             CloudDownloader.direct_download(f"{url.scheme}://{url.netloc}/{key}", dest, timeout=120)
             fetched += 1
     return fetched

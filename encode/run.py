@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import os
 import subprocess
 import sys
@@ -28,16 +29,13 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import encode  # noqa: E402
-from encode import data, models, writer  # noqa: E402
+from encode import data, models, preflight, writer  # noqa: E402
 from encode.paths import INDEX, is_remote, pull_small_files, stream_location, upload_files  # noqa: E402
+from fastfetch.errors import UsageError  # noqa: E402
 
 # Settings that change what is written: a resumed run must use the same ones.
 SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype",
             "latent_mode", "seed", "keep_images")
-
-
-class UsageError(Exception):
-    """Something the user can fix in the command line or the folders; exits with status 2."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,9 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu or cuda")
     p.add_argument("--cache-dir", default=None, help="local cache for a remote --data, and the local mirror of a "
                    "remote --out (default: a folder under the system temp dir)")
+    p.add_argument("--verify-shards", action=argparse.BooleanOptionalAction, default=True,
+                   help="before encoding, check every --data shard against the hash its index records "
+                   "(presence, size and header are always checked)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0 or args.prefetch_factor < 1 or args.chunk_rows < 1:
         p.error("--batch-size, --prefetch-factor and --chunk-rows must be ≥ 1, --num-workers ≥ 0")
+    overlap = _overlap(args.data, args.out)
+    if overlap:
+        p.error(overlap)
     # A remote --out is written into its local mirror; `remote_out` says where pieces go.
     args.remote_out = args.out.rstrip("/") if is_remote(args.out) else None
     if args.remote_out:
@@ -79,6 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not is_remote(args.data) and not os.path.exists(os.path.join(args.data, INDEX)):
         p.error(f"--data {args.data}: no {INDEX} there; point it at the mds folder bin/fetch wrote")
     return args
+
+
+def _overlap(data_path: str, out: str) -> str | None:
+    """Why --out may not be where it is: inside --data (a rerun of bin/fetch, or this run's
+    own merge, would meet the latents there) or around it (the merge and stats.json would
+    overwrite the image dataset's)."""
+    def norm(path: str) -> str:
+        return path.rstrip("/") + "/" if is_remote(path) else os.path.realpath(path) + os.sep
+
+    d, o = norm(data_path), norm(out)
+    if o == d:
+        return f"--out {out} is --data itself: write the latents to a folder of their own (e.g. next to it)"
+    if o.startswith(d):
+        return f"--out {out} is inside --data {data_path}: write the latents next to the image dataset, not in it"
+    if d.startswith(o):
+        return f"--data {data_path} is inside --out {out}: write the latents to a folder of their own"
+    return None
 
 
 # --------------------------------------------------------------------------- setup
@@ -187,7 +208,7 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
 
 def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.Progress) -> None:
     """Encode this rank's rows that no earlier run finished; counters go to `progress`."""
-    source = data.open_source(args.data, args.cache_dir)
+    source = data.open_source(args.data, args.cache_dir, args.validate_hash)
     done = frozenset(writer.done_keys(args.out))
     rows = data.rank_rows(source.num_samples, ctx.rank, ctx.world_size)
     loader = torch.utils.data.DataLoader(
@@ -268,10 +289,44 @@ def summarize(args: argparse.Namespace, ctx: Ctx, progress: writer.Progress) -> 
     return stats
 
 
+def check_inputs(args: argparse.Namespace, ctx: Ctx) -> list:
+    """Before any model loads: the image dataset is whole (``encode.preflight``, the shards dealt
+    over the ranks) and no other run writes this rank's share of --out. Every rank gets every
+    rank's findings, so all stop together. Returns this rank's lock (held while the run lasts)."""
+    found: list[str] = []
+    try:
+        dataset = preflight.read_index(args.data, args.cache_dir)
+        found += preflight.problems(dataset, ctx.rank, ctx.world_size, args.verify_shards)
+    except ValueError as e:
+        found.append(str(e))
+    locks = []
+    try:
+        os.makedirs(os.path.join(args.out, writer.LOCK_DIR), exist_ok=True)
+        lock = open(os.path.join(args.out, writer.LOCK_DIR, f"rank{ctx.rank:05d}"), "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locks.append(lock)
+    except BlockingIOError:
+        found.append(f"another encode run is writing into {args.out} (rank {ctx.rank}); wait for it or choose "
+                     "another --out")
+    except OSError as e:
+        found.append(f"cannot write into --out {args.out}: {e.strerror or e}")
+    if ctx.distributed:
+        everyone: list = [None] * ctx.world_size
+        dist.all_gather_object(everyone, found)
+        found = [msg for rank_found in everyone for msg in rank_found]
+    if found:
+        shown = sorted(set(found))
+        more = f"\n  … and {len(shown) - 20} more" if len(shown) > 20 else ""
+        raise UsageError("the input cannot be encoded:\n  " + "\n  ".join(shown[:20]) + more)
+    args.validate_hash = dataset.hash_algo if dataset.remote else None
+    return locks
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = setup(args)
     try:
+        locks = check_inputs(args, ctx)  # noqa: F841 (held until the process ends)
         loaded = load_models(args, ctx)
         if ctx.main:
             os.makedirs(args.out, exist_ok=True)

@@ -7,6 +7,7 @@ Layout of `--out`:
     r00000-c00000/            one finished chunk: MDS shards + index.json + keys.json
     r00001-c00000/ ...
     .progress/rank00000.json  live counters of each rank (progress bar, summary, stats.json)
+    .locks/rank00000          held by the rank writing into `out` (a second run is refused)
 
 A chunk is written under a `.tmp` name and renamed once its MDSWriter has finished, so a killed
 run leaves only whole chunks behind; their `keys.json` tells a rerun which rows are done.
@@ -35,6 +36,7 @@ from encode.paths import upload_files
 META_NAME = "latents.json"
 CHUNK_BOOKKEEPING = ("index.json", "keys.json")  # what a rerun or the merge needs of a chunk
 PROGRESS_DIR = ".progress"
+LOCK_DIR = ".locks"  # one lock file per rank: a second run into the same --out is refused
 TMP_SUFFIX = ".tmp"
 
 

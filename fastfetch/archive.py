@@ -6,7 +6,11 @@ one member. Zip keeps its table of contents at the end, so it is read by random 
 HTTP reads of a :class:`fastfetch.ranged.RemoteFile`, or a spooled :class:`LocalFile`): the end
 of central directory, then the central directory, then the members in file order, several per
 request. Only regular files with safe relative names are ever yielded; links, devices,
-absolute paths and ``..`` are skipped, and nothing is ever written to disk by name.
+absolute paths and ``..`` are skipped, and nothing is ever written to disk by name. What an
+archive declares is bounded before anything is held: tar metadata records (long names, pax
+headers) at ``MAX_META``, members at ``MAX_MEMBER``, a zip's central directory at
+``MAX_DIRECTORY``; a member that cannot be read faithfully (too large, sparse) says why in its
+``problem`` instead of being skipped unseen.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from fastfetch.body import Body, body_bytes, body_len
 
 BLOCK = 512
 MAX_MEMBER = 256 * 1024 * 1024  # a member larger than this is never held in memory
+MAX_META = 1 << 20  # a tar long name or pax header larger than this fails the archive
+MAX_DIRECTORY = 256 * 1024 * 1024  # a zip central directory larger than this fails the archive
 _THREAD_MIN = 1 << 16  # inflate chunks at least this large in a thread (zlib releases the GIL)
 
 
@@ -178,21 +184,30 @@ class TarMember:
     without holding them.
     """
 
-    def __init__(self, name: str, size: int, reader: _Reader) -> None:
+    def __init__(self, name: str, size: int, reader: _Reader, sparse: bool = False) -> None:
         self.name = name
         self.size = size
         self._reader = reader
         self._left = size
+        self._sparse = sparse
+
+    @property
+    def problem(self) -> str | None:
+        """Why the data will not be read (``too_large``, ``sparse_member``), or None."""
+        if self._sparse:
+            return "sparse_member"  # the stored bytes are not the file's bytes
+        return "too_large" if self.size > MAX_MEMBER else None
 
     async def read(self, limit: int = MAX_MEMBER) -> bytes | None:
-        """All the data, or None (data skipped) when it is larger than ``limit``."""
+        """All the data, or None (data skipped) when it is larger than ``limit`` or has a
+        ``problem``."""
         body = await self.read_body(limit)
         return None if body is None else body_bytes(body)
 
     async def read_body(self, limit: int = MAX_MEMBER) -> Body | None:
         """Like ``read``, without joining the chunks the data lies in (an image on its way to
         a resize worker and an MDS shard needs no contiguous copy of its own)."""
-        if self.size > limit:
+        if self.size > limit or self._sparse:
             return None
         body = await self._reader.read_body(self._left)
         self._left -= body_len(body)
@@ -237,7 +252,14 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
             except tarfile.HeaderError as exc:
                 raise ArchiveError(f"bad tar header at byte {reader.offset - BLOCK}: {exc}") from exc
         size = info.size
+        if size < 0:
+            raise ArchiveError(f"bad tar header at byte {reader.offset - BLOCK}: negative size")
         if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
+            if size > MAX_META:
+                raise ArchiveError(
+                    f"tar metadata record of {size:,} bytes at byte {reader.offset - BLOCK} (more than "
+                    f"{MAX_META >> 20} MiB of long name or pax header): not read"
+                )
             meta = await reader.read(size)
             await reader.skip(-size % BLOCK)
             if info.type == tarfile.GNUTYPE_LONGNAME:
@@ -247,13 +269,14 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
             continue
         name = pax.get("path") or long_name or info.name
         if "size" in pax:
-            size = int(pax["size"])
+            size = _pax_size(pax["size"], reader.offset)
+        sparse = info.type == tarfile.GNUTYPE_SPARSE or any(k.startswith("GNU.sparse.") for k in pax)
         long_name, pax = None, {}
         safe = safe_name(name)
         if info.type not in tarfile.REGULAR_TYPES or safe is None:
             await reader.skip(size + (-size % BLOCK))
             continue
-        member = TarMember(safe, size, reader)
+        member = TarMember(safe, size, reader, sparse)
         yield member
         await member._finish()
 
@@ -297,7 +320,10 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ArchiveError(f"bad pax header record length {data[pos:space][:20]!r}") from None
         if length <= 0:
             break
         record = data[space + 1 : pos + length - 1]
@@ -307,11 +333,22 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return out
 
 
+def _pax_size(value: str, offset: int) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise ArchiveError(f"bad pax size {value[:20]!r} before byte {offset}") from None
+    if size < 0:
+        raise ArchiveError(f"bad pax size {size} before byte {offset}")
+    return size
+
+
 async def iter_tar_groups(chunks: AsyncIterator[bytes], want: Callable[[str], bool]) -> AsyncIterator[dict[str, bytes]]:
     """Webdataset samples: adjacent members sharing a key (``dir/key.ext``) as {ext: data, "__key__": key}.
 
     Only members whose extension ``want`` accepts are read; the key is the path up to the first
-    dot of the file name, as webdataset defines it.
+    dot of the file name, as webdataset defines it. A wanted member that cannot be read puts
+    its ``problem`` under ``"__problem__"`` (and its extension maps to ``b""``).
     """
     current: str | None = None
     group: dict[str, bytes] = {}
@@ -327,6 +364,9 @@ async def iter_tar_groups(chunks: AsyncIterator[bytes], want: Callable[[str], bo
             data = await member.read()
             if data is not None:
                 group[ext.lower()] = data
+            elif member.problem:
+                group[ext.lower()] = b""
+                group["__problem__"] = member.problem.encode()
     if group and current is not None:
         yield {"__key__": current.encode(), **group}
 
@@ -385,6 +425,11 @@ async def zip_entries(f: RandomAccess) -> list[ZipEntry]:
         count, cd_size, cd_offset = fields[7], fields[8], fields[9]
     if cd_offset + cd_size > f.size:
         raise ArchiveError("central directory beyond the end of the file")
+    if cd_size > MAX_DIRECTORY or count * _CDIR.size > cd_size:
+        raise ArchiveError(
+            f"central directory of {cd_size:,} bytes declaring {count:,} entries: too large or inconsistent "
+            f"(at most {MAX_DIRECTORY >> 20} MiB, {_CDIR.size} bytes an entry)"
+        )
     cd = await f.read(cd_offset, cd_size)
     entries: list[ZipEntry] = []
     pos = 0

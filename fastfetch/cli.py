@@ -157,6 +157,9 @@ def _places(args: argparse.Namespace) -> Places:
     if remote and args.local_cache is None:
         raise UsageError(f"--out {args.out} is remote: also pass --local-cache DIR (a local folder for the manifest and shards in transit)")
     base = Path(args.local_cache if remote else args.out).expanduser()
+    if base.exists() and not base.is_dir():
+        flag = "--local-cache" if remote else "--out"
+        raise UsageError(f"{flag} {base} is a file, not a folder: choose a folder (it is created when missing)")
     node = detect(args)
     buckets = _buckets(args.buckets)
     layout = Layout(base / "mds", node.name, buckets, f"{args.out.rstrip('/')}/mds" if remote else None)
@@ -179,7 +182,10 @@ async def _fetch(args: argparse.Namespace) -> int:
     places = _places(args)
     if args.merge:
         return _merge_only(places)
-    places.state.mkdir(parents=True, exist_ok=True)
+    try:
+        places.state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {places.state}: {exc.strerror or exc}; choose another --out") from exc
     lock = _lock(places.state)
     # The imported modules live for the whole run: keep the cyclic collector off them, and
     # let it run less often (each request allocates hundreds of short-lived objects).
@@ -277,7 +283,10 @@ def _publish(places: Places, pipeline: Pipeline, manifest: Manifest, counters: R
     """End of a run: this node's stats; on one machine the merged index too, on several the
     node summary (and, on rank 0 once every node is complete, the global merge)."""
     stats = write_stats(places.state, manifest, counters, settings, status)
-    print_summary(stats, places.state)
+    dataset = f"{places.out.rstrip('/')}/mds"
+    if places.node.count > 1:
+        dataset += f" (this node's units: {places.node.name} folders; the merged index.json comes with the merge)"
+    print_summary(stats, dataset, places.state / "stats.json")
     if places.node.count == 1:
         pipeline.merge()
         if places.layout.remote:
@@ -320,7 +329,10 @@ def _check_settings(manifest: Manifest, settings: dict[str, Any], out: Path) -> 
 
 
 def _lock(out: Path) -> Any:
-    f = open(out / ".lock", "a+")
+    try:
+        f = open(out / ".lock", "a+")
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out}: {exc.strerror or exc}; choose another --out") from exc
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:

@@ -1,13 +1,18 @@
 """One aiohttp session for the whole run: limits, retries, timeouts and guards.
 
-The fetcher turns a URL into bytes or into a named rejection reason; it never raises for a bad
-URL or a bad server, because bad input must never stop a run. Redirects are followed by hand so
-that every hop is checked (scheme, redirect limit) before anything is sent to it.
+Every request fastfetch makes goes through ``Fetcher.request``: images of a URL list, archives,
+ranged reads of zips, caption side files and remote URL lists alike. It checks the scheme
+(http/https only) and the address (the SSRF guard: an address literal is judged here, a name by
+``GuardedResolver`` on every connection) of the URL and of every redirect hop, which it follows
+by hand, dropping credentials when a hop leaves the origin. ``Fetcher.fetch`` builds on it for
+images: a URL becomes bytes or a named rejection reason, never an exception, because bad input
+must never stop a run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import ipaddress
 import itertools
@@ -15,11 +20,13 @@ import random
 import socket
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urljoin
 
 import aiohttp
+from aiohttp import http_exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
@@ -66,6 +73,7 @@ class MemoryBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self._tickets = itertools.count(1)
         self._downloading: dict[int, int] = {}  # ticket → bytes held so far
         self._evicted: set[int] = set()
         self._cond = asyncio.Condition()
@@ -92,6 +100,19 @@ class MemoryBudget:
                     self._waiting -= 1
             self.used += n
             self._downloading[ticket] = self._downloading.get(ticket, 0) + n
+
+    def ticket(self) -> int:
+        """A new reservation's number."""
+        return next(self._tickets)
+
+    async def hold(self, n: int) -> int:
+        """Reserve ``n`` bytes of a body that is already complete (an archive member waiting
+        for the resize pool): waits while the budget is spent, and is never evicted. Returns
+        the ticket to ``give`` back."""
+        ticket = self.ticket()
+        await self.take(ticket, n)
+        self.downloaded(ticket)
+        return ticket
 
     def downloaded(self, ticket: int) -> None:
         """The body is complete: it is no longer a candidate for eviction."""
@@ -141,6 +162,15 @@ class BlockedAddress(Exception):
 
     Deliberately not an ``OSError``: aiohttp would wrap that into a retryable connection error.
     """
+
+
+class Refused(Exception):
+    """A request fastfetch will not make; ``reason`` is its stats name (``private_address``,
+    ``bad_scheme``, ``invalid_url``, ``too_many_redirects``)."""
+
+    def __init__(self, reason: str, url: str) -> None:
+        super().__init__(f"{reason.replace('_', ' ')}: {url}")
+        self.reason = reason
 
 
 def is_public_address(address: str) -> bool:
@@ -216,24 +246,26 @@ def status_reason(status: int) -> str:
 
 
 class Fetcher:
-    """Downloads URLs with bounded concurrency; use as an async context manager."""
+    """The run's one HTTP client (``request``) and its image downloads with bounded concurrency
+    (``fetch``); use as an async context manager."""
 
     def __init__(self, cfg: FetchConfig) -> None:
         self.cfg = cfg
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self.budget = MemoryBudget(cfg.max_inflight_bytes)
-        self._tickets = itertools.count(1)
         self.bytes_in = 0
 
     async def __aenter__(self) -> Fetcher:
+        self._resolver = None if self.cfg.allow_private_networks else GuardedResolver()
         connector = aiohttp.TCPConnector(
             limit=self.cfg.concurrency,
             limit_per_host=self.cfg.per_host,
             ttl_dns_cache=300,
             use_dns_cache=True,
             enable_cleanup_closed=True,
-            resolver=None if self.cfg.allow_private_networks else GuardedResolver(),
+            resolver=self._resolver,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -254,10 +286,48 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
+    @contextlib.asynccontextmanager
+    async def request(
+        self, url: str, headers: dict[str, str] | None = None, timeout: aiohttp.ClientTimeout | None = None,
+        read_bufsize: int | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET ``url`` through the guard, following redirects by hand (each hop checked, at
+        most ``max_redirects``); yields the final answer, whatever its status. Raises
+        ``Refused`` for a URL or hop the guard refuses; network errors propagate as aiohttp's.
+        Authorization and cookies are not sent on to another origin (a hub's CDN redirect)."""
         assert self._session is not None, "Fetcher used outside 'async with'"
-        return self._session
+        current, sent = url, dict(headers or {})
+        options: dict[str, object] = {"allow_redirects": False}
+        if timeout is not None:
+            options["timeout"] = timeout
+        if read_bufsize is not None:
+            options["read_bufsize"] = read_bufsize
+        for _ in range(self.cfg.max_redirects + 1):
+            target = _checked_url(current, self.cfg.allow_private_networks)
+            try:
+                async with self._session.get(target, headers=sent, **options) as resp:  # type: ignore[arg-type]
+                    location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
+                    if location is None:
+                        yield resp
+                        return
+                    following = urljoin(str(resp.url), location)
+            except BlockedAddress as exc:
+                raise Refused("private_address", current) from exc
+            if _origin(following) != _origin(current):
+                sent = {k: v for k, v in sent.items() if k.lower() not in _CREDENTIAL_HEADERS}
+            current = following
+        raise Refused("too_many_redirects", url)
+
+    async def check(self, url: str) -> None:
+        """Raise ``Refused`` unless the guard lets requests to ``url`` through: for requests
+        another library makes for us (huggingface_hub's file listings)."""
+        target = _checked_url(url, self.cfg.allow_private_networks)
+        host = target.raw_host or ""
+        if self._resolver is not None and not _is_address(host):
+            try:
+                await self._resolver.resolve(host, target.port or 0)
+            except BlockedAddress as exc:
+                raise Refused("private_address", url) from exc
 
     async def fetch(self, url: str) -> FetchResult:
         """GET ``url`` with retries; never raises for network or server trouble.
@@ -268,7 +338,7 @@ class Fetcher:
         async with self._slots:
             while True:
                 attempt += 1
-                ticket = next(self._tickets)
+                ticket = self.budget.ticket()
                 try:
                     data = await self._attempt(url, ticket)
                     return FetchResult(data, None, attempt, ticket)
@@ -283,34 +353,28 @@ class Fetcher:
                     await asyncio.sleep(delay)
 
     async def _attempt(self, url: str, ticket: int) -> bytes:
-        current = url
-        for _ in range(self.cfg.max_redirects + 1):
-            try:
-                target = _checked_url(current, self.cfg.allow_private_networks)
-                async with self.session.get(target, allow_redirects=False) as resp:
-                    if resp.status in _REDIRECTS:
-                        location = resp.headers.get("Location")
-                        if not location:
-                            raise _Reject(status_reason(resp.status))
-                        current = urljoin(str(resp.url), location)
-                        continue
-                    self._check_status(resp)
-                    if self.cfg.respect_robots and robots_optout(resp.headers.getall("X-Robots-Tag", [])):
-                        raise _Reject("robots_optout")
-                    return await self._read_body(resp, ticket)
-            except (_Retry, _Reject):
-                raise
-            except BlockedAddress as exc:
-                raise _Reject("private_address") from exc
-            except asyncio.TimeoutError as exc:
-                raise _Retry("timeout") from exc
-            except aiohttp.ClientPayloadError as exc:
-                raise _Retry("connection") from exc
-            except (aiohttp.InvalidURL, ValueError, UnicodeError) as exc:
-                raise _Reject("invalid_url") from exc
-            except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError, OSError) as exc:
-                raise _Retry("connection") from exc
-        raise _Reject("too_many_redirects")
+        try:
+            async with self.request(url) as resp:
+                if resp.status in _REDIRECTS:  # a redirect without a Location
+                    raise _Reject(status_reason(resp.status))
+                self._check_status(resp)
+                if self.cfg.respect_robots and robots_optout(resp.headers.getall("X-Robots-Tag", [])):
+                    raise _Reject("robots_optout")
+                return await self._read_body(resp, ticket)
+        except (_Retry, _Reject):
+            raise
+        except Refused as exc:
+            raise _Reject(exc.reason) from exc
+        except asyncio.TimeoutError as exc:
+            raise _Retry("timeout") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise _payload_failure(exc) from exc
+        except aiohttp.ClientResponseError as exc:  # a status line or headers that do not parse
+            raise _Reject("bad_response") from exc
+        except (aiohttp.InvalidURL, ValueError, UnicodeError) as exc:
+            raise _Reject("invalid_url") from exc
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise _Retry("connection") from exc
 
     def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         status = resp.status
@@ -360,22 +424,53 @@ class Fetcher:
             self.budget.give(result.ticket, len(result.data))
 
 
+def _payload_failure(exc: aiohttp.ClientPayloadError) -> Exception:
+    """A body that broke off is worth another try; one that cannot be decoded or parsed is not
+    (the same server sends it the same way again)."""
+    cause = exc.__cause__
+    if isinstance(cause, http_exceptions.DecompressSizeError):
+        return _Reject("too_large")
+    if isinstance(cause, http_exceptions.ContentEncodingError):
+        return _Reject("bad_encoding")  # Content-Encoding says gzip/deflate/br, the body is not
+    if isinstance(cause, http_exceptions.HttpProcessingError) and not isinstance(
+        cause, (http_exceptions.ContentLengthError, http_exceptions.TransferEncodingError)
+    ):
+        return _Reject("bad_response")
+    return _Retry("connection")
+
+
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = URL(url)
+    return parsed.scheme, (parsed.host or "").lower(), parsed.explicit_port or parsed.port
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _checked_url(url: str, allow_private: bool) -> URL:
     """Parse and check a URL before anything is sent to it (http and https only; an address
     literal must be public unless private networks are allowed: literals skip the resolver)."""
-    parsed = URL(url, encoded=False)
+    try:
+        parsed = URL(url, encoded=False)
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise Refused("invalid_url", url) from exc
     if parsed.scheme and parsed.scheme not in ("http", "https"):
-        raise _Reject("bad_scheme")
+        raise Refused("bad_scheme", url)
     host = parsed.raw_host
     if not parsed.scheme or not host:
-        raise _Reject("invalid_url")
+        raise Refused("invalid_url", url)
     if not allow_private:
-        try:
-            ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-        except ValueError:
-            if host.rstrip(".").lower() == "localhost" or host.lower().endswith(".localhost"):
-                raise _Reject("private_address") from None
-        else:
-            if not is_public_address(host.strip("[]")):
-                raise _Reject("private_address")
+        if not _is_address(host):
+            if host.rstrip(".").lower() == "localhost" or host.rstrip(".").lower().endswith(".localhost"):
+                raise Refused("private_address", url)
+        elif not is_public_address(host.strip("[]")):
+            raise Refused("private_address", url)
     return parsed

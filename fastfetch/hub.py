@@ -16,7 +16,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastfetch import __version__
-from fastfetch.sources.base import UsageError
+from fastfetch.errors import UsageError
+from fastfetch.http import Fetcher, Refused
 
 DEFAULT_REVISION = "main"
 
@@ -92,12 +93,23 @@ def access_error(repo: str, status: int | None = None) -> UsageError:
     )
 
 
-async def list_files(repo: str, folder: str = "", pattern: str | None = None, revision: str = DEFAULT_REVISION) -> list[HubFile]:
+async def list_files(
+    guard: Fetcher, repo: str, folder: str = "", pattern: str | None = None, revision: str = DEFAULT_REVISION
+) -> list[HubFile]:
     """Files under ``folder`` of a dataset repo (recursively) whose name matches ``pattern``.
 
-    A 401/403 (gated, private) becomes a UsageError naming the dataset page and how to log in,
-    so a run without access fails before it plans anything.
+    huggingface_hub makes the listing request itself, so the run's guard checks the endpoint
+    first (``Fetcher.check``). A 401/403 (gated, private) becomes a UsageError naming the
+    dataset page and how to log in, so a run without access fails before it plans anything.
     """
+    try:
+        await guard.check(endpoint())
+    except Refused as exc:
+        raise UsageError(
+            f"the Hugging Face endpoint {endpoint()} is refused ({exc.reason.replace('_', ' ')}); "
+            "pass --allow-private-networks to use a mirror inside your own network"
+        ) from exc
+
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fastfetch.sources.base import UsageError
+from fastfetch.errors import UsageError
 
 
 class LazyModule:
@@ -133,9 +133,12 @@ def _skip_row(row: Any) -> str:
 
 
 def as_text(array: pa.Array) -> pa.Array:
-    """Any column as strings; invalid UTF-8 is decoded with replacement characters."""
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+    """Any column as ``pa.string()`` (one type whatever the file used: batches of different
+    files end up in one table); invalid UTF-8 is decoded with replacement characters."""
+    if pa.types.is_string(array.type):
         return array
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
     try:
         return pc.cast(array, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

@@ -5,6 +5,10 @@ after its MDS directory has been finished and renamed into place, so a crash at 
 leaves either a done unit with a complete directory, or a not-done unit whose directory (if
 any) is discarded and redone. SQLite gives atomic commits for free; WAL keeps readers (a
 ``--merge`` or a progress query) from blocking the writer.
+
+Nothing secret is stored: an item that failed for a transient reason is remembered by its key
+only (``--retry-failed`` reads it again from its unit), never by its URL, caption or columns,
+and unit errors arrive redacted.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.base import Item, Unit
+from fastfetch.sources.base import Unit
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
-#: (key, url, caption, extra columns, reason) of an item that failed for a transient reason
-FailedRow = tuple[str, str, str, dict[str, Any], str]
+#: (key, reason) of an item that failed for a transient reason
+FailedRow = tuple[str, str]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,15 +46,18 @@ CREATE TABLE IF NOT EXISTS units (
     dirs TEXT NOT NULL DEFAULT '[]',
     updated REAL
 );
-CREATE TABLE IF NOT EXISTS failed_items (
+CREATE TABLE IF NOT EXISTS failed_keys (
     unit TEXT NOT NULL,
     key TEXT NOT NULL,
-    url TEXT NOT NULL,
-    caption TEXT NOT NULL,
-    extra TEXT NOT NULL,
     reason TEXT NOT NULL,
     PRIMARY KEY (unit, key)
 );
+"""
+# Manifests written before keys alone were kept stored each failed item's URL, caption and
+# columns: their keys and reasons move over, and the old table's pages are overwritten.
+_MIGRATE = """
+INSERT OR IGNORE INTO failed_keys(unit, key, reason) SELECT unit, key, reason FROM failed_items;
+DROP TABLE failed_items;
 """
 
 
@@ -80,7 +87,12 @@ class Manifest:
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA secure_delete=ON")  # deleted rows are zeroed, not left in free pages
         self.db.executescript(_SCHEMA)
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='failed_items'").fetchone():
+            self.db.executescript("BEGIN IMMEDIATE;" + _MIGRATE + "COMMIT;")
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         self.db.close()
@@ -116,7 +128,7 @@ class Manifest:
                         "SELECT id FROM units WHERE json_extract(spec, '$.retry_of') = ?", (unit.id,))]
                     changed.extend(retries)
                     self.db.executemany("DELETE FROM units WHERE id=?", [(r,) for r in retries])
-                    self.db.execute("DELETE FROM failed_items WHERE unit=?", (unit.id,))
+                    self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit.id,))
                     self.db.execute(
                         "UPDATE units SET ord=?, spec=?, rows=?, state=?, counts='{}', bytes_in=0,"
                         " bytes_out=0, error=NULL, updated=? WHERE id=?",
@@ -135,9 +147,14 @@ class Manifest:
             for r in self.db.execute(query + " ORDER BY ord", params)
         ]
 
-    def state_of(self, unit_id: str) -> str | None:
-        row = self.db.execute("SELECT state FROM units WHERE id=?", (unit_id,)).fetchone()
-        return row[0] if row else None
+    def ids(self) -> set[str]:
+        """Every unit this manifest has planned (retry units included)."""
+        return {r[0] for r in self.db.execute("SELECT id FROM units")}
+
+    def unit(self, unit_id: str) -> Unit:
+        """A planned unit as it was planned."""
+        spec, rows = self.db.execute("SELECT spec, rows FROM units WHERE id=?", (unit_id,)).fetchone()
+        return Unit(unit_id, orjson.loads(spec), rows)
 
     def start(self, unit_id: str) -> None:
         self.db.execute(
@@ -157,10 +174,9 @@ class Manifest:
             self._replace_failed(unit_id, failed)
 
     def _replace_failed(self, unit_id: str, failed: list[FailedRow]) -> None:
-        self.db.execute("DELETE FROM failed_items WHERE unit=?", (unit_id,))
+        self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit_id,))
         self.db.executemany(
-            "INSERT INTO failed_items(unit, key, url, caption, extra, reason) VALUES(?,?,?,?,?,?)",
-            [(unit_id, k, u, c, orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY).decode(), r) for k, u, c, e, r in failed],
+            "INSERT INTO failed_keys(unit, key, reason) VALUES(?,?,?)", [(unit_id, k, r) for k, r in failed]
         )
 
     # -- --retry-failed ---------------------------------------------------------------------
@@ -168,7 +184,7 @@ class Manifest:
         """One retry unit per done unit with transient failures (ids ``<unit>-retry<n>``)."""
         with self._tx():
             rows = self.db.execute(
-                "SELECT f.unit, COUNT(*) FROM failed_items f JOIN units u ON u.id = f.unit "
+                "SELECT f.unit, COUNT(*) FROM failed_keys f JOIN units u ON u.id = f.unit "
                 "WHERE u.state = ? GROUP BY f.unit ORDER BY u.ord", (DONE,)
             ).fetchall()
             units = []
@@ -184,13 +200,9 @@ class Manifest:
                 units.append(unit)
         return units
 
-    def failed_items(self, unit_id: str) -> list[Item]:
-        return [
-            Item(key, caption, url=url, extra=orjson.loads(extra))
-            for key, url, caption, extra in self.db.execute(
-                "SELECT key, url, caption, extra FROM failed_items WHERE unit=? ORDER BY key", (unit_id,)
-            )
-        ]
+    def failed_keys(self, unit_id: str) -> set[str]:
+        """Keys of the unit's items that failed for transient reasons."""
+        return {r[0] for r in self.db.execute("SELECT key FROM failed_keys WHERE unit=?", (unit_id,))}
 
     def finish_retry(self, retry_id: str, original: str, counts: dict[str, int], bytes_in: int, bytes_out: int,
                      dirs: list[str], failed: list[FailedRow]) -> None:
@@ -198,7 +210,7 @@ class Manifest:
         with self._tx():
             (spec_counts,) = self.db.execute("SELECT counts FROM units WHERE id=?", (original,)).fetchone()
             merged = Counter(orjson.loads(spec_counts))
-            for (reason, n) in self.db.execute("SELECT reason, COUNT(*) FROM failed_items WHERE unit=? GROUP BY reason", (original,)):
+            for (reason, n) in self.db.execute("SELECT reason, COUNT(*) FROM failed_keys WHERE unit=? GROUP BY reason", (original,)):
                 merged[reason] -= n
             merged.update(counts)
             self.db.execute(

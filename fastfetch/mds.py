@@ -154,16 +154,17 @@ def upload_unit(layout: Layout, rel: str) -> None:
             (local / name).unlink()
 
 
-def clean_unfinished(layout: Layout, done: set[str]) -> None:
-    """Remove temporary folders and any unit folder the manifest does not count as done."""
+def clean_unfinished(layout: Layout, planned: set[str], done: set[str]) -> None:
+    """Remove what this node's earlier runs left unfinished: its temporary folders, and the
+    folders of units it planned and did not finish. Nothing else under the MDS root is ever
+    touched (another tool's output, a user's latents, another node's units)."""
     shutil.rmtree(layout.root / TMP / (layout.node or "_"), ignore_errors=True)
-    parents = {(layout.root / layout.unit_rel("x", b)).parent for b in [bucket_name(b) for b in layout.buckets] or [""]}
-    for parent in parents:
-        if not parent.is_dir():
-            continue
-        for path in parent.iterdir():
-            if path.is_dir() and path.name not in done and (path / "index.json").exists():
-                shutil.rmtree(path)
+    unfinished = planned - done
+    for parent in {(layout.root / rel).parent for rel in layout.unit_rels("x")}:
+        if parent.is_dir():
+            for path in parent.iterdir():
+                if path.name in unfinished and path.is_dir():
+                    shutil.rmtree(path)
 
 
 def merge_index(layout: Layout, unit_rels: Iterable[str]) -> int:

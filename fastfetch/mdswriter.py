@@ -89,7 +89,7 @@ class MDSWriter:
         basename = f"shard.{len(self.shards):05}.mds"
         with open(os.path.join(self.out, basename), "wb") as f:
             f.writelines(pieces)  # the shard is never joined into one more copy
-        hashers = [(a, _hasher(a)) for a in self.hashes]
+        hashers = [(a, hasher(a)) for a in self.hashes]
         for piece in pieces:
             for _, h in hashers:
                 h.update(piece)
@@ -116,8 +116,9 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode("utf-8")
 
 
-def _hasher(algo: str) -> Any:
-    """An incremental hasher for one of streaming's hash names (xxh*, or hashlib's)."""
+def hasher(algo: str) -> Any:
+    """An incremental hasher for one of streaming's hash names (xxh*, or hashlib's); raises
+    ValueError or AttributeError for a name neither knows."""
     if algo.startswith("xxh"):
         return getattr(xxhash, algo)()
     import hashlib

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import orjson
 
 from fastfetch.mds import Layout, is_remote, merge_index
-from fastfetch.sources.base import UsageError
+from fastfetch.errors import UsageError
 
 SUMMARY = "summary.json"
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from fastfetch.body import Body, body_len
+from fastfetch.errors import UsageError
 from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
 from fastfetch.manifest import DONE, Manifest
 from fastfetch.mds import BASE_COLUMNS, Layout, UnitWriter, clean_unfinished, merge_index
-from fastfetch.redact import redact
+from fastfetch.redact import public_url, redact
 from fastfetch.resizer import ResizePool
-from fastfetch.sources.base import Item, Source, Unit, UsageError
+from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.stats import Progress, RunCounters
 
 MAX_OPEN_UNITS = 4
@@ -62,9 +63,10 @@ def _null_value(encoding: str) -> Any:
     return {"float64": float("nan"), "float32": float("nan"), "str": ""}.get(encoding)
 
 
-async def _aiter(items: list[Item]) -> AsyncIterator[Item]:
-    for item in items:
-        yield item
+async def _only(items: AsyncIterator[Item], keys: set[str]) -> AsyncIterator[Item]:
+    async for item in items:
+        if item.key in keys:
+            yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +137,35 @@ class Pipeline:
                 shutil.rmtree(self.layout.root / rel, ignore_errors=True)
         selected = selection.apply(units)
         done = {r.id for r in self.manifest.records(DONE)}
-        clean_unfinished(self.layout, done)
-        self.columns = {**BASE_COLUMNS, **self.source.extra_columns()}
+        clean_unfinished(self.layout, self.manifest.ids(), done)
+        self.columns = self._columns(bool(done))
         if retry_failed:
             return self.manifest.retry_units()
         return [u for u in selected if u.id not in done]
+
+    def _columns(self, have_done_units: bool) -> dict[str, str]:
+        """The MDS columns of every unit: fastfetch's own, then the source's, which may never
+        replace one of fastfetch's; and the same as the done units were written with."""
+        extra = self.source.extra_columns()
+        clash = sorted(set(extra) & set(BASE_COLUMNS))
+        if clash:
+            raise UsageError(
+                f"column(s) {', '.join(clash)} would replace the one(s) fastfetch writes itself; keep them under "
+                f"another name (--keep-cols {clash[0]}:list_{clash[0]})"
+            )
+        columns = {**BASE_COLUMNS, **extra}
+        previous = self.manifest.get_meta("columns")
+        if have_done_units and previous is not None and previous != columns:
+            diff = ", ".join(
+                f"{k}: {previous.get(k, 'absent')} → {columns.get(k, 'absent')}"
+                for k in sorted(set(previous) | set(columns)) if previous.get(k) != columns.get(k)
+            )
+            raise UsageError(
+                f"the input's columns changed since the finished units were written ({diff}); rerun with the "
+                "lists that built them, or choose a new --out"
+            )
+        self.manifest.set_meta("columns", columns)
+        return columns
 
     async def run(self, units: list[Unit]) -> None:
         """Run units with a bounded number open at once; returns when all are committed."""
@@ -181,27 +207,37 @@ class Pipeline:
         self.manifest.start(unit.id)
         writer = UnitWriter(self.layout, unit.id, self.columns)
         counts: Counter[str] = Counter(unit.spec.get("prefiltered", {}))
-        retryable: list[Item] = []  # transient failures, kept for --retry-failed
+        retryable: list[tuple[str, str]] = []  # (key, reason) of transient failures, for --retry-failed
+        keys: set[str] = set()
         bytes_in = 0
         tasks: set[asyncio.Task[None]] = set()
 
-        async def handle(item: Item) -> None:
+        async def handle(item: Item, held: int) -> None:
             nonlocal bytes_in
             try:
                 reason, nbytes = await self._process(item, writer)
             finally:
                 self._item_slots.release()
+                if held:
+                    self.fetcher.budget.give(held, body_len(item.data or b""))
             bytes_in += nbytes
             counts["kept" if reason is None else reason] += 1
             if reason in TRANSIENT and item.url:
-                item.reject = reason
-                retryable.append(item)
+                retryable.append((item.key, reason))
             self._count(reason, nbytes)
 
         try:
             async for item in self._items(unit):
+                if item.key in keys and item.reject is None:
+                    item.reject = "duplicate_key"  # an archive naming two members alike: the first one counts
+                keys.add(item.key)
                 await self._item_slots.acquire()
-                task = asyncio.create_task(handle(item))
+                try:
+                    held = await self._hold(item)
+                except BaseException:
+                    self._item_slots.release()
+                    raise
+                task = asyncio.create_task(handle(item, held))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             handed_out.set()
@@ -235,14 +271,22 @@ class Pipeline:
         self._commit(unit, counts, bytes_in, writer, dirs, retryable)
 
     def _items(self, unit: Unit) -> AsyncIterator[Item]:
-        """A unit's items: from its source, or (a --retry-failed unit) from the manifest."""
+        """A unit's items: from its source, or (a --retry-failed unit) those items of the
+        original unit whose keys the manifest remembers as failed."""
         if "retry_of" in unit.spec:
-            return _aiter(self.manifest.failed_items(unit.spec["retry_of"]))
+            original = self.manifest.unit(unit.spec["retry_of"])
+            return _only(self.source.items(original), self.manifest.failed_keys(original.id))
         return self.source.items(unit)
 
+    async def _hold(self, item: Item) -> int:
+        """Count a body the source already holds (an archive member) against --max-inflight-mb,
+        waiting while the budget is spent; returns its ticket (0: nothing held)."""
+        if item.data is None or not body_len(item.data):
+            return 0
+        return await self.fetcher.budget.hold(body_len(item.data))
+
     def _commit(self, unit: Unit, counts: Counter[str], bytes_in: int, writer: UnitWriter, dirs: list[str],
-                retryable: list[Item]) -> None:
-        failed = [(i.key, i.url or "", i.caption or "", i.extra, i.reject or "") for i in retryable]
+                failed: list[tuple[str, str]]) -> None:
         try:
             if "retry_of" in unit.spec:
                 self.manifest.finish_retry(unit.id, unit.spec["retry_of"], dict(counts), bytes_in, writer.bytes, dirs, failed)
@@ -281,17 +325,18 @@ class Pipeline:
         """Write the kept image; returns the rejection reason instead when there is one."""
         if processed.reason is not None:
             return processed.reason
-        extra = {k: _null_value(self.columns[k]) if v is None else v for k, v in item.extra.items() if k in self.columns}
-        row: dict[str, Any] = {
-            "jpg": processed.data if processed.data is not None else data,
-            "caption": item.caption or "",
-            "width": processed.width,
-            "height": processed.height,
-            "original_width": processed.original_width,
-            "original_height": processed.original_height,
-            "key": item.key,
-            **extra,
-        }
+        row: dict[str, Any] = {k: _null_value(self.columns[k]) if v is None else v for k, v in item.extra.items() if k in self.columns}
+        if row.get("url"):
+            row["url"] = public_url(row["url"])  # no userinfo or signature is ever stored
+        row.update(
+            jpg=processed.data if processed.data is not None else data,
+            caption=item.caption or "",
+            width=processed.width,
+            height=processed.height,
+            original_width=processed.original_width,
+            original_height=processed.original_height,
+            key=item.key,
+        )
         writer.write(row)
         self.counters.bytes_out += body_len(row["jpg"])
         return None

@@ -6,6 +6,9 @@ first response's ETag (or Last-Modified), and the answer is accepted only if it 
 same file (206, matching Content-Range start, total length and ETag). A server that answers 200
 instead has either changed the file (the unit fails and is redone whole on the next run) or
 ignores ranges (the already received prefix is skipped from the new body).
+
+Every request goes through the run's guarded client (``Fetcher.request``): the same scheme,
+address and redirect checks as an image download.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+
+from fastfetch.http import Fetcher
 
 _READ_BUFFER = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -85,7 +90,7 @@ class ResumableStream:
     from the first response; ``resumes`` counts the Range requests made after a break.
     """
 
-    session: aiohttp.ClientSession
+    client: Fetcher
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     start: int = 0
@@ -135,7 +140,7 @@ class ResumableStream:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.read_timeout)
         # A large read buffer: an archive is one long body read by few connections, and with
         # aiohttp's 64 KiB default the connection is paused and resumed every 128 KiB.
-        async with self.session.get(self.url, headers=headers, timeout=timeout, read_bufsize=_READ_BUFFER) as resp:
+        async with self.client.request(self.url, headers, timeout, _READ_BUFFER) as resp:
             if resp.status in (401, 403):
                 raise AccessDenied(self.url, resp.status)
             if resp.status >= 500 or resp.status == 429:
@@ -174,9 +179,7 @@ class ResumableStream:
                     return
 
 
-async def download_file(
-    session: aiohttp.ClientSession, url: str, dest: Path, headers: dict[str, str] | None = None
-) -> Path:
+async def download_file(client: Fetcher, url: str, dest: Path, headers: dict[str, str] | None = None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming a ``.part`` left by a killed run.
 
     The ``.part`` file's validator is saved beside it, so a resumed run continues only the same
@@ -191,7 +194,7 @@ async def download_file(
     if part.exists() and meta.exists():
         start = part.stat().st_size
         validator = Validator(**orjson.loads(meta.read_bytes()))
-    stream = ResumableStream(session, url, headers or {}, start=start, validator=validator)
+    stream = ResumableStream(client, url, headers or {}, start=start, validator=validator)
     mode = "ab" if start else "wb"
     try:
         with open(part, mode) as f:
@@ -209,7 +212,7 @@ async def download_file(
 
 
 async def probe(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None, attempts: int = 3
+    client: Fetcher, url: str, headers: dict[str, str] | None = None, attempts: int = 3
 ) -> tuple[Validator, bool]:
     """The validator (ETag, Last-Modified, length) of ``url`` and whether it serves ranges.
 
@@ -220,7 +223,7 @@ async def probe(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
     for attempt in range(attempts):
         try:
-            async with session.get(url, headers=req, timeout=timeout) as resp:
+            async with client.request(url, req, timeout) as resp:
                 if resp.status in (401, 403):
                     raise AccessDenied(url, resp.status)
                 if resp.status >= 500 and attempt + 1 < attempts:
@@ -237,10 +240,10 @@ async def probe(
 class RemoteFile:
     """Random access to a remote file by ranged GETs (for zip central directories and members)."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, validator: Validator, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, client: Fetcher, url: str, validator: Validator, headers: dict[str, str] | None = None) -> None:
         if validator.length is None:
             raise ValueError(f"{url}: size unknown, cannot read it by ranges")
-        self.session = session
+        self.client = client
         self.url = url
         self.validator = validator
         self.headers = dict(headers or {})
@@ -252,7 +255,7 @@ class RemoteFile:
             return b""
         self.requests += 1
         stream = ResumableStream(
-            self.session, self.url, self.headers, start=offset, end=offset + length - 1, validator=self.validator
+            self.client, self.url, self.headers, start=offset, end=offset + length - 1, validator=self.validator
         )
         out = bytearray()
         async for chunk in stream:

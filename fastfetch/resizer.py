@@ -35,6 +35,7 @@ from pathlib import Path
 from fastfetch.body import Body, body_bytes, body_len, body_pieces
 from fastfetch.imaging import Processed, ResizeConfig, process
 from fastfetch.resize_worker import RESULT, TASK
+from fastfetch.stats import peak_rss_mb
 
 #: tasks queued per worker: enough that a worker never waits for the loop even on a run of
 #: small images (with 4, each worker waited ~0.5 s of a 10 s web-size archive run; with 8,
@@ -225,7 +226,7 @@ class ResizePool:
     def close(self) -> float:
         """Stop the workers; returns the largest peak resident memory of one worker, in MB."""
         self._closed = True
-        peak = max((_peak_rss_mb(w.process.pid) for w in self._workers), default=0.0)
+        peak = max((peak_rss_mb(w.process.pid) for w in self._workers), default=0.0)
         for w in self._workers:
             try:  # end of stream now, whoever else holds the descriptor: the worker exits
                 w.sock.shutdown(socket.SHUT_RDWR)
@@ -266,18 +267,6 @@ def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _peak_rss_mb(pid: int) -> float:
-    """VmHWM of a live process (Linux), 0 where unavailable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
 
 
 def default_workers() -> int:

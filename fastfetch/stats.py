@@ -8,7 +8,6 @@ figures describe the run that just ended.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from collections import Counter
@@ -117,7 +116,7 @@ def write_stats(out: Path, manifest: Manifest, run: RunCounters, settings: dict[
             "images_per_s": round(run.items / secs, 2) if secs else 0.0,
             "kept_per_s": round(run.kept / secs, 2) if secs else 0.0,
             "mb_per_s": round(run.bytes_in / 1e6 / secs, 2) if secs else 0.0,
-            "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+            "peak_rss_mb": peak_rss_mb(),
             "peak_worker_rss_mb": run.worker_peak_rss_mb,
         },
         "settings": settings,
@@ -128,7 +127,7 @@ def write_stats(out: Path, manifest: Manifest, run: RunCounters, settings: dict[
     return stats
 
 
-def print_summary(stats: dict[str, Any], out: Path) -> None:
+def print_summary(stats: dict[str, Any], dataset: str, stats_path: Path) -> None:
     """The human-readable end of a run: one table of kept and rejected, then where things are.
 
     Plain aligned text: a rich table cost ~25 ms of import at the end of every run, a moment
@@ -156,13 +155,26 @@ def print_summary(stats: dict[str, Any], out: Path) -> None:
     if stats["failed_units"]:
         lines.append(f"{len(stats['failed_units'])} unit(s) failed (rerun the same command to retry):")
         lines += [f"  {uid}: {err}" for uid, err in list(stats["failed_units"].items())[:10]]
-    lines.append(f"dataset: {out / 'mds'}   stats: {out / 'stats.json'}")
+    lines.append(f"dataset: {dataset}   stats: {stats_path}")
     print("\n".join(lines), file=sys.stderr)
 
 
-def _peak_rss_mb(who: int) -> float:
-    """Peak resident memory of this process in MB."""
-    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident memory of a process in MB: its VmHWM (Linux), else this process's
+    ru_maxrss. Not ru_maxrss first: the kernel carries it across exec, so a process started by
+    a large one (a test runner, a notebook) would report its parent's size."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    if pid != "self":
+        return 0.0
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def _human(n: int) -> str:

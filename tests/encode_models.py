@@ -73,7 +73,7 @@ def make_image_mds(out: str, n: int, seed: int = 0, units: int = 2, prefix: str 
     keys, indexes = [], []
     for u in range(units):
         unit_dir = os.path.join(out, f"{u:05d}")
-        with MDSWriter(out=unit_dir, columns=IMAGE_COLUMNS, size_limit=1 << 18) as w:
+        with MDSWriter(out=unit_dir, columns=IMAGE_COLUMNS, size_limit=1 << 18, hashes=["xxh64"]) as w:
             for i in range(n * u // units, n * (u + 1) // units):
                 short = int(rng.integers(256, 513))
                 long = int(short * rng.choice([1.0, 1.0, 1.33, 1.5, 2.0]))

@@ -11,13 +11,13 @@ import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import orjson
 import pytest
 
 from fakehub import ServedFile, file_handler, make_tar, make_zip
 from fastfetch.archive import ArchiveError, _regular_header, iter_tar, iter_tar_groups, iter_zip, safe_name, zip_entries
 from fastfetch.body import body_bytes, body_len
+from fastfetch.http import FetchConfig, Fetcher
 from fastfetch.ranged import RemoteChanged, RemoteFile, ResumableStream, download_file, probe
 
 
@@ -144,9 +144,10 @@ def test_zip64_central_directory() -> None:
 
 
 def run_with_session(coro_fn):  # type: ignore[no-untyped-def]
+    """Run ``coro_fn(client)`` with the run's guarded client (loopback allowed: the test server)."""
     async def main():  # type: ignore[no-untyped-def]
-        async with aiohttp.ClientSession() as session:
-            return await coro_fn(session)
+        async with Fetcher(FetchConfig(allow_private_networks=True)) as client:
+            return await coro_fn(client)
 
     return asyncio.run(main())
 
@@ -157,7 +158,7 @@ def test_stream_resumes_after_a_break(server, ranges: bool) -> None:
     served = ServedFile(data, cut_at=300_001, ranges=ranges)
     server.routes["/big.tar"] = file_handler(served)  # type: ignore[assignment]
 
-    async def go(session: aiohttp.ClientSession) -> tuple[bytes, int]:
+    async def go(session: Fetcher) -> tuple[bytes, int]:
         stream = ResumableStream(session, server.url("/big.tar"), backoff=0.01)
         return b"".join([c async for c in stream]), stream.resumes
 
@@ -173,7 +174,7 @@ def test_stream_refuses_a_file_that_changed(server) -> None:
     served = ServedFile(b"a" * 200_000, cut_at=100_000)
     server.routes["/f"] = file_handler(served)  # type: ignore[assignment]
 
-    async def go(session: aiohttp.ClientSession) -> None:
+    async def go(session: Fetcher) -> None:
         async for _ in ResumableStream(session, server.url("/f"), backoff=0.01):
             served.data, served.etag = b"b" * 200_000, '"v2"'  # replaced upstream mid-download
 
@@ -189,7 +190,7 @@ def test_download_file_resumes_a_part_file_and_ranged_reads(server, tmp_path: Pa
     (tmp_path / "x.parquet.part").write_bytes(data[:1234])
     (tmp_path / "x.parquet.part.json").write_bytes(orjson.dumps({"etag": served.etag, "last_modified": None, "length": len(data)}))
 
-    async def go(session: aiohttp.ClientSession) -> bytes:
+    async def go(session: Fetcher) -> bytes:
         await download_file(session, server.url("/x.parquet"), dest)
         validator, ranged = await probe(session, server.url("/x.parquet"))
         assert ranged and validator.length == len(data)

@@ -51,7 +51,7 @@ def test_cc12m_selection_and_captions(server, tmp_path: Path) -> None:
     hub, captions, _ = setup_hub(server)
     env = fetch_env(HF_ENDPOINT=hub.endpoint)
     out = tmp_path / "cc12m"
-    proc = run_fetch("--dataset", "cc12m", "--out", out, "--subset", "small", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, "--subset", "small", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in captions.items() if k.startswith("0000")}
@@ -61,7 +61,7 @@ def test_cc12m_selection_and_captions(server, tmp_path: Path) -> None:
     assert '"no_caption":1' in text and '"too_small":1' in text, text
 
     # a larger selection into the same --out fetches only the new units
-    proc = run_fetch("--dataset", "cc12m", "--out", out, "--ids", "0", "2", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, "--ids", "0", "2", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in captions.items() if k[:4] in ("0000", "0002")}
@@ -79,7 +79,7 @@ def test_cc12m_resumes_a_broken_archive_with_range(server, tmp_path: Path) -> No
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     with DiskWatcher(out, tmp) as disk:
-        proc = run_fetch("--dataset", "cc12m", "--out", out, env=fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp)))
+        proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, env=fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp)))
     assert proc.returncode == 0, proc.stderr
     assert disk.largest < len(tars[0]) // 4 and not disk.spooled, ("a streamed tar must not touch the disk", disk.largest_name)
     path = hub.resolve_path(REPO, "cc12m-train-0000.tar")
@@ -95,7 +95,7 @@ def test_cc12m_resumes_a_broken_archive_with_range(server, tmp_path: Path) -> No
     # identical to an unbroken run
     hub.files[REPO]["cc12m-train-0000.tar"].cut_at = None
     again = tmp_path / "whole"
-    proc = run_fetch("--dataset", "cc12m", "--out", again, "--keep-archives", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", again, "--keep-archives", env=env)
     assert proc.returncode == 0, proc.stderr
     assert (again / "_archives" / "cc12m" / "cc12m-train-0000.tar").read_bytes() == tars[0]  # opted in: kept
     whole = read_mds(again / "mds")

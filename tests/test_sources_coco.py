@@ -39,7 +39,7 @@ def test_coco_val_captions_and_zip_resume(server, tmp_path: Path) -> None:
     server.routes["/mirror/zips/val2014.zip"] = file_handler(images)  # type: ignore[assignment]
     server.routes["/mirror/annotations/annotations_trainval2014.zip"] = file_handler(ServedFile(anno_zip))  # type: ignore[assignment]
     out = tmp_path / "coco2014"
-    proc = run_fetch("--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), env=fetch_env())
+    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), env=fetch_env())
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v[0] for k, v in kept.items()}
@@ -61,11 +61,11 @@ def test_coco_val_captions_and_zip_resume(server, tmp_path: Path) -> None:
     assert not list(out.rglob("*.zip")) and not list(out.rglob("*.part"))
 
     # the unit is numbered by its year
-    proc = run_fetch("--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), "--ids", "2014", env=fetch_env())
+    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), "--ids", "2014", env=fetch_env())
     assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr
 
 
 def test_coco_wrong_mirror_is_a_usage_error(server, tmp_path: Path) -> None:
-    proc = run_fetch("--dataset", "coco", "--out", tmp_path / "c", "--coco-base-url", server.url("/nowhere"), env=fetch_env())
+    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", tmp_path / "c", "--coco-base-url", server.url("/nowhere"), env=fetch_env())
     assert proc.returncode == 2, proc.stderr
     assert "/nowhere/zips/val2014.zip" in proc.stderr and "Traceback" not in proc.stderr

@@ -58,7 +58,7 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     hub, kept, zips = setup(server)
     env = fetch_env(HF_ENDPOINT=hub.endpoint)
     out = tmp_path / "diffdb"
-    proc = run_fetch("--dataset", "diffdb", "--out", out, "--subset", "small", "--max-nsfw", "0.2", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--subset", "small", "--max-nsfw", "0.2", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in kept.items() if k.startswith("000001")}
@@ -67,7 +67,7 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     for reason, n in (("nsfw", 2), ("no_caption", 1), ("too_small", 1), ("zip_bomb", 1)):
         assert f'"{reason}":{n}' in stats, (reason, stats)
 
-    proc = run_fetch("--dataset", "diffdb", "--out", out, "--ids", "1", "10001", "--max-nsfw", "0.2", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", "10001", "--max-nsfw", "0.2", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in kept.items() if not k.startswith("000002")}
@@ -79,7 +79,7 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     assert not (out / "_work" / "diffdb" / "metadata-large.parquet").exists()
 
     # a changed flag into the same --out is refused
-    proc = run_fetch("--dataset", "diffdb", "--out", out, "--ids", "1", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", env=env)
     assert proc.returncode == 2 and "max_nsfw" in proc.stderr
 
 
@@ -93,7 +93,7 @@ def test_diffdb_spools_without_ranges_and_cleans_up(server, tmp_path: Path) -> N
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by a SIGKILLed run")
     with DiskWatcher(out, tmp) as disk:
-        proc = run_fetch("--dataset", "diffdb", "--out", out, "--ids", "2", "--max-nsfw", "0.2", env=env)
+        proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "2", "--max-nsfw", "0.2", env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(out / "mds")} == {k: v for k, v in kept.items() if k.startswith("000002")}
     assert disk.largest <= len(zips[2]), (disk.largest, disk.largest_name)

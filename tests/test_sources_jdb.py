@@ -42,14 +42,14 @@ def test_jdb_gated_prompts_splits(server, tmp_path: Path) -> None:
 
     # no token: exit 2 naming the dataset page and how to log in; wrong token: the same
     for env in (fetch_env(HF_ENDPOINT=hub.endpoint), fetch_env(HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_wrong")):
-        proc = run_fetch("--dataset", "jdb", "--out", tmp_path / "denied", env=env)
+        proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", tmp_path / "denied", env=env)
         assert proc.returncode == 2, proc.stderr
         assert f"{hub.endpoint}/datasets/{REPO}" in proc.stderr and "huggingface-cli login" in proc.stderr
         assert "HF_TOKEN" in proc.stderr
 
     env = fetch_env(HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN)
     out = tmp_path / "jdb"
-    proc = run_fetch("--dataset", "jdb", "--out", out, "--ids", "0", "1", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", out, "--ids", "0", "1", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in train.items() if k[1:4] in ("000", "001")}
@@ -58,8 +58,8 @@ def test_jdb_gated_prompts_splits(server, tmp_path: Path) -> None:
     assert server.hits[hub.resolve_path(REPO, "data/train/imgs/002.tgz")] == 0
 
     # another split into the same --out is refused; into its own --out it works
-    proc = run_fetch("--dataset", "jdb", "--out", out, "--split", "valid", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", out, "--split", "valid", env=env)
     assert proc.returncode == 2 and "split" in proc.stderr
-    proc = run_fetch("--dataset", "jdb", "--out", tmp_path / "valid", "--split", "valid", "--subset", "small", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", tmp_path / "valid", "--split", "valid", "--subset", "small", env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "valid" / "mds")} == valid

@@ -49,14 +49,14 @@ def test_sa1b_links_captions_selection(server, tmp_path: Path) -> None:
     out = tmp_path / "sa1b"
 
     # no links file: exit 2 with the download page
-    proc = run_fetch("--dataset", "sa1b", "--out", out, env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "sa1b", "--out", out, env=env)
     assert proc.returncode == 2
     assert "https://ai.meta.com/datasets/segment-anything-downloads/" in proc.stderr
 
     # the default --links: segment_anything_links.txt in --out; --subset small = sa_000000
     out.mkdir(parents=True, exist_ok=True)
     (out / "segment_anything_links.txt").write_text("\n".join(lines) + "\n")
-    proc = run_fetch("--dataset", "sa1b", "--out", out, "--subset", "small", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "sa1b", "--out", out, "--subset", "small", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in all_captions.items() if int(k[3:]) < 1000}
@@ -67,7 +67,7 @@ def test_sa1b_links_captions_selection(server, tmp_path: Path) -> None:
     # --ids 2 with an explicit --links (fresh signatures: same units, nothing redone)
     links = tmp_path / "links.txt"
     links.write_text("\n".join(line.replace("Signature=xyz", "Signature=new") for line in lines) + "\n")
-    proc = run_fetch("--dataset", "sa1b", "--out", out, "--links", links, "--ids", "0", "2", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "sa1b", "--out", out, "--links", links, "--ids", "0", "2", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in all_captions.items() if int(k[3:]) // 1000 in (0, 2)}
@@ -81,7 +81,7 @@ def test_sa1b_links_captions_selection(server, tmp_path: Path) -> None:
         return web.Response(status=403, text="Request has expired")
 
     server.routes["/sa1b/sa_000001.tar"] = expired  # type: ignore[assignment]
-    proc = run_fetch("--dataset", "sa1b", "--out", out, "--links", links, "--ids", "1", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "sa1b", "--out", out, "--links", links, "--ids", "1", env=env)
     assert proc.returncode == 1, proc.stderr
     failed = orjson.loads((out / "stats.json").read_bytes())["failed_units"]
     assert "https://ai.meta.com/datasets/segment-anything-downloads/" in failed["sa_000001"], failed

@@ -42,7 +42,7 @@ def test_textcaps_first_reference_all_kept(server, tmp_path: Path) -> None:
             hub.add(REPO, f"data/{split}-{n:05d}-of-{count:05d}.parquet", data)
     env = fetch_env(HF_ENDPOINT=hub.endpoint)
     out = tmp_path / "textcaps"
-    proc = run_fetch("--dataset", "textcaps", "--out", out, env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--out", out, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v[0] for k, v in kept["train"].items()}
@@ -52,6 +52,6 @@ def test_textcaps_first_reference_all_kept(server, tmp_path: Path) -> None:
         assert f'"{reason}":{n}' in stats, (reason, stats)
     assert not list((out / "_work").rglob("*.parquet")), "a spooled parquet was left behind"
 
-    proc = run_fetch("--dataset", "textcaps", "--split", "val", "--out", tmp_path / "val", "--ids", "0", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "val", "--out", tmp_path / "val", "--ids", "0", env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "val" / "mds")} == {k: v[0] for k, v in kept["val"].items()}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastfetch.sources.base import Item, RunContext, Source, Unit, UsageError
+from fastfetch.errors import UsageError
+from fastfetch.sources.base import Item, RunContext, Source, Unit
 from fastfetch.sources.cc12m import CC12MSource
 from fastfetch.sources.coco import CocoSource
 from fastfetch.sources.demo import DemoSource

@@ -28,10 +28,12 @@ import orjson
 from fastfetch import hub
 from fastfetch.archive import ArchiveError, RandomAccess, TarMember, iter_tar
 from fastfetch.body import Body
+from fastfetch.http import Fetcher, Refused
 from fastfetch.ranged import (
     AccessDenied, LocalFile, RemoteChanged, RemoteFile, ResumableStream, Validator, download_file, probe,
 )
-from fastfetch.sources.base import Item, Source, Unit, UsageError
+from fastfetch.errors import UsageError
+from fastfetch.sources.base import Item, Source, Unit
 
 
 def add_once(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
@@ -166,8 +168,8 @@ class ArchiveSource(Source):
         return self.ctx.work_dir / "spool"
 
     @property
-    def session(self) -> Any:
-        return self.ctx.fetcher.session
+    def client(self) -> Fetcher:
+        return self.ctx.fetcher
 
     # -- reading archives ----------------------------------------------------------------------
     async def stream(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
@@ -178,7 +180,7 @@ class ArchiveSource(Source):
                 while chunk := f.read(1 << 20):
                     yield chunk
             return
-        body = ResumableStream(self.session, url, dict(headers or {}), read_timeout=max(60.0, self.ctx.fetcher.cfg.read_timeout))
+        body = ResumableStream(self.client, url, dict(headers or {}), read_timeout=max(60.0, self.ctx.fetcher.cfg.read_timeout))
         if keep is None:
             async for chunk in body:
                 yield chunk
@@ -200,9 +202,9 @@ class ArchiveSource(Source):
         """Random access to one archive: ranged reads when the server allows them, else a file
         spooled under the work dir and deleted as soon as the caller is done with it."""
         if self.keep_dir is None:
-            validator, ranged = await probe(self.session, url, headers)
+            validator, ranged = await probe(self.client, url, headers)
             if ranged and validator.length is not None:
-                yield RemoteFile(self.session, url, validator, headers)
+                yield RemoteFile(self.client, url, validator, headers)
                 return
         async with self.spooled(url, name, headers) as path:
             local = LocalFile(path)
@@ -217,12 +219,12 @@ class ArchiveSource(Source):
         private folder of the work dir and deleted on exit, or kept under OUT/_archives/."""
         keep = self.keep_dir
         if keep is not None:
-            yield await download_file(self.session, url, keep / name, headers)
+            yield await download_file(self.client, url, keep / name, headers)
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.spool_dir))
         try:
-            yield await download_file(self.session, url, tmp / name, headers)
+            yield await download_file(self.client, url, tmp / name, headers)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -238,18 +240,22 @@ class ArchiveSource(Source):
             if repo is not None:
                 raise hub.access_error(repo, exc.status) from exc
             raise UsageError(f"no access to {url} (HTTP {exc.status})") from exc
+        except Refused as exc:
+            raise UsageError(f"refused to read {url}: {exc}" + (
+                "; pass --allow-private-networks to read from your own network" if exc.reason == "private_address" else ""
+            )) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, RemoteChanged, ArchiveError, OSError, ValueError) as exc:
             raise UsageError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
     async def side_file(self, url: str, dest: Path, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
         """Download a caption side file once (resumable) into the work dir."""
         with self.side_errors(url, repo):
-            return await download_file(self.session, url, dest, headers)
+            return await download_file(self.client, url, dest, headers)
 
     async def check_access(self, url: str, repo: str | None = None, headers: dict[str, str] | None = None) -> tuple[Validator, bool]:
         """Probe a file before planning on it: its validator, and whether it serves ranges."""
         with self.side_errors(url, repo):
-            return await probe(self.session, url, headers)
+            return await probe(self.client, url, headers)
 
 
 class HubArchiveSource(ArchiveSource):
@@ -274,7 +280,7 @@ class HubArchiveSource(ArchiveSource):
 
         The spec holds the file's path, size and LFS hash, so a file changed upstream is redone.
         """
-        files = await hub.list_files(self.repo, folder, pattern, self.revision)
+        files = await hub.list_files(self.client, self.repo, folder, pattern, self.revision)
         if not files:
             raise UsageError(
                 f"no file matching {pattern!r} under {folder or '/'} of {hub.dataset_page(self.repo)}; "

@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from fastfetch.http import Fetcher
 
 
-class UsageError(Exception):
-    """Bad arguments or unusable input: the message says what is wrong and what to do (exit 2)."""
-
-
 @dataclass(slots=True)
 class Item:
     """One candidate image with its caption.

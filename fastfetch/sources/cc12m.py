@@ -36,7 +36,8 @@ class CC12MSource(HubArchiveSource):
             key = sample["__key__"].decode()
             meta = _json(sample.get("json"))
             caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
-            yield caption_item(key, image, caption, {"url": str(meta.get("url") or "")})
+            problem = sample["__problem__"].decode() if "__problem__" in sample else None
+            yield caption_item(key, image, caption, {"url": str(meta.get("url") or "")}, problem)
 
 
 def _json(data: bytes | None) -> dict:

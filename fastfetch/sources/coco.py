@@ -18,7 +18,8 @@ import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
 from fastfetch.sources.archived import ArchiveSource, CaptionIndex, add_split_flag, caption_item, split_of
-from fastfetch.sources.base import Item, Unit, UsageError
+from fastfetch.errors import UsageError
+from fastfetch.sources.base import Item, Unit
 
 DEFAULT_BASE = "http://images.cocodataset.org"
 ANNOTATIONS = "annotations/annotations_trainval2014.zip"

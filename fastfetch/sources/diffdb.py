@@ -21,7 +21,8 @@ import orjson
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
 from fastfetch.lists import pq
 from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
-from fastfetch.sources.base import Item, Unit, UsageError
+from fastfetch.errors import UsageError
+from fastfetch.sources.base import Item, Unit
 
 FOLDERS = ("diffusiondb-large-part-1", "diffusiondb-large-part-2")
 METADATA = "metadata-large.parquet"

@@ -66,10 +66,8 @@ class JourneyDBSource(HubArchiveSource):
             if not base.lower().endswith(IMAGE_EXTS):
                 continue
             data = await member.read_body()
-            if data is None:
-                continue
             found = self.prompts.get(base)
-            yield caption_item(base.rsplit(".", 1)[0], data, found[0] if found else None, {})
+            yield caption_item(base.rsplit(".", 1)[0], data or b"", found[0] if found else None, {}, member.problem)
 
     async def close(self) -> None:
         prompts = getattr(self, "prompts", None)

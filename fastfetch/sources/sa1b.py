@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fastfetch.ranged import AccessDenied
 from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
-from fastfetch.sources.base import Item, Unit, UsageError
+from fastfetch.errors import UsageError
+from fastfetch.sources.base import Item, Unit
 
 LINKS_PAGE = "https://ai.meta.com/datasets/segment-anything-downloads/"
 LINKS_NAME = "segment_anything_links.txt"
@@ -97,10 +98,9 @@ class SA1BSource(HubArchiveSource):
                 if match is None:
                     continue  # the masks JSON: skipped in the stream, never held
                 data = await member.read_body()
-                if data is None:
-                    continue
                 found = self.captions.get(match.group(1))
-                yield caption_item(match.group(1), data, found[0] if found else None, {"image_id": int(match.group(2))})
+                yield caption_item(match.group(1), data or b"", found[0] if found else None,
+                                   {"image_id": int(match.group(2))}, member.problem)
         except AccessDenied as exc:
             raise RuntimeError(
                 f"the link for {name} was refused (HTTP {exc.status}); Meta's links expire: download a fresh "

@@ -5,6 +5,11 @@ rows, each saved as a small parquet file under ``--out/_work/urls/``; a unit's i
 read back from its own file, so a rerun (or another node) never re-reads the big lists. Keys are
 ``<unit><row>`` positions: unique by construction and stable for the same input, where a URL
 hash would collide on duplicate rows and break exactly-once downstream.
+
+Planning also decides what is the same across the whole list, not per unit: a URL seen before
+(``fastfetch.urlset``) is dropped as ``duplicate_url`` (the first occurrence wins, so a
+longer ``--limit`` or another ``--unit-size`` keeps the same URLs), and each kept column gets
+one type for the list however its files disagree (``fastfetch.columns``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import math
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -21,12 +25,19 @@ from typing import Any, ClassVar
 
 import orjson
 
+from fastfetch import columns as kinds
 from fastfetch import hub
+from fastfetch.errors import UsageError
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa, pc, pq, read_batches
+from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
-from fastfetch.sources.base import Item, Source, Unit, UsageError
+from fastfetch.sources.base import Item, Source, Unit
+from fastfetch.urlset import SeenUrls
 
 _PLAN_FILE = "plan.json"
+_PLAN_VERSION = 2  # plans of another version are made again (v2: global URL dedup, column kinds)
+#: columns a URL list's rows always have: a kept column may not take one of these names
+RESERVED = frozenset(BASE_COLUMNS) | {"url"}
 
 
 class UrlsSource(Source):
@@ -63,13 +74,32 @@ class UrlsSource(Source):
     def caption_col(self) -> str:
         return self.default_caption_col if self.args.caption_col is None else self.args.caption_col
 
-    def keep_cols(self) -> list[str]:
+    def keep_cols(self) -> dict[str, str]:
+        """The kept columns: output name → list column (``--keep-cols SRC`` or ``SRC:NAME``)."""
         if self.args.keep_cols is None:
-            return list(self.default_keep_cols)
-        return [c.strip() for c in self.args.keep_cols.split(",") if c.strip()]
+            return {c: c for c in self.default_keep_cols}
+        kept: dict[str, str] = {}
+        for entry in (e.strip() for e in self.args.keep_cols.split(",")):
+            if not entry:
+                continue
+            source, _, name = entry.partition(":")
+            source, name = source.strip(), (name.strip() or source.strip())
+            if not source:
+                raise UsageError(f"--keep-cols {entry!r}: give a column name (SRC, or SRC:NEW_NAME)")
+            if name in RESERVED:
+                raise UsageError(
+                    f"--keep-cols {entry}: {name!r} is a column fastfetch writes itself ({', '.join(sorted(RESERVED))}); "
+                    f"keep the list's column under another name, e.g. --keep-cols {source}:list_{name}"
+                )
+            if name in kept:
+                raise UsageError(f"--keep-cols names the column {name!r} twice")
+            kept[name] = source
+        return kept
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"url_col": self.url_col, "caption_col": self.caption_col, "keep_cols": self.keep_cols()}
+        kept = self.keep_cols()
+        return {"url_col": self.url_col, "caption_col": self.caption_col,
+                "keep_cols": [n if n == src else f"{src}:{n}" for n, src in kept.items()]}
 
     def extra_columns(self) -> dict[str, str]:
         plan = self._load_plan()
@@ -111,7 +141,7 @@ class UrlsSource(Source):
         pattern = "/".join(parts[3:])
         fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
         folder = fixed.rsplit("/", 1)[0] if "/" in fixed else ""
-        files = [f for f in await hub.list_files(repo, folder, revision=revision or hub.DEFAULT_REVISION)
+        files = [f for f in await hub.list_files(self.ctx.fetcher, repo, folder, revision=revision or hub.DEFAULT_REVISION)
                  if fnmatch.fnmatchcase(f.path, pattern)]
         if not files:
             raise UsageError(f"{spec} matches no file of the Hugging Face dataset {repo} ({hub.dataset_page(repo)})")
@@ -124,7 +154,7 @@ class UrlsSource(Source):
     async def _download(self, url: str, name: str, headers: dict[str, str] | None = None, repo: str | None = None) -> Path:
         """A remote list file into the work folder (resumable; kept for reruns)."""
         try:
-            return await download_file(self.ctx.fetcher.session, url, self.plan_dir / "lists" / name, headers)
+            return await download_file(self.ctx.fetcher, url, self.plan_dir / "lists" / name, headers)
         except AccessDenied as exc:
             if repo:
                 raise hub.access_error(repo, exc.status) from exc
@@ -138,6 +168,7 @@ class UrlsSource(Source):
             "unit_size": self.args.unit_size,
             "limit": self.args.limit,
             "filters": self.filters(),
+            "version": _PLAN_VERSION,
             **self.fingerprint(),
         }
 
@@ -149,16 +180,17 @@ class UrlsSource(Source):
         self.plan_dir.mkdir(parents=True, exist_ok=True)
         unit_size: int = self.args.unit_size
         units: list[Unit] = []
-        columns: dict[str, str] = {}
-        pending: list[pa.RecordBatch] = []
+        list_kinds: dict[str, str] = {}  # each kept column's kind over the whole list so far
+        pending: list[tuple[pa.RecordBatch, dict[str, str]]] = []
         pending_rows = 0
         filtered: Counter[str] = Counter()
+        seen = SeenUrls()
         row_total = 0
 
         def flush() -> None:
             nonlocal pending, pending_rows, filtered
-            table = pa.Table.from_batches(pending).combine_chunks()
             uid = f"{len(units):05d}"
+            table = _unit_table(pending, list_kinds)
             _write_parquet(table, self.plan_dir / f"{uid}.parquet")
             digest = hashlib.blake2b(
                 b"\n".join(v.encode() for v in table.column("url").to_pylist() if v), digest_size=12
@@ -166,13 +198,16 @@ class UrlsSource(Source):
             units.append(Unit(uid, {"rows": table.num_rows, "digest": digest, "prefiltered": dict(filtered)}, table.num_rows))
             pending, pending_rows, filtered = [], 0, Counter()
 
-        for batch in self._rows(files, columns, filtered):
+        for batch, batch_kinds in self._rows(files, filtered):
             if self.args.limit is not None:
                 batch = batch.slice(0, max(0, self.args.limit - row_total))
             row_total += batch.num_rows
+            batch = _first_occurrences(batch, seen, filtered)
+            for name, kind in batch_kinds.items():
+                list_kinds[name] = kinds.widen(list_kinds.get(name, kinds.NULL), kind)
             while batch.num_rows:
                 take = min(batch.num_rows, unit_size - pending_rows)
-                pending.append(batch.slice(0, take))
+                pending.append((batch.slice(0, take), batch_kinds))
                 pending_rows += take
                 batch = batch.slice(take)
                 if pending_rows == unit_size:
@@ -186,24 +221,26 @@ class UrlsSource(Source):
                 f"the URL list ({', '.join(map(str, files))}) has no rows to fetch"
                 + (f" after the filters ({dict(filtered)})" if filtered else "")
             )
-        plan = {"key": key, "columns": columns, "units": [[u.id, u.spec] for u in units]}
+        plan = {
+            "key": key,
+            "columns": {name: kinds.ENCODING[kind] for name, kind in sorted(list_kinds.items())},
+            "kinds": dict(sorted(list_kinds.items())),
+            "units": [[u.id, u.spec] for u in units],
+        }
         tmp = self.plan_dir / (_PLAN_FILE + ".tmp")
         tmp.write_bytes(orjson.dumps(plan))
         os.replace(tmp, self.plan_dir / _PLAN_FILE)
         return units
 
-    def _rows(self, files: list[Path], columns: dict[str, str], filtered: Counter[str]) -> Iterator[pa.RecordBatch]:
-        """Normalised batches (url, caption, kept columns) with the list filters applied."""
+    def _rows(self, files: list[Path], filtered: Counter[str]) -> Iterator[tuple[pa.RecordBatch, dict[str, str]]]:
+        """Normalised batches (url, caption, kept columns in their kinds) with the list filters
+        applied, each with its kept columns' kinds."""
         for path in files:
-            batches = read_batches(path, skipped=filtered)
-            first = True
-            for batch in batches:
-                if first:
+            mapping: dict[str, Any] | None = None
+            for batch in read_batches(path, skipped=filtered):
+                if mapping is None:
                     mapping = self._resolve_columns(path, batch.schema)
-                    for name, (_, mds) in mapping["keep"].items():
-                        columns.setdefault(name, mds)
-                    first = False
-                yield self._normalise(batch, mapping, filtered)
+                yield self._normalise(path, batch, mapping, filtered)
 
     def _resolve_columns(self, path: Path, schema: pa.Schema) -> dict[str, Any]:
         names = schema.names
@@ -223,37 +260,42 @@ class UrlsSource(Source):
                     f"{path} has no caption column {self.caption_col!r}; its columns are {names}. "
                     "Pass --caption-col NAME, or --caption-col '' for a list without captions"
                 )
-        keep: dict[str, tuple[str, str]] = {}
+        keep: dict[str, str] = {}
         explicit = self.args.keep_cols is not None
-        for wanted in self.keep_cols():
+        for name, wanted in self.keep_cols().items():
             actual = find_column(names, wanted)
             if actual is None:
                 if explicit:
                     raise UsageError(f"{path} has no column {wanted!r} (from --keep-cols); its columns are {names}")
-                continue
-            keep[wanted] = (actual, _mds_encoding(schema.field(actual).type))
+                continue  # a preset's column this file lacks: null in its rows
+            keep[name] = actual
         filters = {col: find_column(names, col) for _, col, _, _ in self._filter_columns()}
         return {"url": url, "caption": caption, "keep": keep, "filters": filters}
 
-    def _normalise(self, batch: pa.RecordBatch, mapping: dict[str, Any], filtered: Counter[str]) -> pa.RecordBatch:
-        mask = self._filter_mask(batch, mapping["filters"], filtered)
+    def _normalise(self, path: Path, batch: pa.RecordBatch, mapping: dict[str, Any],
+                   filtered: Counter[str]) -> tuple[pa.RecordBatch, dict[str, str]]:
+        mask = self._filter_mask(path, batch, mapping["filters"], filtered)
         if mask is not None:
             batch = batch.filter(mask)
-        arrays = {"url": as_text(batch.column(mapping["url"]))}
+        arrays = {"url": as_text(_column(batch, mapping["url"]))}
         # A missing caption is "" (rejected as no_caption); a list without a caption column at
         # all (txt, --caption-col '') stores null, which is allowed and stored as "".
         arrays["caption"] = (
-            pc.fill_null(as_text(batch.column(mapping["caption"])), "")
+            pc.fill_null(as_text(_column(batch, mapping["caption"])), "")
             if mapping["caption"] else pa.nulls(batch.num_rows, pa.string())
         )
-        for name, (actual, mds) in mapping["keep"].items():
-            col = batch.column(actual)
-            if pa.types.is_binary(col.type):
-                col = as_text(col)
-            arrays[f"x_{name}"] = col if mds != "json" else pa.array(
-                [orjson.dumps(v).decode() for v in col.to_pylist()], pa.string()
-            )
-        return pa.RecordBatch.from_pydict(arrays)
+        batch_kinds: dict[str, str] = {}
+        for name, actual in mapping["keep"].items():
+            col = _column(batch, actual)
+            kind = kinds.kind_of(col.type)
+            if kind is None:
+                raise UsageError(
+                    f"column {actual!r} of {path} is of type {col.type}, which fastfetch cannot store in MDS; "
+                    "drop it from --keep-cols"
+                )
+            batch_kinds[name] = kind
+            arrays[f"x_{name}"] = kinds.stored(col, kind, actual, str(path))
+        return pa.RecordBatch.from_pydict(arrays), batch_kinds
 
     # -- filters (none for plain lists; the LAION preset adds its own) --------------------------
     def filters(self) -> dict[str, float | None]:
@@ -263,16 +305,23 @@ class UrlsSource(Source):
         """The active filters as (reason, column, 'max'|'min', threshold)."""
         return []
 
-    def _filter_mask(self, batch: pa.RecordBatch, found: dict[str, str | None], filtered: Counter[str]) -> pa.Array | None:
+    def _filter_mask(self, path: Path, batch: pa.RecordBatch, found: dict[str, str | None],
+                     filtered: Counter[str]) -> pa.Array | None:
         keep = None
         for reason, col, op, threshold in self._filter_columns():
             actual = found.get(col)
             if actual is None:
                 continue
-            column = batch.column(actual)
+            column = _column(batch, actual)
             if pa.types.is_binary(column.type):
                 column = pc.if_else(pc.equal(as_text(column), ""), None, as_text(column))
-            values = pc.cast(column, pa.float64(), safe=False)
+            try:
+                values = pc.cast(column, pa.float64(), safe=False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise UsageError(
+                    f"column {actual!r} of {path} is filtered on as a number ({reason}) but holds "
+                    f"{column.type} values that are not numbers: {str(exc)[:120]}"
+                ) from exc
             bad = pc.greater(values, threshold) if op == "max" else pc.less(values, threshold)
             bad = pc.fill_null(bad, False)
             if keep is not None:
@@ -284,22 +333,20 @@ class UrlsSource(Source):
     # -- items ---------------------------------------------------------------------------------
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         table = pq.read_table(self.plan_dir / f"{unit.id}.parquet")
-        encodings = (self._load_plan() or {}).get("columns", {})
-        kept = [(c, encodings[c[2:]]) for c in table.column_names if c.startswith("x_")]
+        list_kinds = (self._load_plan() or {}).get("kinds", {})
+        unit_kinds = orjson.loads((table.schema.metadata or {}).get(kinds.KINDS_KEY, b"{}"))
         width = max(4, len(str(self.args.unit_size - 1)))
-        seen: set[str] = set()
         for row, rec in enumerate(table.to_pylist()):
             url, caption = rec["url"], rec["caption"]
             key = f"{unit.id}{row:0{width}d}"
-            extra = {"url": url or "", **{c[2:]: _mds_value(rec[c], enc) for c, enc in kept}}
+            extra = {"url": url or ""}
+            for name, kind in list_kinds.items():
+                extra[name] = kinds.to_final(rec.get(f"x_{name}"), unit_kinds.get(name, kinds.NULL), kind)
             reject = None
             if not url or not url.strip():
                 reject = "invalid_url"
-            elif url in seen:
-                reject = "duplicate_url"
             elif caption is not None and not caption.strip():
                 reject = "no_caption"
-            seen.add(url or "")
             yield Item(key, caption or "", url=(url or "").strip(), extra=extra, reject=reject)
 
 
@@ -347,22 +394,51 @@ class LaionSource(UrlsSource):
         return mapping
 
 
-def _mds_encoding(arrow_type: pa.DataType) -> str:
-    """MDS encoding of a kept column: floats as float64 (null → NaN), strings as str, else json."""
-    if pa.types.is_floating(arrow_type):
-        return "float64"
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_binary(arrow_type):
-        return "str"  # csv/tsv columns arrive as bytes and are decoded
-    return "json"
+def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
+    """A column of a batch; all nulls where a later batch of the same file lacks it (jsonl)."""
+    at = batch.schema.get_field_index(name)
+    return batch.column(at) if at >= 0 else pa.nulls(batch.num_rows)
 
 
-def _mds_value(value: Any, encoding: str) -> Any:
-    """A kept column's value as MDS stores it (json columns were saved as JSON text)."""
-    if encoding == "json":
-        return orjson.loads(value)
-    if value is None:
-        return math.nan if encoding == "float64" else ""
-    return value
+def _first_occurrences(batch: pa.RecordBatch, seen: SeenUrls, filtered: Counter[str]) -> pa.RecordBatch:
+    """The batch without URLs seen before in the list (counted as ``duplicate_url``). Empty
+    URLs stay: each is rejected as ``invalid_url``."""
+    urls = [(u or "").strip() for u in batch.column(0).to_pylist()]
+    present = [i for i, u in enumerate(urls) if u]
+    if not present:
+        return batch
+    fresh = seen.first_seen([urls[i] for i in present])
+    if fresh.all():
+        return batch
+    keep = [True] * len(urls)
+    for i, new in zip(present, fresh.tolist()):
+        keep[i] = new
+    filtered["duplicate_url"] += len(present) - int(fresh.sum())
+    return batch.filter(pa.array(keep))
+
+
+def _unit_table(pending: list[tuple[pa.RecordBatch, dict[str, str]]], list_kinds: dict[str, str]) -> pa.Table:
+    """A unit's batches as one table in the unit's kinds (the widest each column had among
+    them), every kept column of the list so far present; the kinds go in its metadata."""
+    unit_kinds: dict[str, str] = {}
+    for _, batch_kinds in pending:
+        for name, kind in batch_kinds.items():
+            unit_kinds[name] = kinds.widen(unit_kinds.get(name, kinds.NULL), kind)
+    for name in list_kinds:
+        unit_kinds.setdefault(name, kinds.NULL)
+    batches = []
+    for batch, batch_kinds in pending:
+        arrays = {"url": batch.column("url"), "caption": batch.column("caption")}
+        for name, kind in sorted(unit_kinds.items()):
+            have = batch_kinds.get(name)
+            if have is None:
+                arrays[f"x_{name}"] = pa.nulls(batch.num_rows, kinds.stored_type(kind))
+            else:
+                column = batch.column(f"x_{name}")
+                arrays[f"x_{name}"] = column if have == kind else kinds.convert(column.to_pylist(), have, kind, name, "the list")
+        batches.append(pa.RecordBatch.from_pydict(arrays))
+    table = pa.Table.from_batches(batches).combine_chunks()
+    return table.replace_schema_metadata({kinds.KINDS_KEY: orjson.dumps(unit_kinds)})
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
