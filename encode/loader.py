@@ -50,6 +50,17 @@ class StreamingLatentsDataset(StreamingDataset):
         }
 
 
+def latent_space(meta: dict) -> dict:
+    """What makes latents comparable across datasets: the same VAE and scaling, the same text
+    encoder (equal shapes alone do not: SD 1.5's and SDXL's VAEs both give [4, 32, 32])."""
+    models = meta.get("models", {})
+    return {k: models.get(k) for k in ("vae", "scaling_factor", "shift_factor", "text_encoder")}
+
+
+def _frozen(space: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in space.items()))
+
+
 def _fp16(buf: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buf, dtype=np.float16).copy()).reshape(shape)
 
@@ -69,23 +80,30 @@ def build_streaming_latents_dataloader(
 
     Each entry of `datadir` is a local folder or a remote URL (s3://…, read through Streaming with
     a local cache under `cache_dir`). All datasets must hold `latents_<image_size>` with the same
-    latent and caption shapes; anything else is an error rather than a silent reshape.
+    latent and caption shapes, made by the same VAE and text encoder; anything else is an error
+    rather than a silent reshape or a mix of latent spaces.
     """
     paths = [datadir] if isinstance(datadir, str) else list(datadir)
     if not paths:
         raise ValueError("datadir is empty")
     key = f"latents_{image_size}"
-    streams, shapes = [], set()
+    streams, shapes, spaces = [], set(), {}
     for path in paths:
         meta = read_latents_meta(path, cache_dir)
         if key not in meta["shapes"]:
             have = sorted(int(k.split("_")[1]) for k in meta["shapes"] if k.startswith("latents_"))
             raise ValueError(f"{path} has no {key} (resolutions: {have}); pass one of those as image_size")
         shapes.add((tuple(meta["shapes"][key]), tuple(meta["shapes"]["caption_latents"])))
+        spaces[path] = latent_space(meta)
         remote, local = stream_location(path, cache_dir)
         streams.append(Stream(remote=remote, local=local))
     if len(shapes) > 1:
         raise ValueError(f"datasets {paths} disagree on (latent, caption) shapes: {sorted(shapes)}")
+    if len(set(map(_frozen, spaces.values()))) > 1:
+        first, *others = paths
+        odd = next(p for p in others if spaces[p] != spaces[first])
+        diff = {k: (spaces[first].get(k), spaces[odd].get(k)) for k in spaces[first] if spaces[first].get(k) != spaces[odd].get(k)}
+        raise ValueError(f"{first} and {odd} were encoded by different models {diff}: their latents do not mix")
     (image_shape, caption_shape), = shapes
     dataset = StreamingLatentsDataset(streams=streams, image_shape=image_shape, caption_shape=caption_shape,
                                       image_size=image_size, cap_drop_prob=cap_drop_prob, shuffle=shuffle,

@@ -32,6 +32,7 @@ import encode  # noqa: E402
 from encode import data, models, preflight, writer  # noqa: E402
 from encode.paths import INDEX, is_remote, pull_small_files, stream_location, upload_files  # noqa: E402
 from fastfetch.errors import UsageError  # noqa: E402
+from fastfetch.storage import StorageError  # noqa: E402
 
 # Settings that change what is written: a resumed run must use the same ones.
 SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype",
@@ -191,7 +192,13 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
         "shapes": shapes,
         "columns": writer.columns(args.resolutions, args.keep_images),
     }
+    data_id = args.data.rstrip("/") if is_remote(args.data) else os.path.realpath(args.data)
+    meta["data"] = data_id
     old = writer.read_meta(args.out)
+    if old is not None and old.get("data", data_id) != data_id:
+        raise UsageError(f"{args.out} holds latents of {old['data']}, not of --data {args.data}: rows are matched by key, "
+                         "so another dataset's rows would be skipped or mixed in; choose a new --out (if it is the same "
+                         "dataset moved, set \"data\" in its latents.json to the new place)")
     if old is not None and old["settings"] != settings:
         diff = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
         raise UsageError(f"{args.out} holds latents made with other settings {diff} (old, new); "
@@ -347,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, models.ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:  # the remote --data or --out failed: finished chunks are kept
+        print(f"error: {e}; rerun the same command once the storage is reachable", file=sys.stderr)
+        return 1
     finally:
         if ctx.distributed:
             dist.destroy_process_group()

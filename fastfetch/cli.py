@@ -21,7 +21,9 @@ from fastfetch import __version__
 from fastfetch.http import USER_AGENT, FetchConfig, Fetcher
 from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
 from fastfetch.manifest import Manifest
-from fastfetch.mds import Layout, is_remote
+from fastfetch import storage
+from fastfetch.mds import Layout
+from fastfetch.storage import StorageError, is_remote
 from fastfetch.nodes import Node, all_complete, detect, merge_nodes, write_summary
 from fastfetch.pipeline import DiskFull, Pipeline, Selection
 from fastfetch.redact import redact
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fetch: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageError as exc:  # after the run started (a --merge, an outage): nothing is lost
+        print(f"fetch: error: {exc}; rerun the same command once the storage is reachable", file=sys.stderr)
+        return EXIT_FAILED_UNITS
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -126,9 +131,12 @@ def _run_loop(coro: Any) -> int:
         return asyncio.run(coro)
 
 
-def _settings(args: argparse.Namespace, resize: ResizeConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """What decides the content of a unit: a rerun into the same --out must not change it."""
+def _settings(args: argparse.Namespace, resize: ResizeConfig, fingerprint: dict[str, Any], node: Node) -> dict[str, Any]:
+    """What decides the content of a unit: a rerun into the same --out must not change it (and
+    on several machines, what every node must agree on: the merge compares them)."""
+    nodes = {"node_count": node.count, "dealing": "unit-id-hash"} if node.count > 1 else {}
     return {
+        **nodes,
         "dataset": args.dataset,
         "min_size": resize.min_size,
         "max_size": resize.max_size,
@@ -156,6 +164,11 @@ def _places(args: argparse.Namespace) -> Places:
     remote = is_remote(args.out)
     if remote and args.local_cache is None:
         raise UsageError(f"--out {args.out} is remote: also pass --local-cache DIR (a local folder for the manifest and shards in transit)")
+    if remote:
+        try:
+            storage.check(args.out.rstrip("/"))
+        except StorageError as exc:
+            raise UsageError(f"--out {args.out} cannot be used: {exc}") from exc
     base = Path(args.local_cache if remote else args.out).expanduser()
     if base.exists() and not base.is_dir():
         flag = "--local-cache" if remote else "--out"
@@ -230,7 +243,7 @@ async def _fetch(args: argparse.Namespace) -> int:
             source = SOURCES[args.dataset](args, ctx)
             await source.open()
             try:
-                settings = _settings(args, resize, source.fingerprint())
+                settings = _settings(args, resize, source.fingerprint(), places.node)
                 _check_settings(manifest, settings, places.state)
                 pipeline = Pipeline(source, places.layout, fetcher, resizer, manifest, counters, not args.no_progress)
                 selection = Selection(args.subset, tuple(args.ids or ()), places.node.rank, places.node.count)
@@ -249,6 +262,9 @@ async def _fetch(args: argparse.Namespace) -> int:
     except DiskFull as exc:
         status = "disk full"
         fatal = str(exc)
+    except StorageError as exc:  # the bucket went away or the network to it: units in flight roll back
+        status = "storage unavailable"
+        fatal = f"{exc}; rerun the same command once the storage is reachable: finished units are kept"
     finally:
         counters.worker_peak_rss_mb = resizer.close()
         for sig in EXIT_SIGNAL:
@@ -290,11 +306,9 @@ def _publish(places: Places, pipeline: Pipeline, manifest: Manifest, counters: R
     if places.node.count == 1:
         pipeline.merge()
         if places.layout.remote:
-            from streaming.base.storage.upload import CloudUploader
-
-            CloudUploader.get(out=(str(places.state), places.out), keep_local=True, exist_ok=True).upload_file("stats.json")
+            storage.upload(places.state, places.out, ["stats.json"])
         return
-    write_summary(places.out, places.state, places.node, pipeline.done_dirs(), dataset_totals(manifest), complete)
+    write_summary(places.out, places.state, places.node, pipeline.done_dirs(), dataset_totals(manifest), complete, settings)
     if places.node.rank == 0 and all_complete(places.out, places.base, places.node.count):
         merged = merge_nodes(places.out, places.layout, places.base)
         print(f"merged {len(merged['nodes'])} nodes: {merged['rows_in_index']:,} rows in {places.out}/mds/index.json", file=sys.stderr)

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from fastfetch import storage
 from fastfetch.body import body_len
 from fastfetch.mdswriter import MDSWriter
 
@@ -42,11 +43,6 @@ BASE_COLUMNS: dict[str, str] = {
 }
 TMP = "_tmp"
 SHARD_BYTES = 1 << 26  # 64 MiB, streaming's default
-REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "dbfs:/", "sftp://")
-
-
-def is_remote(path: str) -> bool:
-    return path.startswith(REMOTE_SCHEMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +137,10 @@ class UnitWriter:
 def upload_unit(layout: Layout, rel: str) -> None:
     """Upload a finished unit (shards first, its index.json last), then free the local shards;
     the small index.json stays for merging."""
-    from streaming.base.storage.upload import CloudUploader
-
     assert layout.remote is not None
     local = layout.root / rel
-    uploader = CloudUploader.get(out=(str(local), f"{layout.remote}/{rel}"), keep_local=True, exist_ok=True)
     names = sorted(p.name for p in local.iterdir())
-    for name in [n for n in names if n != "index.json"] + ["index.json"]:
-        uploader.upload_file(name)
+    storage.upload(local, f"{layout.remote}/{rel}", [n for n in names if n != "index.json"] + ["index.json"])
     for name in names:
         if name != "index.json":
             (local / name).unlink()
@@ -183,11 +175,7 @@ def merge_index(layout: Layout, unit_rels: Iterable[str]) -> int:
     for bucket in [bucket_name(b) for b in layout.buckets]:
         written.append(_write_index(layout.root, by_bucket.get(bucket, []), f"{bucket}/index.json"))
     if layout.remote:
-        from streaming.base.storage.upload import CloudUploader
-
-        uploader = CloudUploader.get(out=(str(layout.root), layout.remote), keep_local=True, exist_ok=True)
-        for rel in written:
-            uploader.upload_file(rel)
+        storage.upload(layout.root, layout.remote, written)
     tmp = layout.root / TMP
     if tmp.is_dir() and not any(tmp.rglob("*.mds")):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,10 +193,7 @@ def _rebased(shard: dict[str, Any], prefix: str) -> dict[str, Any]:
 def _read_unit_index(layout: Layout, rel: str) -> dict[str, Any]:
     local = layout.root / rel / "index.json"
     if not local.exists() and layout.remote:
-        from streaming.base.storage.download import CloudDownloader
-
-        local.parent.mkdir(parents=True, exist_ok=True)
-        CloudDownloader.direct_download(f"{layout.remote}/{rel}/index.json", str(local), timeout=120)
+        storage.download(f"{layout.remote}/{rel}/index.json", local)
     return orjson.loads(local.read_bytes())
 
 

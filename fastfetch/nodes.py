@@ -16,11 +16,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import orjson
 
-from fastfetch.mds import Layout, is_remote, merge_index
+from fastfetch import storage
+from fastfetch.mds import Layout, merge_index
+from fastfetch.storage import is_remote
 from fastfetch.errors import UsageError
 
 SUMMARY = "summary.json"
@@ -53,35 +54,27 @@ def detect(args: argparse.Namespace) -> Node:
     return Node(rank, count)
 
 
-def write_summary(out: str, state_dir: Path, node: Node, dirs: list[str], totals: dict[str, Any], complete: bool) -> None:
-    """Record what this node contributed (in its state folder, and on the remote output)."""
+def write_summary(out: str, state_dir: Path, node: Node, dirs: list[str], totals: dict[str, Any], complete: bool,
+                  settings: dict[str, Any]) -> None:
+    """Record what this node contributed and with which settings (in its state folder, and on
+    the remote output)."""
     path = state_dir / SUMMARY
-    payload = {"node": node.name, "rank": node.rank, "count": node.count, "complete": complete, "dirs": dirs, "totals": totals}
+    payload = {"node": node.name, "rank": node.rank, "count": node.count, "complete": complete, "dirs": dirs,
+               "totals": totals, "settings": settings}
     _atomic_write(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     if is_remote(out):
-        from streaming.base.storage.upload import CloudUploader
-
-        uploader = CloudUploader.get(out=(str(state_dir), f"{out}/_nodes/{node.name}"), keep_local=True, exist_ok=True)
-        uploader.upload_file(SUMMARY)
+        storage.upload(state_dir, f"{out}/_nodes/{node.name}", [SUMMARY])
 
 
 def read_summaries(out: str, cache: Path) -> list[dict[str, Any]]:
     """Every node's summary under the output (downloaded into ``cache`` when remote)."""
     if not is_remote(out):
         return [orjson.loads(p.read_bytes()) for p in sorted(Path(out).glob(f"_nodes/*/{SUMMARY}"))]
-    from streaming.base.storage.download import CloudDownloader
-    from streaming.base.storage.upload import CloudUploader
-
-    url = urlparse(out)
-    prefix = f"{url.path.strip('/')}/_nodes/".lstrip("/")
     summaries = []
-    # the uploader lists below its own remote (the prefix is relative to it); keys come back full
-    listed = CloudUploader.get(out=(str(cache), out), keep_local=True, exist_ok=True).list_objects("_nodes/") or []
-    for key in sorted(listed):
-        if key.endswith(f"/{SUMMARY}"):
-            local = cache / "_nodes" / key[len(prefix):]
-            local.parent.mkdir(parents=True, exist_ok=True)
-            CloudDownloader.direct_download(f"{url.scheme}://{url.netloc}/{key}", str(local), timeout=120)
+    for rel in storage.relative_names(out, "_nodes/"):
+        if rel.endswith(f"/{SUMMARY}"):
+            local = cache / rel
+            storage.download(f"{out}/{rel}", local)
             summaries.append(orjson.loads(local.read_bytes()))
     return summaries
 
@@ -93,6 +86,7 @@ def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
         raise UsageError(f"no node summaries under {out}/_nodes/: run the fetch on every node first")
     if len({s["count"] for s in summaries}) != 1:
         raise UsageError(f"{out}/_nodes/ mixes runs with different node counts; remove the stale ones")
+    _check_agreement(out, summaries)
     rows = merge_index(layout, [rel for s in summaries for rel in s["dirs"]])
     rejected: Counter[str] = Counter()
     stats: dict[str, Any] = {"items": 0, "kept": 0, "bytes_downloaded": 0, "bytes_written": 0}
@@ -111,13 +105,36 @@ def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
     )
     data = orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     if is_remote(out):
-        from streaming.base.storage.upload import CloudUploader
-
         _atomic_write(cache / "stats.json", data)
-        CloudUploader.get(out=(str(cache), out), keep_local=True, exist_ok=True).upload_file("stats.json")
+        storage.upload(cache, out, ["stats.json"])
     else:
         _atomic_write(Path(out) / "stats.json", data)
     return stats
+
+
+def _check_agreement(out: str, summaries: list[dict[str, Any]]) -> None:
+    """Nodes whose units would not make one dataset: built with other settings (--min-size on one
+    node, another on the next), or holding the same unit twice."""
+    first = summaries[0]
+    for other in summaries[1:]:
+        a, b = first.get("settings"), other.get("settings")
+        if a is not None and b is not None and a != b:
+            diff = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise UsageError(
+                f"{first['node']} and {other['node']} under {out} were run with different settings ({diff}): their units "
+                "do not make one dataset. Rerun the odd node with the same flags as the others (into a fresh --local-cache), "
+                "then --merge"
+            )
+    owners: dict[str, str] = {}
+    for s in summaries:
+        for rel in s["dirs"]:
+            unit = rel.rsplit("/", 1)[-1]
+            if unit in owners and owners[unit] != s["node"]:
+                raise UsageError(
+                    f"unit {unit} was finished by both {owners[unit]} and {s['node']} under {out}; remove it from one "
+                    "node (its folder and that node's _nodes/ state) and rerun that node, then --merge"
+                )
+            owners[unit] = s["node"]
 
 
 def all_complete(out: str, cache: Path, count: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import re
 import shutil
 import sqlite3
@@ -79,8 +80,13 @@ class Selection:
     node_count: int = 1
 
     def apply(self, units: list[Unit]) -> list[Unit]:
-        """The selected units this node works on (dealt round-robin over the nodes)."""
-        return self._selected(units)[self.node_rank :: self.node_count]
+        """The selected units this node works on: those whose id hashes to this node. A unit
+        belongs to the same node whatever the selection, so a run with a larger selection
+        (``--subset all`` after ``small``) never gives a finished unit to another node."""
+        selected = self._selected(units)
+        if self.node_count == 1:
+            return selected
+        return [u for u in selected if node_of(u.id, self.node_count) == self.node_rank]
 
     def _selected(self, units: list[Unit]) -> list[Unit]:
         if self.ids:
@@ -96,6 +102,11 @@ class Selection:
         if self.subset == "small":
             return [u for i, u in enumerate(units) if i % 100 == 0]
         return units
+
+
+def node_of(unit_id: str, node_count: int) -> int:
+    """The node a unit belongs to (a hash of its id: stable, and even over many units)."""
+    return int.from_bytes(hashlib.blake2b(unit_id.encode(), digest_size=8).digest(), "little") % node_count
 
 
 def unit_number(unit_id: str, position: int) -> int:
@@ -172,21 +183,32 @@ class Pipeline:
         total = sum(u.rows or 0 for u in units)
         self.progress = Progress(total, self.counters, self.progress_enabled)
         open_units: set[asyncio.Task[None]] = set()
+        fatal: list[BaseException] = []  # what stops the run (a full disk, lost storage), from any unit
+
+        def settle(task: asyncio.Task[None]) -> None:
+            open_units.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                fatal.append(task.exception())  # type: ignore[arg-type]
+
         try:
             for unit in units:
                 handed_out = asyncio.Event()
                 task = asyncio.create_task(self._run_unit(unit, handed_out), name=f"unit-{unit.id}")
                 open_units.add(task)
-                task.add_done_callback(open_units.discard)
+                task.add_done_callback(settle)
                 waiter = asyncio.create_task(handed_out.wait())
                 try:
                     await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
-                while len(open_units) >= MAX_OPEN_UNITS:
+                while len(open_units) >= MAX_OPEN_UNITS and not fatal:
                     await asyncio.wait(open_units, return_when=asyncio.FIRST_COMPLETED)
+                if fatal:
+                    raise fatal[0]
             if open_units:
-                await asyncio.gather(*open_units)
+                await asyncio.wait(open_units, return_when=asyncio.FIRST_EXCEPTION)
+            if fatal:
+                raise fatal[0]
         finally:
             for task in open_units:
                 task.cancel()

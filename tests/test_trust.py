@@ -532,3 +532,143 @@ def test_a_zip_directory_that_lies_is_refused_before_it_is_read() -> None:
     with pytest.raises(ArchiveError, match="central directory"):
         asyncio.run(zip_entries(Lying()))
     assert max(reads) < 1 << 20  # refused from the end record, before reading the directory
+
+
+# -- object storage that fails ------------------------------------------------------------------
+class _Cuttable:
+    """A TCP proxy on 127.0.0.1 in front of another port, whose link can be cut and restored
+    (an object store's outage, without losing what it holds)."""
+
+    def __init__(self, target: int) -> None:
+        import threading
+
+        self.target, self.up, self.port = target, True, 0
+        self.loop = asyncio.new_event_loop()
+        self.conns: set[asyncio.StreamWriter] = set()
+        ready = threading.Event()
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while self.up and (data := await reader.read(65536)):
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not self.up:
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            self.conns.update((writer, up_writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        async def start() -> None:
+            srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = srv.sockets[0].getsockname()[1]
+            ready.set()
+
+        threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()), daemon=True).start()
+        ready.wait(10)
+
+    def cut(self) -> None:
+        def close() -> None:
+            self.up = False
+            for w in self.conns:
+                w.transport.abort()
+        self.loop.call_soon_threadsafe(close)
+
+    def restore(self) -> None:
+        self.up = True
+
+
+def test_object_storage_outages_stop_clearly_and_resume(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
+    import time
+
+    from tests.conftest import fetch_env, serve_numbered, start_fetch
+
+    listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/o", 30, delay=0.2))
+    missing = run_fetch("--dataset", "urls", "--urls", listing, "--out", "s3://no-such-bucket/x", "--local-cache",
+                        tmp_path / "c0", *NET, env=fetch_env(**s3))
+    assert missing.returncode == 2 and "no-such-bucket" in missing.stderr and "Traceback" not in missing.stderr
+
+    proxy = _Cuttable(int(s3["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    env = fetch_env(**{**s3, "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "1"})
+    cache = tmp_path / "cache"
+    args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/outage", "--local-cache", cache,
+            "--unit-size", "3", "--concurrency", "2", *NET)
+    proc = start_fetch(*args, env=env)
+    deadline = time.monotonic() + 120
+    while not (cache / "mds" / "00001" / "index.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proxy.cut()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "storage is reachable" in err and "s3://data/outage" in err and "Traceback" not in err
+    proxy.restore()
+    rerun = run_fetch(*args, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    from tests.test_scaleout import _remote_rows
+
+    got = _remote_rows(s3, "s3://data/outage/mds", tmp_path / "read")
+    assert sorted(r["caption"] for r in got) == sorted(f"c{i}" for i in range(30))
+    assert stats_of(cache)["kept"] == 30
+
+
+# -- several machines: what they must agree on --------------------------------------------------
+def test_nodes_keep_their_units_when_the_selection_grows(tmp_path: Path, server: LoopbackServer) -> None:
+    from tests.conftest import serve_numbered
+
+    listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/n", 40))
+    base = ("--dataset", "urls", "--urls", listing, "--unit-size", "4", *NET)
+    shared = tmp_path / "shared"
+    for selection in (("--ids", "1", "2"), ()):  # a try-out first, then everything (README: Resume)
+        for rank in ("0", "1"):
+            proc = run_fetch(*base, *selection, "--out", shared, "--node-rank", rank, "--num-nodes", "2")
+            assert proc.returncode == 0, proc.stderr
+    merged = run_fetch("--merge", "--out", shared)
+    assert merged.returncode == 0, merged.stderr
+    rows = read_mds(shared / "mds")
+    assert len(rows) == len({r["key"] for r in rows}) == 40
+    assert sorted(r["caption"] for r in rows) == sorted(f"c{i}" for i in range(40))
+
+
+def test_merge_refuses_nodes_built_with_different_settings(tmp_path: Path, server: LoopbackServer) -> None:
+    from tests.conftest import serve_numbered
+
+    listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/m", 12))
+    shared = tmp_path / "shared"
+    for rank, size in (("0", "256"), ("1", "300")):
+        proc = run_fetch("--dataset", "urls", "--urls", listing, "--unit-size", "3", "--out", shared, "--node-rank", rank,
+                         "--num-nodes", "2", "--min-size", size, *NET)
+        assert proc.returncode in (0, 2), proc.stderr  # rank 1 finishes last and its merge refuses
+    merged = run_fetch("--merge", "--out", shared)
+    assert merged.returncode == 2 and "different settings" in merged.stderr and "min_size" in merged.stderr
+    assert not (shared / "mds" / "index.json").exists()
+
+
+# -- the encoder and loader with datasets that do not belong together -----------------------------
+def test_latents_of_other_data_or_models_are_not_mixed(tmp_path: Path) -> None:
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import encode_models as em
+
+    from encode.loader import build_streaming_latents_dataloader
+
+    out = tmp_path / "latents"
+    shutil.copytree(em.latents_dataset(resolutions=(64, 128)), out)
+    other, _ = em.image_mds(37, seed=1)
+    proc = _encode(other, str(out))
+    assert proc.returncode == 2 and "holds latents of" in proc.stderr, proc.stderr
+
+    sd15 = tmp_path / "sd15-latents"
+    shutil.copytree(out, sd15)
+    meta = json.loads((sd15 / "latents.json").read_text())
+    meta["models"]["vae"], meta["models"]["scaling_factor"] = "runwayml/stable-diffusion-v1-5", 0.18215
+    (sd15 / "latents.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="different models"):
+        build_streaming_latents_dataloader([str(out), str(sd15)], batch_size=2, image_size=64)

@@ -1,0 +1,100 @@
+"""Object storage (``s3://``, ``gs://``, ``oci://``, …) through mosaicml-streaming, in one place.
+
+Every upload, download and listing of a remote output goes through these few functions, so a
+failure (a bucket that does not exist, refused credentials, an outage in the middle of a run)
+always arrives as one ``StorageError`` that names the URL and the cause: before a run it is a
+usage error (exit 2), during one it stops the run like a full disk (exit 1, finished units
+kept). Streaming's uploaders know every backend's credentials and retries; what they do not do
+is say which of our files failed, or fail the same way for every backend. ``streaming`` is
+imported on first use only: it imports torch, seconds that a local run never pays.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fastfetch.redact import redact
+
+REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "dbfs:/", "sftp://")
+_SCRATCH = "fastfetch-storage"  # streaming's uploaders want a local side even to list
+
+
+class StorageError(Exception):
+    """Object storage refused or failed an operation; the message says which and why."""
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def upload(local_dir: str | Path, remote_dir: str, names: Iterable[str]) -> None:
+    """Upload ``names`` from ``local_dir`` to ``remote_dir``, in the given order."""
+    uploader = _uploader(str(local_dir), remote_dir)
+    for name in names:
+        with _failure(f"cannot upload {name} to {remote_dir}"):
+            uploader.upload_file(name)
+
+
+def download(remote_file: str, local_path: str | Path, timeout: float = 120) -> None:
+    """Download one object to ``local_path`` (its folder is created)."""
+    from streaming.base.storage.download import CloudDownloader
+
+    os.makedirs(os.path.dirname(str(local_path)) or ".", exist_ok=True)
+    with _failure(f"cannot download {remote_file}"):
+        CloudDownloader.direct_download(remote_file, str(local_path), timeout=timeout)
+
+
+def list_keys(remote: str, prefix: str = "") -> list[str]:
+    """The full keys of the objects below ``remote`` (and ``prefix`` under it)."""
+    uploader = _uploader(_scratch(), remote)
+    with _failure(f"cannot list {remote}"):
+        keys = uploader.list_objects(prefix) if prefix else uploader.list_objects()
+    return list(keys or [])
+
+
+def relative_names(remote: str, prefix: str = "") -> list[str]:
+    """The objects below ``remote`` as paths relative to it."""
+    root = urllib.parse.urlparse(remote).path.strip("/")
+    return sorted(key[len(root):].lstrip("/") if root else key for key in list_keys(remote, prefix))
+
+
+def check(remote: str) -> None:
+    """Raise ``StorageError`` unless ``remote`` can be reached and listed (the bucket exists,
+    the credentials work): before a run writes anything."""
+    list_keys(remote, "_nodes/")
+
+
+def _uploader(local: str, remote: str) -> Any:
+    import logging
+
+    from streaming.base.storage.upload import CloudUploader
+
+    # it warns about every non-empty local folder, which ours always are (exist_ok is the point)
+    logging.getLogger("streaming.base.storage.upload").setLevel(logging.ERROR)
+    with _failure(f"cannot open {remote}"):
+        return CloudUploader.get(out=(local, remote), keep_local=True, exist_ok=True)
+
+
+def _scratch() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), _SCRATCH)
+
+
+class _failure:
+    """Any exception inside becomes a StorageError with ``what`` and the cause (redacted)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
+        if exc is None or isinstance(exc, (StorageError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
+            return False
+        raise StorageError(redact(f"{self.what}: {type(exc).__name__}: {exc}")) from exc
