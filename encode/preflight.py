@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,9 @@ def problems(ds: Dataset, rank: int = 0, world: int = 1, verify: bool = True) ->
     if not ds.rows:
         return [f"{ds.remote or ds.root} holds no rows ({len(ds.shards)} shards in its {INDEX}): nothing to encode; "
                 "fetch some units first"]
+    twice = sorted(name for name, n in Counter(map(_stored_name, ds.shards)).items() if n > 1)
+    if twice:  # every row of those shards would be encoded twice
+        return [f"{ds.remote or ds.root}/{INDEX} lists {name} more than once" for name in twice[:5]]
     mine = [s for i, s in enumerate(ds.shards) if i % world == rank]
     if ds.remote is not None:
         present = remote_names(ds.remote)

@@ -347,8 +347,10 @@ async def iter_tar_groups(chunks: AsyncIterator[bytes], want: Callable[[str], bo
     """Webdataset samples: adjacent members sharing a key (``dir/key.ext``) as {ext: data, "__key__": key}.
 
     Only members whose extension ``want`` accepts are read; the key is the path up to the first
-    dot of the file name, as webdataset defines it. A wanted member that cannot be read puts
-    its ``problem`` under ``"__problem__"`` (and its extension maps to ``b""``).
+    dot of the file name, as webdataset defines it. A member repeating an extension of the
+    current sample (``k.jpg``, ``k.txt``, ``k.jpg``) starts a new sample with the same key, which
+    the pipeline counts as ``duplicate_key``. A wanted member that cannot be read puts its
+    ``problem`` under ``"__problem__"`` (and its extension maps to ``b""``).
     """
     current: str | None = None
     group: dict[str, bytes] = {}
@@ -356,7 +358,7 @@ async def iter_tar_groups(chunks: AsyncIterator[bytes], want: Callable[[str], bo
         folder, _, base = member.name.rpartition("/")
         stem, dot, ext = base.partition(".")
         key = f"{folder}/{stem}" if folder else stem
-        if key != current:
+        if key != current or (dot and ext.lower() in group):  # a repeated name starts a sample of its own
             if group:
                 yield {"__key__": current.encode(), **group}  # type: ignore[union-attr]
             current, group = key, {}

@@ -308,7 +308,8 @@ def _publish(places: Places, pipeline: Pipeline, manifest: Manifest, counters: R
         if places.layout.remote:
             storage.upload(places.state, places.out, ["stats.json"])
         return
-    write_summary(places.out, places.state, places.node, pipeline.done_dirs(), dataset_totals(manifest), complete, settings)
+    write_summary(places.out, places.state, places.node, pipeline.done_dirs(), dataset_totals(manifest), complete,
+                  {**settings, "plan": pipeline.plan_digest})
     if places.node.rank == 0 and all_complete(places.out, places.base, places.node.count):
         merged = merge_nodes(places.out, places.layout, places.base)
         print(f"merged {len(merged['nodes'])} nodes: {merged['rows_in_index']:,} rows in {places.out}/mds/index.json", file=sys.stderr)

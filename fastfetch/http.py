@@ -173,14 +173,29 @@ class Refused(Exception):
         self.reason = reason
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215, local use
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 (SIIT)
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated, still routed inside some networks
+
+
 def is_public_address(address: str) -> bool:
-    """True for globally routable unicast addresses (IPv4-mapped IPv6 judged as IPv4)."""
+    """True for globally routable unicast addresses. An IPv6 address that carries an IPv4 one
+    (IPv4-mapped, -compatible and -translated, NAT64, 6to4, Teredo) is judged by the IPv4
+    address it reaches, so ``[64:ff9b::a00:1]`` is 10.0.0.1 and refused."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL or ip in _SITE_LOCAL:
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and (ip in _NAT64 or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
     return ip.is_global and not ip.is_multicast
 
 
@@ -192,11 +207,14 @@ class GuardedResolver(AbstractResolver):
     is caught like any other.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trusted: frozenset[str] = frozenset()) -> None:
         self._inner = DefaultResolver()
+        self._trusted = trusted  # the operator's proxies: often on a private address, and chosen by them
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         answers = await self._inner.resolve(host, port, family)
+        if host.lower() in self._trusted:
+            return answers
         public = [a for a in answers if is_public_address(a["host"])]
         if not public:
             raise BlockedAddress(host)
@@ -253,12 +271,19 @@ class Fetcher:
         self.cfg = cfg
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
+        self._proxied = False
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self.budget = MemoryBudget(cfg.max_inflight_bytes)
         self.bytes_in = 0
 
     async def __aenter__(self) -> Fetcher:
-        self._resolver = None if self.cfg.allow_private_networks else GuardedResolver()
+        # With trust_env aiohttp looks up the proxy environment and ~/.netrc in a thread for
+        # every request (~10% of the event loop's CPU): only pay that where a proxy is set.
+        self._proxied = any(k in ("http", "https") for k in urllib.request.getproxies())  # NO_PROXY alone: no
+        proxies = frozenset(
+            (info.proxy.host or "").lower() for info in aiohttp.helpers.proxies_from_env().values()
+        ) if self._proxied else frozenset()
+        self._resolver = None if self.cfg.allow_private_networks else GuardedResolver(proxies)
         connector = aiohttp.TCPConnector(
             limit=self.cfg.concurrency,
             limit_per_host=self.cfg.per_host,
@@ -276,9 +301,7 @@ class Fetcher:
                 sock_read=self.cfg.read_timeout,
             ),
             auto_decompress=True,
-            # With trust_env aiohttp looks up the proxy environment and ~/.netrc in a thread for
-            # every request (~10% of the event loop's CPU): only pay that where a proxy is set.
-            trust_env=any(k in ("http", "https") for k in urllib.request.getproxies()),  # NO_PROXY alone: no
+            trust_env=self._proxied,
         )
         return self
 
@@ -304,6 +327,8 @@ class Fetcher:
             options["read_bufsize"] = read_bufsize
         for _ in range(self.cfg.max_redirects + 1):
             target = _checked_url(current, self.cfg.allow_private_networks)
+            if self._proxied and _through_proxy(target):
+                await self.check(current)  # the proxy resolves the name: judge its address here first
             try:
                 async with self._session.get(target, headers=sent, **options) as resp:  # type: ignore[arg-type]
                     location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
@@ -445,6 +470,15 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization
 def _origin(url: str) -> tuple[str, str, int | None]:
     parsed = URL(url)
     return parsed.scheme, (parsed.host or "").lower(), parsed.explicit_port or parsed.port
+
+
+def _through_proxy(url: URL) -> bool:
+    """Whether aiohttp sends this request through a proxy from the environment."""
+    try:
+        aiohttp.helpers.get_env_proxy_for_url(url)
+    except LookupError:
+        return False
+    return True
 
 
 def _is_address(host: str) -> bool:

@@ -7,6 +7,7 @@ case-insensitive because the same dataset is published as ``URL``/``url``/``Url`
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib
 from collections import Counter
@@ -59,14 +60,20 @@ def list_format(path: Path) -> str | None:
     return ext if ext in FORMATS else None
 
 
-def expand_paths(paths: list[Path]) -> list[Path]:
-    """Files and folders → the sorted list files (a folder contributes its list files, recursively)."""
+def expand_paths(paths: list[Path], skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Files and folders → the sorted list files (a folder contributes its list files,
+    recursively, but none at or below a ``skip`` path: a run's own output inside a folder of
+    lists holds plan, index and stats files that are not URL lists)."""
     files: list[Path] = []
+    skipped = tuple(p.resolve() for p in skip)
     for path in paths:
         if not path.exists():
             raise UsageError(f"URL list {path} does not exist; pass an existing file or folder to --urls")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and list_format(p))
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and list_format(p) and not any(p.resolve().is_relative_to(s) for s in skipped)
+            )
             if not found:
                 raise UsageError(
                     f"folder {path} holds no URL list (looked for {', '.join(FORMATS)}, optionally .gz)"
@@ -151,7 +158,9 @@ def _jsonl_batches(path: Path, skipped: Counter[str]) -> Iterator[pa.RecordBatch
     rows: list[dict] = []
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     with opener(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f):
+            if number == 0:
+                line = line.removeprefix(codecs.BOM_UTF8)
             if not line.strip():
                 continue
             try:
@@ -160,8 +169,7 @@ def _jsonl_batches(path: Path, skipped: Counter[str]) -> Iterator[pa.RecordBatch
                 skipped["malformed_row"] += 1
                 continue
             if isinstance(row, dict):
-                rows.append({k: v if v is None or isinstance(v, (str, int, float)) else orjson.dumps(v).decode()
-                             for k, v in row.items()})
+                rows.append(row)
             else:
                 skipped["malformed_row"] += 1
             if len(rows) >= BATCH_ROWS:
@@ -172,23 +180,38 @@ def _jsonl_batches(path: Path, skipped: Counter[str]) -> Iterator[pa.RecordBatch
 
 
 def _batch_from_rows(rows: list[dict]) -> pa.RecordBatch:
-    """Rows → batch; a column whose values mix types (``1`` and ``"1"``) becomes strings."""
-    try:
-        return pa.RecordBatch.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.RecordBatch.from_pylist(
-            [{k: v if v is None or isinstance(v, str) else str(v) for k, v in r.items()} for r in rows]
-        )
+    """Rows → batch with every key any row has (null where a row lacks it; Arrow's own
+    ``from_pylist`` keeps only the first row's keys). Nested values are JSON text; a column
+    whose values mix types (``1`` and ``"1"``) becomes text, its other values as JSON text."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    arrays: dict[str, pa.Array] = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        values = [v if v is None or isinstance(v, (str, int, float, bool)) else orjson.dumps(v).decode() for v in values]
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            arrays[name] = pa.array(
+                [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values], pa.string()
+            )
+    return pa.RecordBatch.from_pydict(arrays)
 
 
 def _json_batches(path: Path) -> Iterator[pa.RecordBatch]:
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     with opener(path, "rb") as f:
-        doc = orjson.loads(f.read())
-    if isinstance(doc, dict):  # {"url": [...], "caption": [...]} column form
-        doc = [dict(zip(doc, values)) for values in zip(*doc.values())]
+        doc = orjson.loads(f.read().removeprefix(codecs.BOM_UTF8))
+    if isinstance(doc, dict):
+        columns = list(doc.values())
+        if columns and all(isinstance(c, list) for c in columns):  # {"url": [...], "caption": [...]}
+            if len({len(c) for c in columns}) != 1:
+                lengths = ", ".join(f"{k}: {len(v)}" for k, v in doc.items())
+                raise UsageError(f"{path}: its columns have different lengths ({lengths}); every column needs one value a row")
+            doc = [dict(zip(doc, values)) for values in zip(*columns)]
+        else:
+            doc = [doc]  # one object: one row
     if not isinstance(doc, list):
-        raise UsageError(f"{path}: expected a JSON array of objects or URLs")
+        raise UsageError(f"{path}: expected a JSON array of objects or URLs, or an object of equal-length columns")
     rows = [r if isinstance(r, dict) else {"url": r} for r in doc]
     for start in range(0, len(rows), BATCH_ROWS):
         yield _batch_from_rows(rows[start : start + BATCH_ROWS])
@@ -197,7 +220,7 @@ def _json_batches(path: Path) -> Iterator[pa.RecordBatch]:
 def _txt_batches(path: Path) -> Iterator[pa.RecordBatch]:
     urls: list[str] = []
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+    with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):

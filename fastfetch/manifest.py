@@ -122,6 +122,9 @@ class Manifest:
                         "INSERT INTO units(id, ord, spec, rows, updated) VALUES(?,?,?,?,?)",
                         (unit.id, order, spec, unit.rows, time.time()),
                     )
+                elif known[unit.id] != spec and _only_gained(orjson.loads(known[unit.id]), unit.spec):
+                    # planned by an older version that recorded less about the unit: same unit
+                    self.db.execute("UPDATE units SET spec=? WHERE id=?", (spec, unit.id))
                 elif known[unit.id] != spec:
                     changed.append(unit.id)
                     retries = [r[0] for r in self.db.execute(
@@ -234,6 +237,11 @@ class Manifest:
 
     def _tx(self) -> "_Transaction":
         return _Transaction(self.db)
+
+
+def _only_gained(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A new spec that keeps every key and value of the old one and only adds keys."""
+    return all(k in new and new[k] == v for k, v in old.items())
 
 
 class _Transaction:

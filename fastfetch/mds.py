@@ -109,14 +109,14 @@ class UnitWriter:
             writer.finish()
             src = self.tmp / (bucket or "all")
             for path in src.iterdir():
-                _fsync(path)
+                fsync_path(path)
             rel = self.layout.unit_rel(self.unit_id, bucket)
             final = self.layout.root / rel
             if final.exists():  # left by a crash between rename and manifest commit
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, final)
-            _fsync(final.parent)
+            fsync_path(final.parent)
             published.append(rel)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.layout.remote:
@@ -202,12 +202,13 @@ def _write_index(root: Path, shards: list[dict[str, Any]], rel: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".index.", delete=False) as f:
         f.write(orjson.dumps({"version": 2, "shards": shards}))
-    _fsync(Path(f.name))
+    fsync_path(Path(f.name))
     os.replace(f.name, path)
     return rel
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

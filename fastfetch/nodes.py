@@ -114,16 +114,17 @@ def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
 
 def _check_agreement(out: str, summaries: list[dict[str, Any]]) -> None:
     """Nodes whose units would not make one dataset: built with other settings (--min-size on one
-    node, another on the next), or holding the same unit twice."""
+    node, another on the next) or from another plan (another copy of the list, another
+    --limit), or holding the same unit twice."""
     first = summaries[0]
     for other in summaries[1:]:
         a, b = first.get("settings"), other.get("settings")
         if a is not None and b is not None and a != b:
             diff = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
             raise UsageError(
-                f"{first['node']} and {other['node']} under {out} were run with different settings ({diff}): their units "
-                "do not make one dataset. Rerun the odd node with the same flags as the others (into a fresh --local-cache), "
-                "then --merge"
+                f"{first['node']} and {other['node']} under {out} were run with different settings or lists ({diff}): "
+                "their units do not make one dataset. Rerun the odd node with the same flags and lists as the others "
+                "(into a fresh --local-cache), then --merge"
             )
     owners: dict[str, str] = {}
     for s in summaries:

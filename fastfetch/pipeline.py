@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from fastfetch.body import Body, body_len
 from fastfetch.errors import UsageError
 from fastfetch.http import Fetcher
@@ -104,6 +106,12 @@ class Selection:
         return units
 
 
+def plan_digest(units: list[Unit]) -> str:
+    """What identifies a plan: its units and their specs (nodes must plan the same units)."""
+    return hashlib.blake2b(orjson.dumps([[u.id, u.spec] for u in units], option=orjson.OPT_SORT_KEYS),
+                           digest_size=16).hexdigest()
+
+
 def node_of(unit_id: str, node_count: int) -> int:
     """The node a unit belongs to (a hash of its id: stable, and even over many units)."""
     return int.from_bytes(hashlib.blake2b(unit_id.encode(), digest_size=8).digest(), "little") % node_count
@@ -137,12 +145,14 @@ class Pipeline:
         self.progress_enabled = progress_enabled
         self.progress: Progress | None = None
         self.columns: dict[str, str] = {}
+        self.plan_digest = ""
         self._item_slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.capacity)
 
     async def prepare(self, selection: Selection, retry_failed: bool = False) -> list[Unit]:
         """Plan, record the plan, drop unfinished leftovers; returns the units still to do
         (with ``retry_failed``: only retry units for earlier transient failures)."""
         units = await self.source.plan()
+        self.plan_digest = plan_digest(units)
         for changed in self.manifest.sync_plan(units):
             for rel in self.layout.unit_rels(changed):
                 shutil.rmtree(self.layout.root / rel, ignore_errors=True)

@@ -27,11 +27,12 @@ _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@'\"<>]+@")
 _URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
 _BEARER = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?\s*bearer\s+)[^\s'\",}]+")
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-#: query parameters whose value is a credential (matched case-insensitively, as whole names or
-#: as the part after a vendor prefix such as ``X-Amz-``)
+#: query parameters whose value is a credential, matched case-insensitively anywhere in the name
+#: (``auth_token``, ``client_secret``, ``api-key``, ``X-Amz-Signature``) or as the whole name
+#: (``sig``, ``key``, CloudFront's ``Policy``/``Key-Pair-Id``, Meta's CDN ``oh``)
 _SECRET_PARAMS = re.compile(
-    r"(?i)^(?:x-(?:amz|goog|ms)-)?(?:signature|sig|token|access_token|id_token|refresh_token|security-token|"
-    r"credential|api_?key|apikey|key-pair-id|policy|password|passwd|secret|auth|authorization|oh|hmac)$"
+    r"(?i)(token|secret|passw|signature|credential|api[-_]?key|access[-_]?key|private[-_]?key|session[-_]?id"
+    r"|authorization|(^|[-_])auth($|[-_])|^(x-amz|x-goog)-|^(sig|key|policy|key-pair-id|oh|hmac)$)"
 )
 
 
@@ -58,7 +59,7 @@ def public_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_PARAMS.match(k) for k, _ in pairs):
-            query = urlencode([(k, REDACTED if _SECRET_PARAMS.match(k) else v) for k, v in pairs], safe="<>")
+        if any(_SECRET_PARAMS.search(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if _SECRET_PARAMS.search(k) else v) for k, v in pairs], safe="<>")
     cleaned = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     return _HF_TOKEN.sub(REDACTED, cleaned)

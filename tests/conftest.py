@@ -67,6 +67,18 @@ class LoopbackServer:
         return await route(request)
 
 
+def flaky(body: bytes) -> tuple[dict[str, bool], Handler]:
+    """A handler answering 503 while ``state["down"]`` (True at first), then ``body``."""
+    state = {"down": True}
+
+    async def handle(request: web.Request) -> web.Response:
+        if state["down"]:
+            return web.Response(status=503)
+        return web.Response(body=body, content_type="image/jpeg")
+
+    return state, handle
+
+
 def serve_numbered(server: LoopbackServer, prefix: str, n: int, delay: float = 0.0, variety: int = 8) -> list[dict[str, str]]:
     """``n`` images at ``<prefix>/<i>.jpg`` (``variety`` distinct sizes, each answer after
     ``delay`` seconds); returns the URL list rows, captioned ``c<i>``."""

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from fastfetch.http import BlockedAddress, FetchConfig, Fetcher, GuardedResolver, is_public_address
-from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch, serve_numbered, start_fetch
+from tests.conftest import LoopbackServer, flaky, make_image, read_mds, run_fetch, serve_numbered, start_fetch
 from tests.test_fetch_urls import stats_of, write_list
 
 NET = ("--allow-private-networks", "--workers", "2")
@@ -351,17 +351,11 @@ def test_disk_full_stops_clearly_and_resumes_after_space_is_freed(tmp_path: Path
 # -- --retry-failed ------------------------------------------------------------------------------
 def test_retry_failed_refetches_only_transient_failures(tmp_path: Path, server: LoopbackServer) -> None:
     good = make_image(400, 300)
-    state = {"down": True}
-
-    async def flaky(request: web.Request) -> web.Response:
-        if state["down"]:
-            return web.Response(status=503)
-        return web.Response(body=good, content_type="image/jpeg")
-
+    state, down_then_good = flaky(good)
     for i in range(12):
         server.routes[f"/ok/{i}.jpg"] = good
     for i in range(4):
-        server.routes[f"/flaky/{i}.jpg"] = flaky
+        server.routes[f"/flaky/{i}.jpg"] = down_then_good
     rows = [{"url": server.url(f"/ok/{i}.jpg"), "caption": f"ok{i}"} for i in range(12)]
     rows += [{"url": server.url(f"/flaky/{i}.jpg"), "caption": f"flaky{i}"} for i in range(4)]
     rows += [{"url": server.url("/gone.jpg"), "caption": "404 is not transient"}]

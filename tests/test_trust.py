@@ -29,7 +29,7 @@ from fastfetch.archive import MAX_META, ArchiveError, iter_tar, zip_entries
 from fastfetch.http import FetchConfig, Fetcher, Refused
 from fastfetch.ranged import ResumableStream, probe
 from fastfetch.redact import public_url, redact
-from tests.conftest import ROOT, LoopbackServer, make_image, read_mds, run_fetch
+from tests.conftest import ROOT, LoopbackServer, flaky, make_image, read_mds, run_fetch
 from tests.fakehub import ServedFile, file_handler, make_zip
 from tests.test_fetch_urls import stats_of, write_list
 
@@ -88,10 +88,12 @@ def test_kept_columns_never_replace_fastfetch_columns(tmp_path: Path, server: Lo
     rows = [{"url": u, "caption": f"c{i}", "key": "same", "width": 7, "height": 9, "jpg": "bytes", "similarity": 0.5}
             for i, u in enumerate(urls)]  # img2dataset parquets carry key, width and height
     listing = write_list(tmp_path / "l.parquet", rows)
-    for cols in ("key", "similarity,width", "jpg", "url", "original_width", "caption"):
+    for cols in ("key", "similarity,width", "jpg", "url", "original_width", "caption", "KEY", "Url"):
         proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / cols, "--keep-cols", cols, *NET)
         assert proc.returncode == 2, proc.stderr
         assert "fastfetch writes itself" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "u", "--keep-cols", "url:raw_url", *NET)
+    assert proc.returncode == 2 and "URL column" in proc.stderr  # it would store the URL with its credentials
     out = tmp_path / "renamed"
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out,
                      "--keep-cols", "key:list_key,width:list_width,jpg:list_jpg,similarity", *NET)
@@ -180,21 +182,17 @@ def test_redact_removes_every_kind_of_secret(monkeypatch: pytest.MonkeyPatch) ->
     assert "https://<redacted>@h.example/x.jpg?<redacted>" in out
     assert public_url("https://user:pw@h.example/a.jpg?w=500&X-Amz-Signature=s1&sig=s2&token=t") == \
         "https://h.example/a.jpg?w=500&X-Amz-Signature=<redacted>&sig=<redacted>&token=<redacted>"
-    assert public_url("https://h.example/a.jpg?w=500&h=300") == "https://h.example/a.jpg?w=500&h=300"
+    assert public_url("https://h.example/a.jpg?w=500&h=300&author=me") == "https://h.example/a.jpg?w=500&h=300&author=me"
+    for name in ("auth_token", "api-key", "access-token", "client_secret", "private_token", "key", "Policy", "passwd"):
+        assert public_url(f"https://h.example/a.jpg?{name}=s3cr3t&w=1") == f"https://h.example/a.jpg?{name}=<redacted>&w=1"
 
 
 def test_no_secret_reaches_disk_logs_or_stats(tmp_path: Path, server: LoopbackServer) -> None:
     token = "hf_" + "s3cr3t" * 6
     good = make_image(400, 300)
-    state = {"down": True}
-
-    async def flaky(request: web.Request) -> web.Response:
-        if state["down"]:
-            return web.Response(status=503)
-        return web.Response(body=good, content_type="image/jpeg")
-
+    state, down_then_good = flaky(good)
     server.routes["/ok.jpg"] = good
-    server.routes["/flaky.jpg"] = flaky
+    server.routes["/flaky.jpg"] = down_then_good
     host = f"127.0.0.1:{server.port}"
     rows = [
         {"url": f"http://alice:pa55word-{token}@{host}/ok.jpg", "caption": "userinfo"},
@@ -345,7 +343,8 @@ def test_sparse_and_repeated_members_are_counted_not_guessed(tmp_path: Path, ser
     good = make_image(320, 300, seed=1)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in (("k1.jpg", good), ("k1.txt", b"first"), ("k2.jpg", good), ("k2.txt", b"second"),
+        for name, data in (("k1.jpg", good), ("k1.txt", b"first"), ("k1.JPG", make_image(340, 300, seed=3)),
+                           ("k1.txt", b"adjacent repeat"), ("k2.jpg", good), ("k2.txt", b"second"),
                            ("k1.jpg", make_image(330, 300, seed=2)), ("k1.txt", b"again")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -362,7 +361,7 @@ def test_sparse_and_repeated_members_are_counted_not_guessed(tmp_path: Path, ser
     proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, env=env)
     assert proc.returncode == 0, proc.stderr
     assert sorted(r["caption"] for r in read_mds(out / "mds")) == ["first", "second"]
-    assert stats_of(out)["rejected"] == {"duplicate_key": 1, "sparse_member": 1}
+    assert stats_of(out)["rejected"] == {"duplicate_key": 2, "sparse_member": 1}
 
 
 # -- 8. archive members count against --max-inflight-mb -----------------------------------------
@@ -412,7 +411,7 @@ def _copy_of_image_mds(tmp_path: Path) -> tuple[Path, dict]:
     return data, json.loads((data / "index.json").read_text())
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "header", "flipped_byte", "empty", "locked"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "header", "flipped_byte", "empty", "listed_twice", "locked"])
 def test_the_encoder_names_what_is_wrong_with_its_input(tmp_path: Path, damage: str) -> None:
     data, index = _copy_of_image_mds(tmp_path)
     shard = data / index["shards"][1]["raw_data"]["basename"]
@@ -436,6 +435,9 @@ def test_the_encoder_names_what_is_wrong_with_its_input(tmp_path: Path, damage: 
     elif damage == "empty":
         (data / "index.json").write_text('{"version": 2, "shards": []}')
         says = "holds no rows"
+    elif damage == "listed_twice":  # every row of it would be encoded twice
+        (data / "index.json").write_text(json.dumps({**index, "shards": index["shards"] + index["shards"][1:2]}))
+        says = "more than once"
     else:
         (out / ".locks").mkdir(parents=True)
         lock = open(out / ".locks" / "rank00000", "a+")
@@ -672,3 +674,148 @@ def test_latents_of_other_data_or_models_are_not_mixed(tmp_path: Path) -> None:
     (sd15 / "latents.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="different models"):
         build_streaming_latents_dataloader([str(out), str(sd15)], batch_size=2, image_size=64)
+
+
+
+# -- found by the second look (a red team of this change) ---------------------------------------
+def test_jsonl_keys_that_first_appear_in_later_rows(tmp_path: Path, server: LoopbackServer) -> None:
+    urls = _serve_images(server, 4)
+    rows = [{"URL": urls[0], "TEXT": "safe", "WIDTH": 300, "HEIGHT": 300}]  # no punsafe in the first row
+    rows += [{"URL": u, "TEXT": f"unsafe{i}", "WIDTH": 300, "HEIGHT": 300, "punsafe": 0.99} for i, u in enumerate(urls[1:])]
+    listing = write_list(tmp_path / "l.jsonl", rows)
+    out = tmp_path / "o"
+    proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", out, "--max-punsafe", "0.5", *NET)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["caption"] for r in read_mds(out / "mds")] == ["safe"]
+    assert stats_of(out)["rejected"]["punsafe"] == 3 and sum(server.hits.values()) == 1  # never downloaded
+    # a caption and a kept column that the first row lacks
+    rows = [{"url": urls[0]}, {"url": urls[1], "caption": "late", "score": 0.5}]
+    listing = write_list(tmp_path / "late.jsonl", rows)
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o2", "--keep-cols", "score", *NET)
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["caption"], r["score"]) for r in read_mds(tmp_path / "o2" / "mds")] == [("late", 0.5)]
+    assert stats_of(tmp_path / "o2")["rejected"] == {"no_caption": 1}
+    # one mixed column does not turn the others into text
+    rows = [{"url": urls[i], "caption": "c", "sim": 0.5 + i, "tag": [1, "a", None, 2.5][i]} for i in range(4)]
+    listing = write_list(tmp_path / "mixed.jsonl", rows)
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o3", "--keep-cols", "sim,tag", *NET)
+    assert proc.returncode == 0, proc.stderr
+    got = sorted((r["sim"], r["tag"]) for r in read_mds(tmp_path / "o3" / "mds"))
+    assert got == [(0.5, "1"), (1.5, "a"), (2.5, ""), (3.5, "2.5")]
+
+
+def test_odd_list_files_are_read_or_refused_clearly(tmp_path: Path, server: LoopbackServer) -> None:
+    urls = _serve_images(server, 3)
+    bom = tmp_path / "bom"
+    bom.mkdir()
+    (bom / "a.txt").write_bytes(b"\xef\xbb\xbf" + urls[0].encode() + b"\r\n" + urls[1].encode() + b"\r\n")
+    (bom / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + orjson.dumps({"url": urls[2], "caption": "c"}) + b"\n")
+    proc = run_fetch("--dataset", "urls", "--urls", bom, "--out", tmp_path / "o1", "--caption-col", "", *NET)
+    assert proc.returncode == 0, proc.stderr
+    assert stats_of(tmp_path / "o1")["kept"] == 3 and stats_of(tmp_path / "o1")["rejected"] == {}
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"url": urls[0], "caption": "only"}))
+    proc = run_fetch("--dataset", "urls", "--urls", one, "--out", tmp_path / "o2", *NET)
+    assert proc.returncode == 0 and [r["caption"] for r in read_mds(tmp_path / "o2" / "mds")] == ["only"]
+    uneven = tmp_path / "uneven.json"
+    uneven.write_text(json.dumps({"url": urls, "caption": ["a", "b"]}))
+    proc = run_fetch("--dataset", "urls", "--urls", uneven, "--out", tmp_path / "o3", *NET)
+    assert proc.returncode == 2 and "different lengths" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_out_inside_the_folder_of_lists_is_not_read_as_lists(tmp_path: Path, server: LoopbackServer) -> None:
+    urls = _serve_images(server, 6)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_list(data / "list.jsonl", [{"url": u, "caption": f"c{i}"} for i, u in enumerate(urls)])
+    args = ("--dataset", "urls", "--urls", data, "--out", data / "laion", "--unit-size", "2", *NET)
+    assert run_fetch(*args, "--ids", "0").returncode == 0
+    proc = run_fetch(*args)  # the rerun finds plan.json, stats.json, index.json under --urls
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["caption"] for r in read_mds(data / "laion" / "mds")) == [f"c{i}" for i in range(6)]
+
+
+def test_an_edited_list_redoes_the_units_it_changed(tmp_path: Path, server: LoopbackServer) -> None:
+    urls = _serve_images(server, 6)
+    listing = tmp_path / "l.jsonl"
+    args = ("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o", "--unit-size", "3", "--keep-cols", "score", *NET)
+    write_list(listing, [{"url": u, "caption": f"old{i}", "score": 1} for i, u in enumerate(urls)])
+    assert run_fetch(*args).returncode == 0
+    rows = [{"url": u, "caption": f"old{i}", "score": 1} for i, u in enumerate(urls)]
+    rows[4] = {"url": urls[4], "caption": "new4", "score": 2}  # unit 00001 changes; unit 00000 does not
+    write_list(listing, rows)
+    before = dict(server.hits)
+    assert run_fetch(*args).returncode == 0
+    assert {p for p in server.hits if server.hits[p] != before.get(p)} == {f"/i/{i}.jpg" for i in (3, 4, 5)}
+    got = sorted((r["caption"], r["score"]) for r in read_mds(tmp_path / "o" / "mds"))
+    assert got == sorted([(f"old{i}", 1) for i in (0, 1, 2, 3, 5)] + [("new4", 2)])
+
+
+def test_a_plan_cut_short_is_never_reused(tmp_path: Path, server: LoopbackServer) -> None:
+    urls = _serve_images(server, 6)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    write_list(lists / "a.jsonl", [{"url": u, "caption": f"c{i}"} for i, u in enumerate(urls)])
+    args = ("--dataset", "urls", "--urls", lists, "--out", tmp_path / "o", "--unit-size", "2", *NET)
+    assert run_fetch(*args, "--limit", "3").returncode == 0
+    (lists / "b.parquet").write_bytes(b"PAR1 not a parquet file")  # planning stops here, after rewriting unit files
+    proc = run_fetch(*args)
+    assert proc.returncode == 2 and "b.parquet" in proc.stderr
+    assert not (tmp_path / "o" / "_work" / "urls" / "plan.json").exists()
+    (lists / "b.parquet").unlink()
+    assert run_fetch(*args, "--limit", "3").returncode == 0
+    rows = read_mds(tmp_path / "o" / "mds")
+    assert sorted(r["caption"] for r in rows) == ["c0", "c1", "c2"]
+
+
+def test_merge_refuses_nodes_that_planned_other_lists(tmp_path: Path, server: LoopbackServer) -> None:
+    from tests.conftest import serve_numbered
+
+    listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/p", 12))
+    shared = tmp_path / "shared"
+    base = ("--dataset", "urls", "--urls", listing, "--unit-size", "3", "--out", shared, "--num-nodes", "2", *NET)
+    assert run_fetch(*base, "--node-rank", "0", "--limit", "4").returncode == 0
+    assert run_fetch(*base, "--node-rank", "1").returncode == 0
+    merged = run_fetch("--merge", "--out", shared)
+    assert merged.returncode == 2 and "plan" in merged.stderr
+
+
+@pytest.mark.parametrize("address", ["::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::a00:1",
+                                     "2002:7f00:1::", "2002:a00:1::5", "fec0::1", "::ffff:0:7f00:1",
+                                     "2001:0:4136:e378:8000:63bf:3fff:fdd2"])
+def test_ipv6_forms_of_private_ipv4_addresses_are_refused(address: str) -> None:
+    from fastfetch.http import is_public_address
+
+    assert not is_public_address(address)
+    assert is_public_address("64:ff9b::808:808") and is_public_address("2002:808:808::1")
+
+
+def test_a_proxy_does_not_open_the_guard(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through an HTTP proxy the proxy resolves the name, so the guard judges it first; the
+    proxy itself (the operator's, often on a private address) is trusted."""
+    image = make_image(300, 300)
+
+    async def proxy(request: web.Request) -> web.Response:  # answers any absolute-form GET
+        return web.Response(body=image, content_type="image/jpeg")
+
+    server.routes["/a.jpg"] = proxy  # the proxy's request line names the whole URL; aiohttp routes its path
+    server.routes["/b.jpg"] = proxy
+    monkeypatch.setenv("http_proxy", f"http://corp-proxy.test:{server.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    answers = {"public.test": "93.184.216.34", "internal.test": "10.1.2.3", "corp-proxy.test": "127.0.0.1"}
+
+    class Fake:
+        async def resolve(self, host: str, port: int = 0, family: int = 2) -> list[dict]:
+            return [{"hostname": host, "host": answers[host], "port": port, "family": 2, "proto": 0, "flags": 0}]
+
+        async def close(self) -> None:
+            pass
+
+    async def go() -> list[str | None]:
+        async with Fetcher(FetchConfig(retries=0)) as fetcher:
+            fetcher._resolver._inner = Fake()  # type: ignore[union-attr]
+            return [(await fetcher.fetch(u)).reason for u in ("http://public.test/a.jpg", "http://internal.test/b.jpg")]
+
+    assert asyncio.run(go()) == [None, "private_address"]
+    assert [p for p, _ in server.requests] == ["/a.jpg"]

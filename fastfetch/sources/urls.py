@@ -29,7 +29,7 @@ from fastfetch import columns as kinds
 from fastfetch import hub
 from fastfetch.errors import UsageError
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa, pc, pq, read_batches
-from fastfetch.mds import BASE_COLUMNS
+from fastfetch.mds import BASE_COLUMNS, fsync_path
 from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.urlset import SeenUrls
@@ -86,7 +86,7 @@ class UrlsSource(Source):
             source, name = source.strip(), (name.strip() or source.strip())
             if not source:
                 raise UsageError(f"--keep-cols {entry!r}: give a column name (SRC, or SRC:NEW_NAME)")
-            if name in RESERVED:
+            if name.lower() in RESERVED:
                 raise UsageError(
                     f"--keep-cols {entry}: {name!r} is a column fastfetch writes itself ({', '.join(sorted(RESERVED))}); "
                     f"keep the list's column under another name, e.g. --keep-cols {source}:list_{name}"
@@ -130,7 +130,8 @@ class UrlsSource(Source):
                 local.append(await self._download(spec, f"{hashlib.sha1(spec.encode()).hexdigest()[:10]}-{name}"))
             else:
                 local.append(Path(spec).expanduser())
-        return expand_paths(local)
+        own = ("mds", "_work", "_nodes", "_archives", "stats.json")  # what a run writes under --out
+        return expand_paths(local, skip=tuple(self.ctx.out / name for name in own))
 
     async def _download_hf(self, spec: str) -> list[Path]:
         """``hf://datasets/<org>/<name>[@revision]/<path or glob>`` → local copies of the lists."""
@@ -178,6 +179,10 @@ class UrlsSource(Source):
 
     def _write_plan(self, files: list[Path], key: dict[str, Any]) -> list[Unit]:
         self.plan_dir.mkdir(parents=True, exist_ok=True)
+        # The unit files are rewritten in place: the old plan goes first, so a run killed while
+        # planning leaves no plan that names half-rewritten unit files (the next run plans anew).
+        (self.plan_dir / _PLAN_FILE).unlink(missing_ok=True)
+        fsync_path(self.plan_dir)
         unit_size: int = self.args.unit_size
         units: list[Unit] = []
         list_kinds: dict[str, str] = {}  # each kept column's kind over the whole list so far
@@ -195,7 +200,10 @@ class UrlsSource(Source):
             digest = hashlib.blake2b(
                 b"\n".join(v.encode() for v in table.column("url").to_pylist() if v), digest_size=12
             ).hexdigest()
-            units.append(Unit(uid, {"rows": table.num_rows, "digest": digest, "prefiltered": dict(filtered)}, table.num_rows))
+            # captions and kept values too: a list edited between runs redoes the units it changed
+            content = hashlib.blake2b(orjson.dumps(table.drop_columns(["url"]).to_pydict()), digest_size=12).hexdigest()
+            spec = {"rows": table.num_rows, "digest": digest, "content": content, "prefiltered": dict(filtered)}
+            units.append(Unit(uid, spec, table.num_rows))
             pending, pending_rows, filtered = [], 0, Counter()
 
         for batch, batch_kinds in self._rows(files, filtered):
@@ -234,28 +242,45 @@ class UrlsSource(Source):
 
     def _rows(self, files: list[Path], filtered: Counter[str]) -> Iterator[tuple[pa.RecordBatch, dict[str, str]]]:
         """Normalised batches (url, caption, kept columns in their kinds) with the list filters
-        applied, each with its kept columns' kinds."""
+        applied, each with its kept columns' kinds. A jsonl or json list has no schema: a key
+        may first appear in any row, so its columns are looked up batch by batch, and one that
+        appears nowhere in the file is an error only once the whole file has been read."""
         for path in files:
+            schemaless = list_format(path) in ("jsonl", "json")
             mapping: dict[str, Any] | None = None
+            found: set[str] = set()
             for batch in read_batches(path, skipped=filtered):
-                if mapping is None:
-                    mapping = self._resolve_columns(path, batch.schema)
+                if mapping is None or schemaless:
+                    mapping = self._resolve_columns(path, batch.schema, strict=not schemaless)
+                    found.update(k for k in ("url", "caption") if mapping[k])
+                    found.update(f"keep:{name}" for name in mapping["keep"])
                 yield self._normalise(path, batch, mapping, filtered)
+            if schemaless and mapping is not None:
+                wanted_cols = {"url": (self.url_col, "--url-col"), "caption": (self.caption_col, "--caption-col")}
+                for key, (column, flag) in wanted_cols.items():
+                    if key not in found and column and not (key == "caption" and list_format(path) == "txt"):
+                        raise UsageError(f"{path} has no {key} column {column!r} in any row; pass {flag} NAME")
+                if self.args.keep_cols is not None:
+                    for name, wanted in self.keep_cols().items():
+                        if f"keep:{name}" not in found:
+                            raise UsageError(f"{path} has no column {wanted!r} (from --keep-cols) in any row")
 
-    def _resolve_columns(self, path: Path, schema: pa.Schema) -> dict[str, Any]:
+    def _resolve_columns(self, path: Path, schema: pa.Schema, strict: bool = True) -> dict[str, Any]:
+        """Where the URL, caption, kept and filter columns are in ``schema``; a missing one is an
+        error when ``strict``, else None (all null in this batch)."""
         names = schema.names
         if list_format(path) == "txt":
-            url = "url"
+            url: str | None = "url"
         else:
             url = find_column(names, self.url_col)
-            if url is None:
+            if url is None and strict:
                 raise UsageError(
                     f"{path} has no URL column {self.url_col!r}; its columns are {names}. Pass --url-col NAME"
                 )
         caption = None
         if self.caption_col and list_format(path) != "txt":
             caption = find_column(names, self.caption_col)
-            if caption is None:
+            if caption is None and strict:
                 raise UsageError(
                     f"{path} has no caption column {self.caption_col!r}; its columns are {names}. "
                     "Pass --caption-col NAME, or --caption-col '' for a list without captions"
@@ -265,9 +290,13 @@ class UrlsSource(Source):
         for name, wanted in self.keep_cols().items():
             actual = find_column(names, wanted)
             if actual is None:
-                if explicit:
+                if explicit and strict:
                     raise UsageError(f"{path} has no column {wanted!r} (from --keep-cols); its columns are {names}")
                 continue  # a preset's column this file lacks: null in its rows
+            if actual == url:
+                raise UsageError(
+                    f"--keep-cols {wanted}: that is the URL column, already stored (without credentials) as url"
+                )
             keep[name] = actual
         filters = {col: find_column(names, col) for _, col, _, _ in self._filter_columns()}
         return {"url": url, "caption": caption, "keep": keep, "filters": filters}
@@ -277,7 +306,7 @@ class UrlsSource(Source):
         mask = self._filter_mask(path, batch, mapping["filters"], filtered)
         if mask is not None:
             batch = batch.filter(mask)
-        arrays = {"url": as_text(_column(batch, mapping["url"]))}
+        arrays = {"url": as_text(_column(batch, mapping["url"]) if mapping["url"] else pa.nulls(batch.num_rows))}
         # A missing caption is "" (rejected as no_caption); a list without a caption column at
         # all (txt, --caption-col '') stores null, which is allowed and stored as "".
         arrays["caption"] = (
@@ -385,11 +414,11 @@ class LaionSource(UrlsSource):
         active.append(("listed_too_small", "HEIGHT", "min", a.min_size))
         return active
 
-    def _resolve_columns(self, path: Path, schema: pa.Schema) -> dict[str, Any]:
-        mapping = super()._resolve_columns(path, schema)
+    def _resolve_columns(self, path: Path, schema: pa.Schema, strict: bool = True) -> dict[str, Any]:
+        mapping = super()._resolve_columns(path, schema, strict)
         if mapping["filters"].get("AESTHETIC_SCORE") is None:  # laion2B-aesthetic names it "aesthetic"
             mapping["filters"]["AESTHETIC_SCORE"] = find_column(schema.names, "aesthetic")
-        if self.args.min_aesthetic is not None and mapping["filters"]["AESTHETIC_SCORE"] is None:
+        if self.args.min_aesthetic is not None and mapping["filters"]["AESTHETIC_SCORE"] is None and strict:
             raise UsageError(f"--min-aesthetic given but {path} has no AESTHETIC_SCORE/aesthetic column; its columns are {schema.names}")
         return mapping
 
