@@ -723,11 +723,14 @@ def test_odd_list_files_are_read_or_refused_clearly(tmp_path: Path, server: Loop
     assert proc.returncode == 2 and "different lengths" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _folder_of_lists(server: LoopbackServer, folder: Path, n: int) -> Path:
+    folder.mkdir()
+    write_list(folder / "a.jsonl", [{"url": u, "caption": f"c{i}"} for i, u in enumerate(_serve_images(server, n))])
+    return folder
+
+
 def test_an_out_inside_the_folder_of_lists_is_not_read_as_lists(tmp_path: Path, server: LoopbackServer) -> None:
-    urls = _serve_images(server, 6)
-    data = tmp_path / "data"
-    data.mkdir()
-    write_list(data / "list.jsonl", [{"url": u, "caption": f"c{i}"} for i, u in enumerate(urls)])
+    data = _folder_of_lists(server, tmp_path / "data", 6)
     args = ("--dataset", "urls", "--urls", data, "--out", data / "laion", "--unit-size", "2", *NET)
     assert run_fetch(*args, "--ids", "0").returncode == 0
     proc = run_fetch(*args)  # the rerun finds plan.json, stats.json, index.json under --urls
@@ -752,10 +755,7 @@ def test_an_edited_list_redoes_the_units_it_changed(tmp_path: Path, server: Loop
 
 
 def test_a_plan_cut_short_is_never_reused(tmp_path: Path, server: LoopbackServer) -> None:
-    urls = _serve_images(server, 6)
-    lists = tmp_path / "lists"
-    lists.mkdir()
-    write_list(lists / "a.jsonl", [{"url": u, "caption": f"c{i}"} for i, u in enumerate(urls)])
+    lists = _folder_of_lists(server, tmp_path / "lists", 6)
     args = ("--dataset", "urls", "--urls", lists, "--out", tmp_path / "o", "--unit-size", "2", *NET)
     assert run_fetch(*args, "--limit", "3").returncode == 0
     (lists / "b.parquet").write_bytes(b"PAR1 not a parquet file")  # planning stops here, after rewriting unit files
@@ -819,3 +819,22 @@ def test_a_proxy_does_not_open_the_guard(server: LoopbackServer, monkeypatch: py
 
     assert asyncio.run(go()) == [None, "private_address"]
     assert [p for p, _ in server.requests] == ["/a.jpg"]
+
+
+
+def test_a_kept_archive_of_an_older_edition_is_not_reused(tmp_path: Path, server: LoopbackServer) -> None:
+    from tests.fakehub import FakeHub, make_tar
+
+    hub = FakeHub(server)
+    image = make_image(300, 280, seed=4)
+    hub.add("pixparse/cc12m-wds", "cc12m-train-0000.tar", make_tar([("k1.jpg", image), ("k1.txt", b"first edition")]))
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}
+    args = ("--allow-private-networks", "--dataset", "cc12m", "--out", tmp_path / "o", "--keep-archives")
+    assert run_fetch(*args, env=env).returncode == 0
+    # the file changes upstream: its unit is redone, and from the new file, not the kept copy
+    hub.add("pixparse/cc12m-wds", "cc12m-train-0000.tar", make_tar([("k1.jpg", image), ("k1.txt", b"second edition")]))
+    proc = run_fetch(*args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["caption"] for r in read_mds(tmp_path / "o" / "mds")] == ["second edition"]
+    kept = tmp_path / "o" / "_archives" / "cc12m"
+    assert sorted(p.name for p in kept.iterdir()) == ["cc12m-train-0000.tar", "cc12m-train-0000.tar.edition"]

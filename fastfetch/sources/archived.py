@@ -20,7 +20,7 @@ import tempfile
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -142,6 +142,22 @@ class CaptionIndex:
             self._db = None
 
 
+class Edition(NamedTuple):
+    """Which version of an archive a unit was planned from: a tag (the hub's LFS hash, an ETag)
+    and the size, where the source knows them."""
+
+    tag: str | None = None
+    size: int | None = None
+
+    @classmethod
+    def of(cls, spec: dict[str, Any]) -> Edition:
+        tag = spec.get("oid") or spec.get("etag")
+        return cls(str(tag) if tag else None, spec.get("size"))
+
+
+NO_EDITION = Edition()
+
+
 class ArchiveSource(Source):
     """Base of the recipes whose units are archives (tar streams, zips, parquet files)."""
 
@@ -172,14 +188,39 @@ class ArchiveSource(Source):
         return self.ctx.fetcher
 
     # -- reading archives ----------------------------------------------------------------------
-    async def stream(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
-        """The bytes of one archive, resumed across broken connections (and kept if asked)."""
+    def _kept(self, name: str, edition: Edition) -> Path | None:
+        """The kept copy of an archive when it is the edition the plan names. A copy of another
+        edition (the file changed upstream since it was kept) is removed: the unit is redone
+        from the new one. A copy kept before editions were recorded counts when its size fits."""
         keep = self.keep_dir
-        if keep is not None and (keep / name).exists():
-            with open(keep / name, "rb") as f:
+        if keep is None or not (keep / name).exists():
+            return None
+        path, stamp = keep / name, keep / f"{name}.edition"
+        if edition.tag is None:
+            return path
+        if stamp.exists() and stamp.read_text() == edition.tag:
+            return path
+        if not stamp.exists() and edition.size == path.stat().st_size:
+            stamp.write_text(edition.tag)
+            return path
+        path.unlink()
+        stamp.unlink(missing_ok=True)
+        return None
+
+    def _stamp(self, name: str, edition: Edition) -> None:
+        if self.keep_dir is not None and edition.tag is not None:
+            (self.keep_dir / f"{name}.edition").write_text(edition.tag)
+
+    async def stream(self, url: str, name: str, headers: dict[str, str] | None = None,
+                     edition: Edition = NO_EDITION) -> AsyncIterator[bytes]:
+        """The bytes of one archive, resumed across broken connections (and kept if asked)."""
+        kept = self._kept(name, edition)
+        if kept is not None:
+            with open(kept, "rb") as f:
                 while chunk := f.read(1 << 20):
                     yield chunk
             return
+        keep = self.keep_dir
         body = ResumableStream(self.client, url, dict(headers or {}), read_timeout=max(60.0, self.ctx.fetcher.cfg.read_timeout))
         if keep is None:
             async for chunk in body:
@@ -192,13 +233,16 @@ class ArchiveSource(Source):
                 f.write(chunk)
                 yield chunk
         os.replace(part, keep / name)
+        self._stamp(name, edition)
 
-    async def tar_members(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[TarMember]:
-        async for member in iter_tar(self.stream(url, name, headers)):
+    async def tar_members(self, url: str, name: str, headers: dict[str, str] | None = None,
+                          edition: Edition = NO_EDITION) -> AsyncIterator[TarMember]:
+        async for member in iter_tar(self.stream(url, name, headers, edition)):
             yield member
 
     @contextlib.asynccontextmanager
-    async def random_access(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[RandomAccess]:
+    async def random_access(self, url: str, name: str, headers: dict[str, str] | None = None,
+                            edition: Edition = NO_EDITION) -> AsyncIterator[RandomAccess]:
         """Random access to one archive: ranged reads when the server allows them, else a file
         spooled under the work dir and deleted as soon as the caller is done with it."""
         if self.keep_dir is None:
@@ -206,7 +250,7 @@ class ArchiveSource(Source):
             if ranged and validator.length is not None:
                 yield RemoteFile(self.client, url, validator, headers)
                 return
-        async with self.spooled(url, name, headers) as path:
+        async with self.spooled(url, name, headers, edition) as path:
             local = LocalFile(path)
             try:
                 yield local
@@ -214,12 +258,15 @@ class ArchiveSource(Source):
                 local.close()
 
     @contextlib.asynccontextmanager
-    async def spooled(self, url: str, name: str, headers: dict[str, str] | None = None) -> AsyncIterator[Path]:
+    async def spooled(self, url: str, name: str, headers: dict[str, str] | None = None,
+                      edition: Edition = NO_EDITION) -> AsyncIterator[Path]:
         """One archive as a local file for the caller's lifetime: downloaded (resumably) into a
         private folder of the work dir and deleted on exit, or kept under OUT/_archives/."""
         keep = self.keep_dir
         if keep is not None:
-            yield await download_file(self.client, url, keep / name, headers)
+            path = self._kept(name, edition) or await download_file(self.client, url, keep / name, headers)
+            self._stamp(name, edition)
+            yield path
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.spool_dir))
@@ -306,4 +353,4 @@ class HubArchiveSource(ArchiveSource):
 
     def unit_tar(self, unit: Unit) -> AsyncIterator[TarMember]:
         path = unit.spec["path"]
-        return self.tar_members(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers())
+        return self.tar_members(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers(), Edition.of(unit.spec))

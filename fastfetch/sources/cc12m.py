@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import orjson
 
 from fastfetch.archive import iter_tar_groups
-from fastfetch.sources.archived import HubArchiveSource, caption_item
+from fastfetch.sources.archived import Edition, HubArchiveSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -28,7 +28,7 @@ class CC12MSource(HubArchiveSource):
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]
-        chunks = self.stream(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers())
+        chunks = self.stream(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers(), Edition.of(unit.spec))
         async for sample in iter_tar_groups(chunks, lambda ext: ext in IMAGE_EXTS or ext in ("txt", "json")):
             image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
             if image is None:

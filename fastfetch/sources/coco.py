@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
-from fastfetch.sources.archived import ArchiveSource, CaptionIndex, add_split_flag, caption_item, split_of
+from fastfetch.sources.archived import Edition, ArchiveSource, CaptionIndex, add_split_flag, caption_item, split_of
 from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit
 
@@ -73,7 +73,7 @@ class CocoSource(ArchiveSource):
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]
-        async with self.random_access(self.url(path), path.rsplit("/", 1)[-1]) as f:
+        async with self.random_access(self.url(path), path.rsplit("/", 1)[-1], edition=Edition.of(unit.spec)) as f:
             images = [e for e in await zip_entries(f) if e.name.lower().endswith(".jpg")]
             async for member in iter_zip(f, images):
                 base = member.name.rsplit("/", 1)[-1]

@@ -20,7 +20,7 @@ import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
 from fastfetch.lists import pq
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
+from fastfetch.sources.archived import Edition, CaptionIndex, HubArchiveSource, caption_item
 from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit
 
@@ -75,7 +75,7 @@ class DiffusionDBSource(HubArchiveSource):
         path = unit.spec["path"]
         name = path.rsplit("/", 1)[-1]
         limit = self.args.max_nsfw
-        async with self.random_access(self.hub_url(path), name, self.hub_headers()) as f:
+        async with self.random_access(self.hub_url(path), name, self.hub_headers(), Edition.of(unit.spec)) as f:
             entries = await zip_entries(f)
             part: dict[str, Any] = {}
             for entry in entries:

@@ -15,7 +15,7 @@ from typing import Any
 
 
 from fastfetch.lists import pq
-from fastfetch.sources.archived import HubArchiveSource, add_split_flag, caption_item, split_of
+from fastfetch.sources.archived import Edition, HubArchiveSource, add_split_flag, caption_item, split_of
 from fastfetch.sources.base import Item, Unit
 
 SPLITS = ("train", "val", "test")
@@ -45,7 +45,7 @@ class TextCapsSource(HubArchiveSource):
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]
-        async with self.spooled(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers()) as local:
+        async with self.spooled(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers(), Edition.of(unit.spec)) as local:
             f = pq.ParquetFile(local)
             columns = [c for c in ("image", "image_id", "reference_strs", "caption_str") if c in f.schema_arrow.names]
             seen: set[str] = set()
