@@ -838,3 +838,23 @@ def test_a_kept_archive_of_an_older_edition_is_not_reused(tmp_path: Path, server
     assert [r["caption"] for r in read_mds(tmp_path / "o" / "mds")] == ["second edition"]
     kept = tmp_path / "o" / "_archives" / "cc12m"
     assert sorted(p.name for p in kept.iterdir()) == ["cc12m-train-0000.tar", "cc12m-train-0000.tar.edition"]
+
+
+def test_seen_urls_agree_with_a_set() -> None:
+    """The 16-bytes-a-URL dedup set against Python's own, batch by batch, with repeats inside
+    and across batches and sliced Arrow arrays."""
+    import random
+
+    from fastfetch.urlset import SeenUrls, trimmed
+
+    rng = random.Random(1)
+    seen, reference = SeenUrls(), set()
+    for _ in range(40):
+        urls = [f"http://h.example/{rng.randrange(2000)}" for _ in range(rng.randrange(1, 400))]
+        got = seen.first_seen(trimmed(pa.array(["x", "y"] + urls).slice(2))).tolist()
+        want = []
+        for url in urls:
+            want.append(url not in reference)
+            reference.add(url)
+        assert got == want
+    assert len(seen) == len(reference)

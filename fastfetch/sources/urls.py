@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import orjson
 
 from fastfetch import columns as kinds
@@ -32,7 +33,7 @@ from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa,
 from fastfetch.mds import BASE_COLUMNS, fsync_path
 from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import Item, Source, Unit
-from fastfetch.urlset import SeenUrls
+from fastfetch.urlset import SeenUrls, trimmed
 
 _PLAN_FILE = "plan.json"
 _PLAN_VERSION = 2  # plans of another version are made again (v2: global URL dedup, column kinds)
@@ -432,17 +433,17 @@ def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
 def _first_occurrences(batch: pa.RecordBatch, seen: SeenUrls, filtered: Counter[str]) -> pa.RecordBatch:
     """The batch without URLs seen before in the list (counted as ``duplicate_url``). Empty
     URLs stay: each is rejected as ``invalid_url``."""
-    urls = [(u or "").strip() for u in batch.column(0).to_pylist()]
-    present = [i for i, u in enumerate(urls) if u]
-    if not present:
+    urls = trimmed(batch.column(0))
+    present = pc.not_equal(urls, "")
+    candidates = urls.filter(present)
+    if not len(candidates):
         return batch
-    fresh = seen.first_seen([urls[i] for i in present])
+    fresh = seen.first_seen(candidates)
     if fresh.all():
         return batch
-    keep = [True] * len(urls)
-    for i, new in zip(present, fresh.tolist()):
-        keep[i] = new
-    filtered["duplicate_url"] += len(present) - int(fresh.sum())
+    keep = np.ones(len(urls), dtype=bool)
+    keep[np.flatnonzero(present.to_numpy(zero_copy_only=False))] = fresh
+    filtered["duplicate_url"] += len(fresh) - int(fresh.sum())
     return batch.filter(pa.array(keep))
 
 
