@@ -21,10 +21,8 @@ benchmark venvs with stock Pillow and Pillow-SIMD (benchmarks/setup.sh).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
-import os
 import subprocess
 import sys
 import tarfile

@@ -159,7 +159,7 @@ def inner(inputs: dict[str, list[str]], lib: str, repeats: int) -> dict[str, Any
 
 def main() -> None:
     import corpus as corpus_mod
-    from common import md_table, pillow_flavour, save_result, venv_python
+    from common import md_table, save_result, venv_python
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     corpus_mod.add_corpus_arguments(p)
