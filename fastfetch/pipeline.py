@@ -14,6 +14,7 @@ import hashlib
 import re
 import shutil
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from fastfetch import storage
 from fastfetch.body import Body, body_len
 from fastfetch.errors import UsageError
 from fastfetch.http import Fetcher
@@ -157,12 +159,34 @@ class Pipeline:
             for rel in self.layout.unit_rels(changed):
                 shutil.rmtree(self.layout.root / rel, ignore_errors=True)
         selected = selection.apply(units)
+        if self.layout.remote:
+            self._redo_units_missing_remotely()
         done = {r.id for r in self.manifest.records(DONE)}
         clean_unfinished(self.layout, self.manifest.ids(), done)
         self.columns = self._columns(bool(done))
         if retry_failed:
             return self.manifest.retry_units()
         return [u for u in selected if u.id not in done]
+
+    def _redo_units_missing_remotely(self) -> None:
+        """A done unit whose objects are gone from the remote output (a lifecycle rule, a
+        cleanup by hand) is done no more: it is redone, instead of being merged into an index
+        that names missing shards."""
+        assert self.layout.remote is not None
+        present = set(storage.relative_names(self.layout.remote))
+        for record in self.manifest.records(DONE):
+            for rel in record.dirs:
+                local = self.layout.root / rel / "index.json"
+                names = ["index.json"]
+                if local.exists():
+                    names += [s["raw_data"]["basename"] for s in orjson.loads(local.read_bytes())["shards"]]
+                missing = [n for n in names if f"{rel}/{n}" not in present]
+                if missing:
+                    print(f"unit {record.id}: {len(missing)} of its objects are missing from {self.layout.remote}/{rel}; "
+                          "redoing it", file=sys.stderr)
+                    self.manifest.reset(record.spec.get("retry_of", record.id))  # a retry's rows are its unit's
+                    self.manifest.reset(record.id)
+                    break
 
     def _columns(self, have_done_units: bool) -> dict[str, str]:
         """The MDS columns of every unit: fastfetch's own, then the source's, which may never

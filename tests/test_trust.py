@@ -858,3 +858,22 @@ def test_seen_urls_agree_with_a_set() -> None:
             reference.add(url)
         assert got == want
     assert len(seen) == len(reference)
+
+
+def test_units_whose_objects_disappeared_are_redone(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
+    import boto3
+
+    from tests.conftest import fetch_env, serve_numbered
+    from tests.test_scaleout import _remote_rows
+
+    listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/g", 9))
+    args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/gone", "--local-cache", tmp_path / "cache",
+            "--unit-size", "3", *NET)
+    assert run_fetch(*args, env=fetch_env(**s3)).returncode == 0
+    bucket = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    bucket.delete_object(Bucket="data", Key="gone/mds/00001/shard.00000.mds")  # a lifecycle rule, a hand cleanup
+    proc = run_fetch(*args, env=fetch_env(**s3))
+    assert proc.returncode == 0 and "unit 00001" in proc.stderr, proc.stderr
+    got = _remote_rows(s3, "s3://data/gone/mds", tmp_path / "read")
+    assert sorted(r["caption"] for r in got) == sorted(f"c{i}" for i in range(9))
