@@ -229,6 +229,7 @@ def test_memory_and_sockets_stay_bounded(tmp_path: Path, server: LoopbackServer)
     assert stats["kept"] == 150
     assert set(stats["rejected"]) <= {"too_large", "memory_limit"} and sum(stats["rejected"].values()) == 150
     assert stats["this_run"]["peak_rss_mb"] < 1500  # README: under 1.5 GB with --max-inflight-mb 256
+    assert 0 < stats["this_run"]["peak_worker_rss_mb"] < 150  # README: each resize worker under ~100 MB
     assert peak_fds < 256 + 64
 
 
