@@ -73,7 +73,7 @@ def test_urls_flag_required(tmp_path: Path) -> None:
 
 
 def test_unknown_column(tmp_path: Path) -> None:
-    listing = write_list(tmp_path / "l.csv", [{"link": "http://example.com/a.jpg", "caption": "c"}])
+    listing = write_list(tmp_path / "l.csv", [{"link": "http://127.0.0.1:9/a.jpg", "caption": "c"}])
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o")
     assert proc.returncode == 2
     assert "no URL column 'url'" in proc.stderr and "'link'" in proc.stderr and "--url-col" in proc.stderr

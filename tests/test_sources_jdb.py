@@ -53,8 +53,8 @@ def test_jdb_gated_prompts_splits(server, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in train.items() if k[1:4] in ("000", "001")}
-    stats = orjson.dumps(orjson.loads((out / "stats.json").read_bytes())).decode()
-    assert '"no_caption":2' in stats and '"too_small":2' in stats, stats
+    stats = orjson.loads((out / "stats.json").read_bytes())
+    assert stats["rejected"] == {"no_caption": 2, "too_small": 2} and stats["kept"] == len(rows), stats
     assert server.hits[hub.resolve_path(REPO, "data/train/imgs/002.tgz")] == 0
 
     # another split into the same --out is refused; into its own --out it works
