@@ -89,7 +89,7 @@ async def maybe_gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     it = chunks.__aiter__()
     first = b""
     async for chunk in it:
-        first = chunk
+        first += chunk  # the magic may arrive split over tiny chunks: keep every byte
         if len(first) >= 2:
             break
     async def replay() -> AsyncIterator[bytes]:

@@ -82,6 +82,15 @@ def test_tgz_multi_member_gzip_and_skipping_unread_members() -> None:
     assert seen[4][1] == bytes([4]) * 304
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_stream_of_tiny_chunks_loses_no_byte(size: int) -> None:
+    """The gzip magic test used to keep only the last chunk before it had two bytes: a stream
+    whose first chunks were single bytes lost them (found by the strengthened fuzz test)."""
+    plain = make_tar([("a.jpg", b"x" * 700), ("b.txt", b"caption")])
+    for data in (plain, gzip.compress(plain)):
+        assert asyncio.run(members(data, size)) == {"a.jpg": b"x" * 700, "b.txt": b"caption"}
+
+
 def test_truncated_tar_is_an_error_and_groups_follow_keys() -> None:
     data = make_tar([("k1.jpg", b"a" * 2000), ("k1.txt", b"cap"), ("k2.jpg", b"b"), ("k3.txt", b"x")])
     with pytest.raises(ArchiveError):

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastfetch.archive import ArchiveError, iter_tar, iter_zip, zip_entries
+from fastfetch.archive import ArchiveError, iter_tar, iter_zip, safe_name, zip_entries
 from fastfetch.imaging import ResizeConfig, process
 from tests.conftest import make_image
 
@@ -61,21 +61,31 @@ async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
         yield data[i : i + size]
 
 
-async def _drain_tar(data: bytes, size: int) -> int:
-    n = 0
+async def _drain_tar(data: bytes, size: int) -> list[tuple[str, bytes | None]]:
+    """Every member the reader yields, checked as it comes: a safe relative name, and data
+    that is exactly the size its header declared (or nothing, for one it will not hold)."""
+    got: list[tuple[str, bytes | None]] = []
     try:
         async for member in iter_tar(_chunks(data, size)):
-            await member.read()
-            n += 1
+            body = await member.read()
+            assert safe_name(member.name) == member.name and not member.name.startswith("/")
+            assert body is None or len(body) == member.size
+            got.append((member.name, body))
     except ArchiveError:
         pass
-    return n
+    return got
+
+
+TAR_SEEDS = {_tar_bytes(False): False, _tar_bytes(True): True}
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=4096), mutated([_tar_bytes(False), _tar_bytes(True)])), st.integers(1, 700))
+@given(st.one_of(st.binary(max_size=4096), mutated(list(TAR_SEEDS))), st.integers(1, 700))
 def test_tar_reader_never_crashes_or_hangs(data: bytes, chunk: int) -> None:
-    assert asyncio.run(asyncio.wait_for(_drain_tar(data, chunk), 10)) >= 0
+    members = asyncio.run(asyncio.wait_for(_drain_tar(data, chunk), 10))
+    if data in TAR_SEEDS:  # an intact archive: exactly its members, byte for byte
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert members == [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
 
 
 class _Bytes:
@@ -95,16 +105,32 @@ def _zip_bytes() -> bytes:
     return buf.getvalue()
 
 
-async def _drain_zip(data: bytes) -> int:
+ZIP_PROBLEMS = {"corrupt", "zip_bomb", "encrypted", "unsupported_compression", "too_large"}
+
+
+async def _drain_zip(data: bytes) -> list[tuple[str, bytes | None]]:
+    """Every member the reader yields: its data, or a named problem and no data."""
     f = _Bytes(data)
     try:
         entries = await zip_entries(f)
-        return sum([1 async for _ in iter_zip(f, entries)])
     except ArchiveError:
-        return 0
+        return []
+    got = []
+    async for member in iter_zip(f, entries):
+        assert (member.data is None) == (member.problem is not None) and member.problem in ZIP_PROBLEMS | {None}
+        assert safe_name(member.name) == member.name
+        got.append((member.name, member.data))
+    assert len(got) == len(entries)
+    return got
 
 
 @FUZZ
 @given(st.one_of(st.binary(max_size=4096), mutated([_zip_bytes()])))
 def test_zip_reader_never_crashes_or_hangs(data: bytes) -> None:
-    assert asyncio.run(asyncio.wait_for(_drain_zip(data), 10)) >= 0
+    members = asyncio.run(asyncio.wait_for(_drain_zip(data), 10))
+    if data == _zip_bytes():  # an intact archive: exactly its members, byte for byte
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            assert sorted(members) == sorted((n, z.read(n)) for n in z.namelist())
+    for name, body in members:  # what a damaged archive still yields is what the intact one holds
+        if body is not None and name == "part-000001/a.webp":
+            assert body == SEEDS[3]
