@@ -87,22 +87,32 @@ def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
 
 
 def test_a_killed_worker_costs_at_most_the_image_it_was_on() -> None:
+    """Killed while six images wait in its queue (each takes it ~0.1 s): exactly the one it was
+    on is lost, the five queued behind it go to its successor and come back resized."""
     jpeg = make_image(900, 700)
+    big = make_image(2400, 2000, "PNG")  # no reduced-scale decode: real work for the worker
 
-    async def run() -> tuple[list, object]:
+    async def run() -> tuple[list, object, int]:
         pool = ResizePool(ResizeConfig(), 1)
         try:
-            first = await pool.process(jpeg)
-            assert first.reason is None
-            os.kill(pool._workers[0].process.pid, signal.SIGKILL)
-            results = await asyncio.gather(*(pool.process(jpeg) for _ in range(6)))
-            return results, await pool.process(jpeg)
+            assert (await pool.process(jpeg)).reason is None  # the worker is up and has answered
+            worker = pool._workers[0]
+            tasks = [asyncio.create_task(pool.process(big)) for _ in range(6)]
+            while len(worker.pending) < 6:
+                await asyncio.sleep(0.005)
+            os.kill(worker.process.pid, signal.SIGKILL)
+            results = await asyncio.gather(*tasks)
+            assert pool._workers[0] is not worker  # replaced
+            return results, await pool.process(jpeg), worker.answered
         finally:
             pool.close()
 
-    results, after = asyncio.run(run())
+    results, after, answered = asyncio.run(run())
     reasons = [r.reason for r in results]
-    assert reasons.count(None) >= 5 and set(reasons) <= {None, "decode_error"}, reasons
+    assert answered == 1, "the kill landed after the worker had finished an image of the queue"
+    assert reasons.count("decode_error") == 1 and reasons.count(None) == 5, reasons
+    assert reasons[0] == "decode_error"  # the one it was on: the first in its queue
+    assert all((r.width, r.height) == (614, 512) for r in results if r.reason is None)
     assert after.reason is None and (after.width, after.height) == (658, 512)
 
 
