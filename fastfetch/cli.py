@@ -266,12 +266,13 @@ async def _fetch(args: argparse.Namespace) -> int:
         status = "storage unavailable"
         fatal = f"{exc}; rerun the same command once the storage is reachable: finished units are kept"
     finally:
-        counters.worker_peak_rss_mb = resizer.close()
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
-            # From here on the loop no longer dispatches signals: a signal during publishing or
-            # interpreter shutdown still means "quit at once", with the signal's exit code.
+            # From here on the loop no longer dispatches signals (what follows blocks it: the
+            # workers finishing their images, publishing): a signal now still means "quit at
+            # once", with the signal's exit code.
             signal.signal(sig, _exit_at_once)
+        counters.worker_peak_rss_mb = resizer.close()
         try:
             if pipeline is not None and prepared:
                 complete = status == "done" and not counters.units_failed

@@ -253,18 +253,35 @@ def test_sigterm_exits_143_and_second_ctrl_c_exits_at_once(tmp_path: Path, serve
     _wait_hits(server, proc, 12)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "interrupted" in err
+    # the graceful stop: units rolled back, index and stats.json published, the summary printed
+    assert proc.returncode == 143 and "rolling back" in err and "fastfetch: interrupted" in err, err
+    graceful = (out / "stats.json").read_bytes()
+    assert orjson.loads(graceful)["status"] == "interrupted" and (out / "mds" / "index.json").exists()
 
-    proc = start_fetch(*args)
+    # A second run whose graceful stop takes a while: its one worker is busy with 16-megapixel
+    # images and finishes the one it is on before it stops. Ctrl-C, then Ctrl-C again.
+    heavy = make_image(4000, 4000, "PNG")
+    for i in range(20):
+        server.routes[f"/heavy/{i}.png"] = heavy
+    heavy_list = write_list(tmp_path / "heavy.jsonl", [{"url": server.url(f"/heavy/{i}.png"), "caption": f"h{i}"} for i in range(20)])
+    out = tmp_path / "o2"
+    heavy_args = ("--dataset", "urls", "--urls", heavy_list, "--out", out, "--unit-size", "10", "--concurrency", "4",
+                  "--allow-private-networks", "--workers", "1")
+    proc = start_fetch(*heavy_args)
     _wait_hits(server, proc, sum(server.hits.values()) + 6)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
+    # the second Ctrl-C leaves at once: nothing published, no summary (the manifest is consistent)
     assert proc.returncode == 130, err
-    rerun = run_fetch(*args)
+    assert "fastfetch:" not in err and not (out / "stats.json").exists(), err
+    db = sqlite3.connect(out / "manifest.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    rerun = run_fetch(*heavy_args)
     assert rerun.returncode == 0, rerun.stderr
-    assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(f"c{i}" for i in range(80))
+    assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(f"h{i}" for i in range(20))
 
 
 # -- crash consistency --------------------------------------------------------------------------
