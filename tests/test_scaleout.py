@@ -88,16 +88,22 @@ def test_two_nodes_merge_to_the_single_node_dataset(tmp_path: Path, server: Loop
     assert run_fetch(*base, "--out", single).returncode == 0
 
     shared = tmp_path / "shared"
-    # Node 1 through torchrun's variables, node 0 through flags: both ways are honoured.
-    node1 = start_fetch(*base, "--out", shared, env=fetch_env(RANK="1", WORLD_SIZE="2"))
+    # Node 1 through torchrun's variables, node 0 through flags: both ways are honoured. Node 1
+    # finishes first, so node 0 (rank 0) finds every node complete and merges by itself.
+    node1 = run_fetch(*base, "--out", shared, env=fetch_env(RANK="1", WORLD_SIZE="2"))
+    assert node1.returncode == 0 and "once every node is done, run: bin/fetch --merge" in node1.stderr, node1.stderr
+    assert not (shared / "mds" / "index.json").exists()  # nothing merged while node 0 is missing
     node0 = run_fetch(*base, "--out", shared, "--node-rank", "0", "--num-nodes", "2")
-    _, err1 = node1.communicate(timeout=300)
-    assert node0.returncode == 0 and node1.returncode == 0, node0.stderr + err1
+    assert node0.returncode == 0 and "merged 2 nodes" in node0.stderr, node0.stderr
     summaries = sorted(shared.glob("_nodes/*/summary.json"))
     assert [p.parent.name for p in summaries] == ["node-00-of-02", "node-01-of-02"]
     units = [set(orjson.loads(p.read_bytes())["dirs"]) for p in summaries]
     assert units[0] and units[1] and not units[0] & units[1]
+    assert _dataset(read_mds(shared / "mds")) == _dataset(read_mds(single / "mds"))
 
+    # the merge by hand (rank 0 finished before the others, or a third machine) gives the same
+    (shared / "mds" / "index.json").unlink()
+    (shared / "stats.json").unlink()
     merged = run_fetch("--merge", "--out", shared)
     assert merged.returncode == 0, merged.stderr
     assert _dataset(read_mds(shared / "mds")) == _dataset(read_mds(single / "mds"))
@@ -144,6 +150,13 @@ def test_two_nodes_into_s3_then_merge_by_hand(tmp_path: Path, server: LoopbackSe
                          env=fetch_env(**s3))
         assert proc.returncode == 0, proc.stderr
     assert "merged 2 nodes" in proc.stderr
+    # a third machine merges by hand, from what is on S3 alone: the index rank 0 wrote goes first
+    import boto3
+
+    bucket = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    assert bucket.head_object(Bucket="data", Key="nodes/mds/index.json")
+    bucket.delete_object(Bucket="data", Key="nodes/mds/index.json")
     merged = run_fetch("--merge", "--out", "s3://data/nodes", "--local-cache", tmp_path / "cache-merge", env=fetch_env(**s3))
     assert merged.returncode == 0, merged.stderr
     got = _remote_rows(s3, "s3://data/nodes/mds", tmp_path / "read")
