@@ -9,6 +9,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from fastfetch.http import BlockedAddress, FetchConfig, Fetcher, GuardedResolver, is_public_address
-from tests.conftest import LoopbackServer, flaky, make_image, read_mds, run_fetch, serve_numbered, start_fetch
+from tests.conftest import FETCH, LoopbackServer, fetch_env, flaky, make_image, read_mds, run_fetch, serve_numbered, start_fetch
 from tests.test_fetch_urls import stats_of, write_list
 
 NET = ("--allow-private-networks", "--workers", "2")
@@ -333,37 +334,49 @@ def _validate_shards(root: Path) -> None:
 
 
 # -- disk full -----------------------------------------------------------------------------------
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+_FULL_DISK = r"""
+import json, shutil, sqlite3, subprocess, sys
+mount, out, keep, *fetch = sys.argv[1:]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mount], check=True)
+first = subprocess.run(fetch, capture_output=True, text=True)
+db = sqlite3.connect(f"{out}/manifest.sqlite")
+integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+done = db.execute("SELECT COUNT(*) FROM units WHERE state='done'").fetchone()[0]
+db.close()
+subprocess.run(["mount", "-o", "remount,size=64m", mount], check=True)
+second = subprocess.run(fetch, capture_output=True, text=True)
+shutil.copytree(f"{out}/mds", keep)  # the tmpfs goes with this namespace
+print(json.dumps({"first": [first.returncode, first.stderr], "integrity": integrity, "done": done,
+                  "second": [second.returncode, second.stderr]}))
+"""
 
 
-def test_disk_full_stops_clearly_and_resumes_after_space_is_freed(tmp_path: Path, server: LoopbackServer, small_fs: Path) -> None:
+def test_disk_full_stops_clearly_and_resumes_after_space_is_freed(tmp_path: Path, server: LoopbackServer) -> None:
+    """In a mount namespace of its own (a user namespace too, so no root is needed): a 3 MB
+    tmpfs fills up, then grows to 64 MB and the same command finishes."""
     n = 40
     for i in range(n):
         server.routes[f"/d/{i}.jpg"] = make_image(500, 480, seed=i, quality=100)  # ~150 KB each: ~6 MB in all
     listing = write_list(tmp_path / "l.parquet", [{"url": server.url(f"/d/{i}.jpg"), "caption": f"c{i}"} for i in range(n)])
-    out = small_fs / "out"
-    args = ("--dataset", "urls", "--urls", listing, "--out", out, "--unit-size", "5", *NET)
-    proc = run_fetch(*args)
-    assert proc.returncode == 1, proc.stderr
-    assert "no space left on the device holding" in proc.stderr and str(out) in proc.stderr
-    assert "MB are needed" in proc.stderr and "Traceback" not in proc.stderr
-    db = sqlite3.connect(out / "manifest.sqlite")
-    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    done = db.execute("SELECT COUNT(*) FROM units WHERE state='done'").fetchone()[0]
-    db.close()
-    assert 0 < done < 8
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-    rerun = run_fetch(*args)
-    assert rerun.returncode == 0, rerun.stderr
-    assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(f"c{i}" for i in range(n))
+    mount = tmp_path / "small"
+    mount.mkdir()
+    out = mount / "out"
+    fetch = [sys.executable, str(FETCH), "--no-progress", "--dataset", "urls", "--urls", str(listing), "--out", str(out),
+             "--unit-size", "5", *NET]
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", _FULL_DISK,
+                           str(mount), str(out), str(tmp_path / "kept"), *fetch],
+                          capture_output=True, text=True, env=fetch_env(), timeout=300)
+    if proc.returncode != 0 and "unshare" in proc.stderr and os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip(f"no user namespaces here to mount a small tmpfs in: {proc.stderr.strip()}")  # never in CI
+    assert proc.returncode == 0, proc.stderr
+    got = orjson.loads(proc.stdout)
+    code, err = got["first"]
+    assert code == 1, err
+    assert "no space left on the device holding" in err and str(out) in err
+    assert "MB are needed" in err and "Traceback" not in err
+    assert got["integrity"] == "ok" and 0 < got["done"] < 8
+    assert got["second"][0] == 0, got["second"][1]
+    assert sorted(r["caption"] for r in read_mds(tmp_path / "kept")) == sorted(f"c{i}" for i in range(n))
 
 
 # -- --retry-failed ------------------------------------------------------------------------------
