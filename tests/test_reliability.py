@@ -412,27 +412,43 @@ def test_retry_failed_refetches_only_transient_failures(tmp_path: Path, server: 
 
 # -- secrets -------------------------------------------------------------------------------------
 def test_tokens_never_reach_logs_stats_or_manifest(tmp_path: Path, server: LoopbackServer) -> None:
-    token = "hf_" + "s3cr3t" * 6
-    server.routes["/a.jpg"] = make_image(400, 300)
-
-    async def deny(request: web.Request) -> web.Response:
-        return web.Response(status=500, text=f"echo {request.headers.get('Authorization')}")
-
-    server.routes["/list.txt"] = deny
-    env_extra = {"HF_TOKEN": token, "AWS_SECRET_ACCESS_KEY": "aws-secret-value-123"}
+    """Secrets from the environment and in URLs, on every path that could carry them: a URL
+    list that fails to download, list rows whose URLs fail transiently (remembered for
+    --retry-failed), and a Hugging Face download sent with the bearer token that is refused
+    (the unit's error is stored). Every file under OUT is searched, but the plan's copy of the
+    user's own list (README: Reliability, secrets)."""
     from tests.conftest import fetch_env
+    from tests.fakehub import FakeHub, make_tar
 
+    token = "hf_" + "s3cr3t" * 6
+    aws = "aws-secret-value-123"
+    env = fetch_env(HF_TOKEN=token, AWS_SECRET_ACCESS_KEY=aws)
+
+    async def echo(request: web.Request) -> web.Response:  # a server that puts what it got in its answer
+        return web.Response(status=503, text=f"echo {request.headers.get('Authorization')} {request.query_string}")
+
+    server.routes["/list.txt"] = echo
+    server.routes["/a.jpg"] = echo
     out = tmp_path / "o"
-    proc = run_fetch("--dataset", "urls", "--urls", server.url("/list.txt") + f"?sig={token}&X-Amz-Signature=aws-secret-value-123",
-                     "--out", out, *NET, env=fetch_env(**env_extra))
-    assert proc.returncode == 2
-    assert "cannot download the URL list" in proc.stderr
-    listing = write_list(tmp_path / "l.jsonl", [{"url": server.url("/a.jpg") + f"?token={token}", "caption": "c"}])
-    proc2 = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, *NET, env=fetch_env(**env_extra))
-    assert proc2.returncode == 0
-    for text in (proc.stdout, proc.stderr, proc2.stderr, (out / "stats.json").read_text()):
-        assert token not in text and "aws-secret-value-123" not in text
-    db = sqlite3.connect(out / "manifest.sqlite")
-    dump = "\n".join(db.iterdump())
-    db.close()
-    assert "aws-secret-value-123" not in dump
+    proc = run_fetch("--dataset", "urls", "--urls", server.url("/list.txt") + f"?sig={token}&X-Amz-Signature={aws}",
+                     "--out", out, *NET, env=env)
+    assert proc.returncode == 2 and "cannot download the URL list" in proc.stderr
+    listing = write_list(tmp_path / "l.jsonl", [{"url": server.url("/a.jpg") + f"?token={token}&k={aws}", "caption": "c"}])
+    proc2 = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--retries", "0", *NET, env=env)
+    assert proc2.returncode == 0 and stats_of(out)["rejected"] == {"http_5xx": 1}  # remembered for --retry-failed
+
+    hub = FakeHub(server)
+    hub.add("pixparse/cc12m-wds", "cc12m-train-0000.tar", make_tar([("k.jpg", b"x")]))
+    hub.gate("pixparse/cc12m-wds", "hf_another_token_that_is_wrong_0000")  # our token is refused: 403
+    proc3 = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", tmp_path / "hub",
+                      env=fetch_env(HF_TOKEN=token, HF_ENDPOINT=hub.endpoint))
+    assert proc3.returncode == 2 and "no access to the Hugging Face dataset" in proc3.stderr
+    assert any(h.get("Authorization") == f"Bearer {token}" for _, h in server.requests)  # the bearer path ran
+
+    for text in (proc.stdout, proc.stderr, proc2.stdout, proc2.stderr, proc3.stdout, proc3.stderr):
+        assert token not in text and aws not in text
+    for root in (out, tmp_path / "hub"):
+        for path in root.rglob("*"):
+            if path.is_file() and not (path.parent.name == "urls" and path.parent.parent.name == "_work"):
+                data = path.read_bytes()
+                assert token.encode() not in data and aws.encode() not in data, path
