@@ -44,12 +44,24 @@ def test_key_seed_is_stable_and_distinct():
     assert data.key_seed("a", 0) != data.key_seed("a", 1)
 
 
-def test_jpeg_draft_decodes_at_reduced_scale():
+def test_rows_decode_jpegs_at_reduced_scale_and_match_a_full_decode():
+    """ImageRows._images asks libjpeg for the smallest DCT scale that still covers the largest
+    resolution (the image object shrinks in place: the product's own decode path is seen), and
+    its crops match those of a full-size decode."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((2048, 1536), Image.BICUBIC)
     buf = io.BytesIO()
-    Image.new("RGB", (2048, 1536), (1, 2, 3)).save(buf, format="JPEG")
+    smooth.save(buf, format="JPEG", quality=95)
+    rows = data.ImageRows(None, [], [128, 256], None, None, 0, False)
     img = Image.open(io.BytesIO(buf.getvalue()))
-    img.draft("RGB", (342, 256))
-    assert img.size == (512, 384)  # libjpeg scaled by 1/4: still covers 256 on the short side
+    out = rows._images(img)
+    assert img.size == (512, 384)  # decoded at 1/4: still ≥ 256 on the short side
+    full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    for res in (128, 256):
+        got = out[res].permute(1, 2, 0).numpy().astype(int)
+        want = data.resize_crop(full, res).astype(int)
+        assert got.shape == want.shape == (res, res, 3)
+        assert np.abs(got - want).mean() < 2.0, res  # the same picture, within JPEG scaling noise
 
 
 def test_collate_counts_failures_and_stacks_the_rest():

@@ -35,25 +35,60 @@ def test_small_jpeg_is_kept_byte_for_byte() -> None:
     assert (out.width, out.height, out.original_width, out.original_height) == (400, 300, 400, 300)
 
 
-def test_large_jpeg_is_resized_with_reduced_decode() -> None:
+def test_large_jpeg_is_resized_with_reduced_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The draft path runs (libjpeg is asked for a reduced scale, and the decoded image is at
+    most half size), and its result is the picture a full decode gives."""
+    from PIL import JpegImagePlugin
+
     data = make_image(2400, 1600)
+    decoded: list[tuple[int, int]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(self, mode, size):  # type: ignore[no-untyped-def]
+        result = real_draft(self, mode, size)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
     out = process(data, CFG)
     assert out.reason is None and out.data is not None
     im = decode(out.data)
     assert im.format == "JPEG" and im.mode == "RGB" and im.size == (768, 512)
     assert (out.original_width, out.original_height) == (2400, 1600)
+    assert decoded and decoded[-1][0] <= 1200 and decoded[-1][1] >= 512  # ≥ 2× smaller, still covers 512
+    full = process(data, ResizeConfig(reduced_decode=False))
+    assert _mean_difference(im, decode(full.data)) < 3.0  # type: ignore[arg-type]
+
+
+def _mean_difference(a: Image.Image, b: Image.Image) -> float:
+    import numpy as np
+
+    assert a.size == b.size
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())
 
 
 def test_too_small_is_rejected_from_the_header() -> None:
     assert process(make_image(300, 255), CFG).reason == "too_small"
 
 
-def test_exif_rotation_is_applied() -> None:
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_gives_the_picture_as_displayed(orientation: int) -> None:
+    """What a viewer shows: a picture whose top-left quarter is red, stored transformed with
+    each EXIF orientation, comes out with the red quarter at its top left again."""
+    shown = Image.new("RGB", (300, 400), (20, 40, 200))
+    shown.paste((230, 20, 20), (0, 0, 150, 200))
+    undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270}[orientation]  # stored = shown with the orientation's inverse applied
     exif = Image.Exif()
-    exif[0x0112] = 6  # stored rotated: displays 300 wide × 400 high
-    out = process(make_image(400, 300, exif=exif), CFG)
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    shown.transpose(undo).save(buf, "JPEG", quality=95, exif=exif)
+    out = process(buf.getvalue(), CFG)
     assert out.reason is None and out.data is not None
-    assert decode(out.data).size == (300, 400) == (out.width, out.height)
+    got = decode(out.data)
+    assert got.size == (300, 400) == (out.width, out.height)
+    assert _mean_difference(got, shown) < 4.0, orientation
 
 
 def test_rgba_is_composited_on_white() -> None:
