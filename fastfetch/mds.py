@@ -151,6 +151,10 @@ def clean_unfinished(layout: Layout, planned: set[str], done: set[str]) -> None:
     folders of units it planned and did not finish. Nothing else under the MDS root is ever
     touched (another tool's output, a user's latents, another node's units)."""
     shutil.rmtree(layout.root / TMP / (layout.node or "_"), ignore_errors=True)
+    if not layout.node:  # on several machines rank 0 may be writing the shared index right now
+        for parent in {layout.root, *((layout.root / bucket_name(b)) for b in layout.buckets)}:
+            for leftover in parent.glob(".index.*"):  # an index write a kill cut short
+                leftover.unlink(missing_ok=True)
     unfinished = planned - done
     for parent in {(layout.root / rel).parent for rel in layout.unit_rels("x")}:
         if parent.is_dir():
