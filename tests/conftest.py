@@ -7,6 +7,7 @@ import asyncio
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 import socket
@@ -125,6 +126,57 @@ def server() -> Iterator[LoopbackServer]:
     asyncio.run_coroutine_threadsafe(runner_box["r"].cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 in front of another local port: its link can be cut and
+    restored (an object store's outage, without losing what the store holds), and it records
+    the request line of every HTTP request that passes (``requests``: "PUT /bucket/key")."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.up, self.port = target, True, 0
+        self.requests: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.conns: set[asyncio.StreamWriter] = set()
+        ready = threading.Event()
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sniff: bool) -> None:
+            try:
+                while self.up and (data := await reader.read(65536)):
+                    if sniff:
+                        self.requests += [m.decode() for m in re.findall(rb"(?m)^(?:GET|PUT|POST|HEAD|DELETE) \S+", data)]
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not self.up:
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            self.conns.update((writer, up_writer))
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+        async def start() -> None:
+            srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = srv.sockets[0].getsockname()[1]
+            ready.set()
+
+        threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()), daemon=True).start()
+        ready.wait(10)
+
+    def cut(self) -> None:
+        def close() -> None:
+            self.up = False
+            for w in self.conns:
+                w.transport.abort()
+        self.loop.call_soon_threadsafe(close)
+
+    def restore(self) -> None:
+        self.up = True
 
 
 def _free_port() -> int:

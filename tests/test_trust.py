@@ -537,66 +537,17 @@ def test_a_zip_directory_that_lies_is_refused_before_it_is_read() -> None:
 
 
 # -- object storage that fails ------------------------------------------------------------------
-class _Cuttable:
-    """A TCP proxy on 127.0.0.1 in front of another port, whose link can be cut and restored
-    (an object store's outage, without losing what it holds)."""
-
-    def __init__(self, target: int) -> None:
-        import threading
-
-        self.target, self.up, self.port = target, True, 0
-        self.loop = asyncio.new_event_loop()
-        self.conns: set[asyncio.StreamWriter] = set()
-        ready = threading.Event()
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while self.up and (data := await reader.read(65536)):
-                    writer.write(data)
-                    await writer.drain()
-            except OSError:
-                pass
-            finally:
-                writer.close()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if not self.up:
-                writer.close()
-                return
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-            self.conns.update((writer, up_writer))
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-        async def start() -> None:
-            srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = srv.sockets[0].getsockname()[1]
-            ready.set()
-
-        threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()), daemon=True).start()
-        ready.wait(10)
-
-    def cut(self) -> None:
-        def close() -> None:
-            self.up = False
-            for w in self.conns:
-                w.transport.abort()
-        self.loop.call_soon_threadsafe(close)
-
-    def restore(self) -> None:
-        self.up = True
-
-
 def test_object_storage_outages_stop_clearly_and_resume(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
     import time
 
-    from tests.conftest import fetch_env, serve_numbered, start_fetch
+    from tests.conftest import TcpProxy, fetch_env, serve_numbered, start_fetch
 
     listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/o", 30, delay=0.2))
     missing = run_fetch("--dataset", "urls", "--urls", listing, "--out", "s3://no-such-bucket/x", "--local-cache",
                         tmp_path / "c0", *NET, env=fetch_env(**s3))
     assert missing.returncode == 2 and "no-such-bucket" in missing.stderr and "Traceback" not in missing.stderr
 
-    proxy = _Cuttable(int(s3["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    proxy = TcpProxy(int(s3["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
     env = fetch_env(**{**s3, "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "1"})
     cache = tmp_path / "cache"
     args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/outage", "--local-cache", cache,
