@@ -1,7 +1,8 @@
 """A loopback imitation of the Hugging Face Hub (and of plain file servers) for the source tests.
 
 It serves ``/datasets/<repo>/resolve/<rev>/<path>`` as the Hub serves LFS files (access check,
-then a 302 to a CDN path that honours Range, If-Range, ETag and Last-Modified), ``/api/datasets/<repo>/tree/<rev>/<folder>`` listings as
+then a 302 to a CDN path that honours Range, If-Range, ETag and Last-Modified), for any
+revision (a branch, tag or commit: ``add(..., revision=…)``), ``/api/datasets/<repo>/tree/<rev>/<folder>`` listings as
 huggingface_hub's ``list_repo_tree`` reads them, gated repos (401 without a token, 403 with the
 wrong one), and files that break their connection once in the middle. Archive builders make
 small tar/tgz/zip files in each dataset's real layout.
@@ -116,39 +117,45 @@ class FakeHub:
     server: LoopbackServer
     files: dict[str, dict[str, ServedFile]] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)  # gated repo → the token that may read it
+    revisions: dict[tuple[str, str], dict[str, ServedFile]] = field(default_factory=dict)  # (repo, revision) → files
 
     @property
     def endpoint(self) -> str:
         return self.server.url("")
 
-    def add(self, repo: str, path: str, data: bytes, **behaviour: object) -> ServedFile:
+    def add(self, repo: str, path: str, data: bytes, revision: str = "main", **behaviour: object) -> ServedFile:
         served = ServedFile(data, **behaviour)  # type: ignore[arg-type]
-        self.files.setdefault(repo, {})[path] = served
-        self._install(repo)
+        self.revisions.setdefault((repo, revision), {})[path] = served
+        if revision == "main":
+            self.files.setdefault(repo, {})[path] = served
+        self._install(repo, revision)
         return served
 
     def gate(self, repo: str, token: str) -> None:
         self.tokens[repo] = token
-        self._install(repo)
+        for name, revision in list(self.revisions):
+            if name == repo:
+                self._install(repo, revision)
 
-    def resolve_path(self, repo: str, path: str) -> str:
-        return f"/datasets/{repo}/resolve/main/{path}"
+    def resolve_path(self, repo: str, path: str, revision: str = "main") -> str:
+        return f"/datasets/{repo}/resolve/{revision}/{path}"
 
-    def _install(self, repo: str) -> None:
+    def _install(self, repo: str, revision: str = "main") -> None:
         token = self.tokens.get(repo)
         folders = {""}
-        for path, served in self.files.get(repo, {}).items():
+        files = self.revisions.get((repo, revision), {})
+        for path, served in files.items():
             # like the Hub's LFS files: resolve checks access and redirects to a CDN URL
             cdn = f"/cdn/{repo}/{hashlib.sha256(served.data).hexdigest()}"
-            self.server.routes[self.resolve_path(repo, path)] = _redirect(cdn, token)  # type: ignore[assignment]
+            self.server.routes[self.resolve_path(repo, path, revision)] = _redirect(cdn, token)  # type: ignore[assignment]
             self.server.routes[cdn] = file_handler(served)  # type: ignore[assignment]
             parts = path.split("/")
             folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         for folder in folders:
-            route = f"/api/datasets/{repo}/tree/main" + (f"/{folder}" if folder else "")
-            self.server.routes[route] = self._tree_handler(repo, folder, token)  # type: ignore[assignment]
+            route = f"/api/datasets/{repo}/tree/{revision}" + (f"/{folder}" if folder else "")
+            self.server.routes[route] = self._tree_handler(files, folder, token)  # type: ignore[assignment]
 
-    def _tree_handler(self, repo: str, folder: str, token: str | None) -> object:
+    def _tree_handler(self, files: dict[str, ServedFile], folder: str, token: str | None) -> object:
         async def handle(request: web.Request) -> web.StreamResponse:
             if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
                 status = 403 if request.headers.get("Authorization") else 401
@@ -156,7 +163,7 @@ class FakeHub:
             recursive = request.query.get("recursive", "False").lower() == "true"
             prefix = f"{folder}/" if folder else ""
             listing = []
-            for path, served in sorted(self.files.get(repo, {}).items()):
+            for path, served in sorted(files.items()):
                 if not path.startswith(prefix) or (not recursive and "/" in path[len(prefix):]):
                     continue
                 sha = hashlib.sha256(served.data).hexdigest()

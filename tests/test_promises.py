@@ -159,6 +159,21 @@ def test_textcaps_test_split_rows_count_as_no_caption(tmp_path: Path, server: Lo
     assert stats_of(out)["kept"] == 0 and stats_of(out)["rejected"] == {"no_caption": 3}
 
 
+def test_hf_revision_reads_the_pinned_revision(tmp_path: Path, server: LoopbackServer) -> None:
+    """--hf-revision: the listing and every download come from the pinned tag, not from main."""
+    hub = FakeHub(server)
+    for revision, caption in (("main", "from main"), ("v1.0", "from the tag")):
+        hub.add("pixparse/cc12m-wds", "cc12m-train-0000.tar",
+                make_tar([("k.jpg", make_image(300, 280)), ("k.txt", caption.encode())]), revision=revision)
+    out = tmp_path / "o"
+    proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, "--hf-revision", "v1.0",
+                     env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["caption"] for r in read_mds(out / "mds")] == ["from the tag"]
+    assert server.hits[hub.resolve_path("pixparse/cc12m-wds", "cc12m-train-0000.tar", "v1.0")] == 1
+    assert server.hits[hub.resolve_path("pixparse/cc12m-wds", "cc12m-train-0000.tar")] == 0
+
+
 @pytest.mark.parametrize(("env", "flags", "expected"), [
     ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, {}, (2, 4)),
     ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "RANK": "1", "WORLD_SIZE": "3"}, {}, (1, 3)),  # torchrun first
