@@ -71,14 +71,19 @@ def test_a_rerun_removes_only_what_fastfetch_started(tmp_path: Path, server: Loo
     assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(f"c{i}" for i in range(12))
 
 
-def test_the_encoder_refuses_an_out_inside_or_around_its_data(tmp_path: Path) -> None:
+def test_the_encoder_refuses_an_out_inside_or_around_its_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import encode_models  # noqa: F401  (the repo on sys.path, offline hub)
+
+    from encode.run import parse_args
+
     data = tmp_path / "fetched" / "mds"
     data.mkdir(parents=True)
     (data / "index.json").write_text('{"version": 2, "shards": []}')
     for out, says in ((data / "latents", "is inside --data"), (data, "is --data itself"), (tmp_path / "fetched", "is inside --out")):
-        proc = subprocess.run([sys.executable, str(ROOT / "encode" / "run.py"), "--data", str(data), "--out", str(out),
-                               "--vae", "x", "--text-encoder", "openclip:x"], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        with pytest.raises(SystemExit) as stopped:
+            parse_args(["--data", str(data), "--out", str(out), "--vae", "x", "--text-encoder", "openclip:x"])
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
     assert not (data / "latents").exists() and (data / "index.json").exists()
 
 
