@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--unit-size", type=int, default=10_000, help="rows of a URL list per work unit (one MDS folder, committed as a whole)")
 
     img = parser.add_argument_group("images")
-    img.add_argument("--min-size", type=int, default=256, help="drop images whose short side is smaller (pixels)")
+    img.add_argument("--min-size", type=int, default=None, help="drop images whose short side is smaller (pixels); unset: 256, but 0 for --dataset coco, an evaluation set that keeps every image")
     img.add_argument("--max-size", type=int, default=512, help="resize images whose short side is larger down to this (pixels, aspect ratio kept)")
     img.add_argument("--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)")
     img.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (untouched JPEGs keep their bytes)")
@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag in ("min_size", "max_size", "concurrency", "per_host", "unit_size", "max_bytes", "max_inflight_mb"):
+    if args.min_size is None:
+        args.min_size = SOURCES[args.dataset].default_min_size
+    if args.min_size < 0:
+        raise UsageError(f"--min-size must be 0 or more (got {args.min_size})")
+    for flag in ("max_size", "concurrency", "per_host", "unit_size", "max_bytes", "max_inflight_mb"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
     if args.min_size > args.max_size:

@@ -93,16 +93,18 @@ class Selection:
         return [u for u in selected if node_of(u.id, self.node_count) == self.node_rank]
 
     def _selected(self, units: list[Unit]) -> list[Unit]:
-        if self.ids:
-            by_number = {unit_number(u.id, i): u for i, u in enumerate(units)}
+        if self.ids:  # a number picks that unit of every split chosen (train-000 and valid-000)
+            by_number: dict[int, list[Unit]] = {}
+            for i, u in enumerate(units):
+                by_number.setdefault(unit_number(u.id, i), []).append(u)
             missing = [i for i in self.ids if i not in by_number]
             if missing:
                 shown = sorted(by_number)
                 raise UsageError(
                     f"--ids {' '.join(map(str, missing))}: no such unit; this dataset has units "
-                    f"{shown[0]}..{shown[-1]} ({len(shown)} in all)"
+                    f"{shown[0]}..{shown[-1]} ({len(units)} in all)"
                 )
-            return [by_number[i] for i in self.ids]
+            return [u for i in dict.fromkeys(self.ids) for u in by_number[i]]
         if self.subset == "small":
             return [u for i, u in enumerate(units) if i % 100 == 0]
         return units

@@ -15,7 +15,8 @@ REPO = "poloclub/diffusiondb"
 
 
 def part_zip(part: int, meta: list[dict]) -> tuple[bytes, dict[str, str]]:
-    """7 webp images: 3 kept, 1 too small, 1 without any prompt, 1 nsfw image, 1 nsfw prompt; + a bomb."""
+    """7 webp images the metadata lists: 3 kept, 1 too small, 1 with an empty prompt, 1 nsfw image,
+    1 nsfw prompt; a listed bomb; and a good image the metadata does not list (the seed skips it)."""
     members: list[tuple[str, bytes]] = []
     prompts: dict[str, dict] = {}
     kept: dict[str, str] = {}
@@ -23,16 +24,16 @@ def part_zip(part: int, meta: list[dict]) -> tuple[bytes, dict[str, str]]:
         name = f"{part:06d}-{i:02d}-aaaa-bbbb.webp"
         small = i == 3
         members.append((name, make_image(120 if small else 300, 100 if small else 270, fmt="WEBP", seed=part * 10 + i, lossless=True)))
-        if i == 4:
-            continue  # no prompt anywhere
-        prompt = f"a render of thing {part}.{i}, trending on artstation"
-        prompts[name] = {"p": prompt, "se": i, "c": 7.0, "st": 50, "sa": 8}
+        prompt = "" if i == 4 else f"a render of thing {part}.{i}, trending on artstation"
+        prompts[name] = {"p": f"the part's own json, not the caption {i}", "se": i, "c": 7.0, "st": 50, "sa": 8}
         image_nsfw, prompt_nsfw = (0.9 if i == 5 else 0.1), (0.5 if i == 6 else 0.05)
         meta.append({"image_name": name, "prompt": prompt, "part_id": part, "image_nsfw": image_nsfw, "prompt_nsfw": prompt_nsfw})
         if i < 3:
             kept[name.rsplit(".", 1)[0]] = prompt
     members.append((f"part-{part:06d}.json", orjson.dumps(prompts)))
     members.append(("bomb.webp", b"\0" * (4 << 20)))
+    meta.append({"image_name": "bomb.webp", "prompt": "a bomb", "part_id": part, "image_nsfw": 0.0, "prompt_nsfw": 0.0})
+    members.append((f"{part:06d}-99-unlisted.webp", make_image(300, 300, fmt="WEBP", seed=part, lossless=True)))
     return make_zip(members), kept
 
 
@@ -64,10 +65,13 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in kept.items() if k.startswith("000001")}
     assert all(0 <= r["image_nsfw"] <= 0.2 and 0 <= r["prompt_nsfw"] <= 0.2 for r in rows)
     stats = orjson.loads((out / "stats.json").read_bytes())
-    assert stats["rejected"] == {"nsfw": 2, "no_caption": 1, "too_small": 1, "zip_bomb": 1} and stats["kept"] == len(rows), stats
+    assert stats["rejected"] == {"nsfw": 2, "no_caption": 1, "too_small": 1, "zip_bomb": 1, "unlisted": 1} and stats["kept"] == len(rows), stats
 
-    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", "10001", "--max-nsfw", "0.2", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", "10001", env=env)
     assert proc.returncode == 0, proc.stderr
+    stats = orjson.loads((out / "stats.json").read_bytes())
+    assert stats["settings"]["max_nsfw"] == 0.2  # the seed's threshold, by default
+    assert stats["rejected"] == {"nsfw": 4, "no_caption": 2, "too_small": 2, "zip_bomb": 2, "unlisted": 2}, stats
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in kept.items() if not k.startswith("000002")}
     # ranged reads only: a handful of requests per zip, each asking for a range
@@ -78,8 +82,18 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     assert not (out / "_work" / "diffdb" / "metadata-large.parquet").exists()
 
     # a changed flag into the same --out is refused
-    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", env=env)
+    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", "--max-nsfw", "none", env=env)
     assert proc.returncode == 2 and "max_nsfw" in proc.stderr
+
+    # --max-nsfw none keeps the nsfw images, never what the metadata does not list
+    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", tmp_path / "all", "--ids", "1", "--max-nsfw", "none", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["key"].split("-")[1] for r in read_mds(tmp_path / "all" / "mds")) == ["00", "01", "02", "05", "06"]
+    stats = orjson.loads((tmp_path / "all" / "stats.json").read_bytes())
+    assert stats["rejected"] == {"no_caption": 1, "too_small": 1, "zip_bomb": 1, "unlisted": 1}, stats
+    for bad in ("1.5", "high"):
+        proc = run_fetch("--dataset", "diffdb", "--out", tmp_path / "bad", "--max-nsfw", bad, env=env)
+        assert proc.returncode == 2 and "--max-nsfw" in proc.stderr, proc.stderr
 
 
 def test_diffdb_spools_without_ranges_and_cleans_up(server, tmp_path: Path) -> None:

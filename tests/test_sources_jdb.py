@@ -63,3 +63,12 @@ def test_jdb_gated_prompts_splits(server, tmp_path: Path) -> None:
     proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", tmp_path / "valid", "--split", "valid", "--subset", "small", env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "valid" / "mds")} == valid
+
+    # both splits in one run, as the seed prepares them: unit ids carry the split
+    both = tmp_path / "both"
+    proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", both, "--split", "train", "valid", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert {r["key"]: r["caption"] for r in read_mds(both / "mds")} == {**train, **valid}
+    assert sorted(p.name for p in (both / "mds").iterdir() if p.is_dir()) == ["train-000", "train-001", "train-002", "valid-000"]
+    stats = orjson.loads((both / "stats.json").read_bytes())
+    assert stats["settings"]["split"] == "train+valid" and stats["units"]["done"] == 4, stats

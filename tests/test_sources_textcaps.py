@@ -45,12 +45,21 @@ def test_textcaps_first_reference_all_kept(server, tmp_path: Path) -> None:
     proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--out", out, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
-    assert {r["key"]: r["caption"] for r in rows} == {k: v[0] for k, v in kept["train"].items()}
-    assert {r["key"]: r["captions"] for r in rows} == kept["train"]
+    both = {**kept["train"], **kept["val"]}  # by default train + val, as the seed's train+validation
+    assert {r["key"]: r["caption"] for r in rows} == {k: v[0] for k, v in both.items()}
+    assert {r["key"]: r["captions"] for r in rows} == both
     stats = orjson.loads((out / "stats.json").read_bytes())
-    assert stats["rejected"] == {"no_caption": 2, "too_small": 2, "duplicate": 2} and stats["kept"] == len(rows), stats
+    assert stats["rejected"] == {"no_caption": 3, "too_small": 3, "duplicate": 3} and stats["kept"] == len(rows), stats
+    assert stats["settings"]["split"] == "train+val"
     assert not list((out / "_work").rglob("*.parquet")), "a spooled parquet was left behind"
 
     proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "val", "--out", tmp_path / "val", "--ids", "0", env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "val" / "mds")} == {k: v[0] for k, v in kept["val"].items()}
+    # --ids picks that number in every split chosen; an unknown split is a usage error
+    proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "train,val", "--out", tmp_path / "ids", "--ids", "0", env=env)
+    assert proc.returncode == 0, proc.stderr
+    first = {k: v[0] for k, v in {**kept["train"], **kept["val"]}.items() if k.startswith(("train0", "val0"))}
+    assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "ids" / "mds")} == first
+    proc = run_fetch("--dataset", "textcaps", "--split", "train", "valid", "--out", tmp_path / "bad", env=env)
+    assert proc.returncode == 2 and "--split valid" in proc.stderr and "train, val, test" in proc.stderr, proc.stderr

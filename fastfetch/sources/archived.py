@@ -43,20 +43,27 @@ def add_once(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
 
 
 def add_split_flag(group: argparse._ArgumentGroup) -> None:
-    """``--split``, shared by the recipes of datasets that come in splits."""
+    """``--split``, shared by the recipes of datasets that come in splits (one or several)."""
     add_once(
-        group, "--split", default=None,
-        help="which split: jdb train|valid (default train); textcaps train|val|test (default train); "
-        "coco val|train (default val)",
+        group, "--split", nargs="+", default=None,
+        help="which splits, one or several (e.g. --split train valid): jdb train|valid (default train); "
+        "textcaps train|val|test (default train val, as the seed); coco val|train (default val)",
     )
 
 
-def split_of(args: argparse.Namespace, allowed: tuple[str, ...], dataset: str) -> str:
-    """The chosen split (the first allowed one by default); anything else is a usage error."""
-    split = getattr(args, "split", None) or allowed[0]
-    if split not in allowed:
-        raise UsageError(f"--split {split}: --dataset {dataset} has splits {', '.join(allowed)}")
-    return split
+def splits_of(args: argparse.Namespace, allowed: tuple[str, ...], default: tuple[str, ...], dataset: str) -> tuple[str, ...]:
+    """The chosen splits in the order given, each once (``--split train,valid`` is accepted too);
+    anything not in ``allowed`` is a usage error."""
+    chosen = [s for value in getattr(args, "split", None) or default for s in value.split(",") if s]
+    bad = [s for s in chosen if s not in allowed]
+    if bad or not chosen:
+        raise UsageError(f"--split {' '.join(bad)}: --dataset {dataset} has splits {', '.join(allowed)}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def split_fingerprint(splits: tuple[str, ...]) -> str:
+    """The splits as a run's settings record them (one split: its name, as before several were allowed)."""
+    return "+".join(splits)
 
 
 def caption_item(key: str, data: Body, caption: str | None, extra: dict[str, Any], reject: str | None = None) -> Item:

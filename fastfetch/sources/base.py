@@ -66,6 +66,8 @@ class Source:
     help: ClassVar[str]
     #: extra MDS columns this source writes, name → MDS encoding
     columns: ClassVar[dict[str, str]] = {}
+    #: --min-size when the user gives none (an evaluation set keeps every image: 0)
+    default_min_size: ClassVar[int] = 256
 
     def __init__(self, args: argparse.Namespace, ctx: RunContext) -> None:
         self.args = args

@@ -5,6 +5,9 @@ ranged requests; captions come from ``annotations/captions_val2014.json`` inside
 ``annotations/annotations_trainval2014.zip``, of which only that member is fetched (by ranges),
 and are turned into a SQLite lookup keyed by file name. The caption is the first annotation of an
 image; all of them are kept as JSON, with the COCO image id.
+
+As an evaluation (FID) reference, the dataset keeps every image by default: ``--min-size``
+defaults to 0 here (the seed keeps all 40,504 val2014 images); ``--max-size`` still applies.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
-from fastfetch.sources.archived import Edition, ArchiveSource, CaptionIndex, add_split_flag, caption_item, split_of
+from fastfetch.sources.archived import (
+    ArchiveSource, CaptionIndex, Edition, add_split_flag, caption_item, split_fingerprint, splits_of,
+)
 from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit
 
@@ -29,6 +34,7 @@ class CocoSource(ArchiveSource):
     name = "coco"
     help = "MS-COCO 2014 captions (val2014 by default: 40k images, 6.2 GB zip) from images.cocodataset.org"
     columns = {"image_id": "int64", "captions": "json"}
+    default_min_size = 0
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -40,28 +46,32 @@ class CocoSource(ArchiveSource):
         )
 
     @property
-    def split(self) -> str:
-        return split_of(self.args, ("val", "train"), self.name)
+    def splits(self) -> tuple[str, ...]:
+        return splits_of(self.args, ("val", "train"), ("val",), self.name)
 
     def url(self, path: str) -> str:
         return f"{self.args.coco_base_url.rstrip('/')}/{path}"
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"split": self.split}
+        return {"split": split_fingerprint(self.splits)}
 
     async def plan(self) -> list[Unit]:
-        path = f"zips/{self.split}2014.zip"
-        validator, _ = await self.check_access(self.url(path))
-        await self._caption_index()
-        spec = {"path": path, "size": validator.length, "etag": validator.etag or validator.last_modified}
-        return [Unit(f"{self.split}2014", spec)]
+        units = []
+        self.captions: dict[str, CaptionIndex] = {}
+        for split in self.splits:
+            path = f"zips/{split}2014.zip"
+            validator, _ = await self.check_access(self.url(path))
+            self.captions[split] = await self._caption_index(split)
+            spec = {"path": path, "size": validator.length, "etag": validator.etag or validator.last_modified}
+            units.append(Unit(f"{split}2014", spec))
+        return units
 
-    async def _caption_index(self) -> None:
+    async def _caption_index(self, split: str) -> CaptionIndex:
         """``captions_<split>2014.json`` (one member of the annotations zip) → ``captions-<split>.sqlite``."""
-        self.captions = CaptionIndex(self.ctx.work_dir / f"captions-{self.split}.sqlite")
-        if self.captions.ready:
-            return
-        member = f"annotations/captions_{self.split}2014.json"
+        captions = CaptionIndex(self.ctx.work_dir / f"captions-{split}.sqlite")
+        if captions.ready:
+            return captions
+        member = f"annotations/captions_{split}2014.json"
         url = self.url(ANNOTATIONS)
         with self.side_errors(url):
             async with self.random_access(url, ANNOTATIONS.rsplit("/", 1)[-1]) as f:
@@ -69,15 +79,17 @@ class CocoSource(ArchiveSource):
                 if entry is None:
                     raise UsageError(f"{url} has no {member}")
                 data = await read_zip_member(f, entry)
-            await asyncio.to_thread(self.captions.build, _caption_rows(orjson.loads(data)))
+            await asyncio.to_thread(captions.build, _caption_rows(orjson.loads(data)))
+        return captions
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]
+        captions = self.captions[unit.id.removesuffix("2014")]
         async with self.random_access(self.url(path), path.rsplit("/", 1)[-1], edition=Edition.of(unit.spec)) as f:
             images = [e for e in await zip_entries(f) if e.name.lower().endswith(".jpg")]
             async for member in iter_zip(f, images):
                 base = member.name.rsplit("/", 1)[-1]
-                found = self.captions.get(base)
+                found = captions.get(base)
                 caption, extra = (found[0], found[1]) if found else (None, {})
                 extra = {"image_id": int(extra.get("image_id", _id_from_name(base))), "captions": extra.get("captions", [])}
                 if member.data is None:
@@ -86,8 +98,7 @@ class CocoSource(ArchiveSource):
                     yield caption_item(base, member.data, caption, extra)
 
     async def close(self) -> None:
-        captions = getattr(self, "captions", None)
-        if captions is not None:
+        for captions in getattr(self, "captions", {}).values():
             captions.close()
 
 

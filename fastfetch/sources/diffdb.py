@@ -1,10 +1,13 @@
 """DiffusionDB Large (HF dataset ``poloclub/diffusiondb``): one unit per ``part-NNNNNN.zip``.
 
 Parts 1–10000 live in ``diffusiondb-large-part-1/``, 10001–14000 in ``diffusiondb-large-part-2/``;
-each zip holds ~1000 lossless WebP images and ``part-NNNNNN.json`` (file name → {p: prompt, se,
-c, st, sa}). Zips are read by ranged requests (central directory, then members), never saved.
-The NSFW scores live only in ``metadata-large.parquet``, read once into a SQLite lookup; with
-``--max-nsfw`` an image whose image or prompt score is above it is dropped and counted ``nsfw``.
+each zip holds ~1000 lossless WebP images (and ``part-NNNNNN.json``, unused). Zips are read by
+ranged requests (central directory, then the members kept), never saved.
+
+As the seed converts it: ``metadata-large.parquet`` (read once into a SQLite lookup) decides.
+An image it does not list is dropped (``unlisted``); the caption is its ``prompt``; an image
+whose ``image_nsfw`` or ``prompt_nsfw`` is above ``--max-nsfw`` (default 0.2; ``none`` keeps
+all) is dropped (``nsfw``); an unknown (NaN) score does not drop it, as in the seed.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from fastfetch.archive import iter_zip, read_zip_member, zip_entries
+from fastfetch.archive import iter_zip, zip_entries
 from fastfetch.lists import pq
 from fastfetch.sources.archived import Edition, CaptionIndex, HubArchiveSource, caption_item
 from fastfetch.errors import UsageError
@@ -27,6 +28,20 @@ from fastfetch.sources.base import Item, Unit
 FOLDERS = ("diffusiondb-large-part-1", "diffusiondb-large-part-2")
 METADATA = "metadata-large.parquet"
 IMAGE_EXTS = (".webp", ".png", ".jpg", ".jpeg")
+DEFAULT_MAX_NSFW = 0.2  # the seed's safety threshold
+
+
+def nsfw_limit(value: str) -> float | None:
+    """``--max-nsfw``: a score in 0..1, or ``none`` for no limit."""
+    if value.strip().lower() in ("none", "off"):
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a score in 0..1 nor 'none'") from None
+    if not 0 <= limit <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..1 (or 'none' for no limit)")
+    return limit
 
 
 class DiffusionDBSource(HubArchiveSource):
@@ -39,16 +54,15 @@ class DiffusionDBSource(HubArchiveSource):
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         super().add_arguments(group)
         group.add_argument(
-            "--max-nsfw", type=float, default=None,
-            help="diffdb: drop images whose image_nsfw or prompt_nsfw score is above this (0..1; default: keep all)",
+            "--max-nsfw", type=nsfw_limit, default=DEFAULT_MAX_NSFW,
+            help="diffdb: drop images whose image_nsfw or prompt_nsfw score is above this (0..1, as the seed: 0.2); "
+            "none keeps all",
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"max_nsfw": self.args.max_nsfw}
+        return {"max_nsfw": self.args.max_nsfw, "listed_only": True}
 
     async def plan(self) -> list[Unit]:
-        if self.args.max_nsfw is not None and not 0 <= self.args.max_nsfw <= 1:
-            raise UsageError(f"--max-nsfw must be within 0..1 (got {self.args.max_nsfw})")
         units: list[Unit] = []
         for folder in FOLDERS:
             try:
@@ -76,25 +90,26 @@ class DiffusionDBSource(HubArchiveSource):
         name = path.rsplit("/", 1)[-1]
         limit = self.args.max_nsfw
         async with self.random_access(self.hub_url(path), name, self.hub_headers(), Edition.of(unit.spec)) as f:
-            entries = await zip_entries(f)
-            part: dict[str, Any] = {}
-            for entry in entries:
-                if entry.name.endswith(".json"):
-                    part.update(_dict(orjson.loads(await read_zip_member(f, entry))))
-            images = [e for e in entries if e.name.lower().endswith(IMAGE_EXTS)]
-            async for member in iter_zip(f, images):
-                base = member.name.rsplit("/", 1)[-1]
+            wanted, listed = [], {}
+            for entry in await zip_entries(f):
+                base = entry.name.rsplit("/", 1)[-1]
+                if not base.lower().endswith(IMAGE_EXTS):
+                    continue
                 key = base.rsplit(".", 1)[0]
                 found = self.metadata.get(base)
-                caption = _dict(part.get(base)).get("p") or (found[0] if found else None)
-                scores = {k: _score((found[1] if found else {}).get(k)) for k in ("image_nsfw", "prompt_nsfw")}
-                if member.data is None:
-                    yield Item(key, caption, data=b"", extra=scores, reject=member.problem)
+                if found is None:  # the seed writes only what the metadata lists
+                    yield Item(key, None, data=b"", extra=UNKNOWN, reject="unlisted")
                     continue
-                reject = None
-                if limit is not None and any(v > limit for v in scores.values() if not math.isnan(v)):
-                    reject = "nsfw"
-                yield caption_item(key, member.data, caption, scores, reject)
+                scores = {k: _score(found[1].get(k)) for k in ("image_nsfw", "prompt_nsfw")}
+                if limit is not None and any(v > limit for v in scores.values()):  # NaN > x is False
+                    yield Item(key, found[0], data=b"", extra=scores, reject="nsfw")  # never read
+                    continue
+                wanted.append(entry)
+                listed[entry.name] = (found[0], scores)
+            async for member in iter_zip(f, wanted):
+                key = member.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                caption, scores = listed[member.name]
+                yield caption_item(key, member.data or b"", caption, scores, member.problem)
 
     async def close(self) -> None:
         metadata = getattr(self, "metadata", None)
@@ -120,9 +135,8 @@ def _metadata_rows(path: Path) -> Iterator[tuple[str, str | None, dict[str, Any]
             )
 
 
+UNKNOWN = {"image_nsfw": math.nan, "prompt_nsfw": math.nan}
+
+
 def _score(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}

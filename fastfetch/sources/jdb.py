@@ -1,6 +1,7 @@
 """JourneyDB (HF dataset ``JourneyDB/JourneyDB``, gated): one unit per ``data/<split>/imgs/NNN.tgz``.
 
-Prompts come from the split's annotation file, a tgz holding one JSONL (``img_path`` such as
+``--split train valid`` takes both splits in one run, as the seed prepares them (unit ids then
+carry the split: ``valid-000``). Prompts come from each split's annotation file, a tgz holding one JSONL (``img_path`` such as
 ``./000/<hash>.jpg``, ``prompt``), streamed once into a SQLite lookup keyed by file name; the
 image tgz itself is unpacked from the response stream.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, add_split_flag, caption_item, split_of
+from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, add_split_flag, caption_item, split_fingerprint, splits_of
 from fastfetch.sources.base import Item, Unit
 
 ANNOTATIONS = {
@@ -34,44 +35,50 @@ class JourneyDBSource(HubArchiveSource):
         add_split_flag(group)
 
     @property
-    def split(self) -> str:
-        return split_of(self.args, ("train", "valid"), self.name)
+    def splits(self) -> tuple[str, ...]:
+        return splits_of(self.args, tuple(ANNOTATIONS), ("train",), self.name)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"split": self.split}
+        return {"split": split_fingerprint(self.splits)}
 
     async def plan(self) -> list[Unit]:
-        units = await self.hub_units(f"data/{self.split}/imgs", r"(\d+)\.tgz", lambda m: m.group(1))
-        await self._prompt_index()
+        units: list[Unit] = []
+        self.prompts: dict[str, CaptionIndex] = {}
+        several = len(self.splits) > 1
+        for split in self.splits:
+            units += await self.hub_units(f"data/{split}/imgs", r"(\d+)\.tgz",
+                                          lambda m, split=split: f"{split}-{m.group(1)}" if several else m.group(1))
+            self.prompts[split] = await self._prompt_index(split)
         return units
 
-    async def _prompt_index(self) -> None:
+    async def _prompt_index(self, split: str) -> CaptionIndex:
         """Stream the split's annotation tgz once into ``prompts-<split>.sqlite`` (file name → prompt)."""
-        self.prompts = CaptionIndex(self.ctx.work_dir / f"prompts-{self.split}.sqlite")
-        if self.prompts.ready:
-            return
-        path = ANNOTATIONS[self.split]
+        prompts = CaptionIndex(self.ctx.work_dir / f"prompts-{split}.sqlite")
+        if prompts.ready:
+            return prompts
+        path = ANNOTATIONS[split]
         url = self.hub_url(path)
-        with self.side_errors(url, self.repo), self.prompts.writer() as add:
+        with self.side_errors(url, self.repo), prompts.writer() as add:
             async for member in self.tar_members(url, path.rsplit("/", 1)[-1], self.hub_headers()):
                 if member.name.endswith(".jsonl"):
                     async for record in _jsonl(member.chunks()):
                         img, prompt = record.get("img_path"), record.get("prompt")
                         if isinstance(img, str):
                             add(img.rsplit("/", 1)[-1], prompt if isinstance(prompt, str) else None)
+        return prompts
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
+        prompts = self.prompts[unit.spec["path"].split("/")[1]]  # data/<split>/imgs/NNN.tgz
         async for member in self.unit_tar(unit):
             base = member.name.rsplit("/", 1)[-1]
             if not base.lower().endswith(IMAGE_EXTS):
                 continue
             data = await member.read_body()
-            found = self.prompts.get(base)
+            found = prompts.get(base)
             yield caption_item(base.rsplit(".", 1)[0], data or b"", found[0] if found else None, {}, member.problem)
 
     async def close(self) -> None:
-        prompts = getattr(self, "prompts", None)
-        if prompts is not None:
+        for prompts in getattr(self, "prompts", {}).values():
             prompts.close()
 
 

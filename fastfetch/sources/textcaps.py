@@ -1,5 +1,7 @@
 """TextCaps (HF dataset ``lmms-lab/TextCaps``): one unit per ``data/<split>-NNNNN-of-MMMMM.parquet``.
 
+By default the train and val splits together, as the seed uses them (its train+validation).
+
 Each row holds one image with its bytes embedded (``image.bytes``), ``image_id`` and the five
 human ``reference_strs``; the caption is the first reference, and all of them are kept as JSON.
 A parquet file cannot be read from a stream, so each unit's file is spooled to the work dir
@@ -15,7 +17,7 @@ from typing import Any
 
 
 from fastfetch.lists import pq
-from fastfetch.sources.archived import Edition, HubArchiveSource, add_split_flag, caption_item, split_of
+from fastfetch.sources.archived import Edition, HubArchiveSource, add_split_flag, caption_item, split_fingerprint, splits_of
 from fastfetch.sources.base import Item, Unit
 
 SPLITS = ("train", "val", "test")
@@ -33,15 +35,18 @@ class TextCapsSource(HubArchiveSource):
         add_split_flag(group)
 
     @property
-    def split(self) -> str:
-        return split_of(self.args, SPLITS, self.name)
+    def splits(self) -> tuple[str, ...]:
+        return splits_of(self.args, SPLITS, ("train", "val"), self.name)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"split": self.split}
+        return {"split": split_fingerprint(self.splits)}
 
     async def plan(self) -> list[Unit]:
-        pattern = rf"{self.split}-(\d{{5}})-of-\d{{5}}\.parquet"
-        return await self.hub_units("data", pattern, lambda m: f"{self.split}-{m.group(1)}")
+        units: list[Unit] = []
+        for split in self.splits:
+            pattern = rf"{split}-(\d{{5}})-of-\d{{5}}\.parquet"
+            units += await self.hub_units("data", pattern, lambda m, split=split: f"{split}-{m.group(1)}")
+        return units
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]
