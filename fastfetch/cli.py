@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastfetch import __version__
+from fastfetch.formats import MOSAIC_BUCKETS, OutputFormat
 from fastfetch.http import USER_AGENT, FetchConfig, Fetcher
 from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
 from fastfetch.manifest import Manifest
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = parser.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    out.add_argument(
+        "--format", choices=[f.value for f in OutputFormat], default=OutputFormat.FASTFETCH.value,
+        help="MDS layout: fastfetch (jpg as an MDS jpeg column, our columns) or mosaic (what mosaicml/diffusion's "
+        "LAION pipeline writes and its StreamingLAIONDataset reads: jpg as bytes, its 16 columns, its "
+        "resolution-bucket folders 0-64 … 1024-1048576)",
+    )
     out.add_argument("--buckets", default=None, help="comma-separated short-side bounds, e.g. 0,256,512,768,1024: each kept image goes to the MDS subtree of its original short side (OUT/mds/short-0512/…), each bucket with its own index; default: one dataset")
 
     multi = parser.add_argument_group("several machines (see README: Scale-out)")
@@ -147,7 +154,8 @@ def _settings(args: argparse.Namespace, resize: ResizeConfig, fingerprint: dict[
         "resize_filter": resize.resize_filter,
         "quality": resize.quality,
         "unit_size": args.unit_size,
-        "buckets": list(_buckets(args.buckets)),
+        "buckets": list(_buckets(args)),
+        **({"format": args.format} if args.format != OutputFormat.FASTFETCH.value else {}),
         **fingerprint,
     }
 
@@ -178,14 +186,15 @@ def _places(args: argparse.Namespace) -> Places:
         flag = "--local-cache" if remote else "--out"
         raise UsageError(f"{flag} {base} is a file, not a folder: choose a folder (it is created when missing)")
     node = detect(args)
-    buckets = _buckets(args.buckets)
-    layout = Layout(base / "mds", node.name, buckets, f"{args.out.rstrip('/')}/mds" if remote else None)
+    layout = Layout(base / "mds", node.name, _buckets(args), f"{args.out.rstrip('/')}/mds" if remote else None,
+                    OutputFormat(args.format))
     return Places(args.out.rstrip("/") if remote else args.out, base, base / "_nodes" / node.name if node.name else base, layout, node)
 
 
-def _buckets(spec: str | None) -> tuple[int, ...]:
+def _buckets(args: argparse.Namespace) -> tuple[int, ...]:
+    spec = args.buckets
     if not spec:
-        return ()
+        return MOSAIC_BUCKETS if args.format == OutputFormat.MOSAIC.value else ()
     try:
         values = sorted({int(v) for v in spec.split(",") if v.strip()})
     except ValueError:
@@ -325,7 +334,7 @@ def _publish(places: Places, pipeline: Pipeline, manifest: Manifest, counters: R
 
 def _merge_only(places: Places) -> int:
     """``--merge``: the global index and stats.json over every node's summary."""
-    merged = merge_nodes(places.out, Layout(places.base / "mds", "", places.layout.buckets, places.layout.remote), places.base)
+    merged = merge_nodes(places.out, Layout(places.base / "mds", "", places.layout.buckets, places.layout.remote, places.layout.format), places.base)
     print(f"merged {len(merged['nodes'])} node(s): {merged['rows_in_index']:,} rows in {places.out}/mds/index.json", file=sys.stderr)
     if merged["incomplete_nodes"]:
         print(f"fetch: not every node is complete: {', '.join(merged['incomplete_nodes'])}; rerun them, then --merge again",

@@ -8,7 +8,7 @@ Layout under the MDS root (``--out/mds``, or ``--local-cache/mds`` mirrored to `
     [<bucket>/]index.json           the buckets' own indexes (with --buckets)
     index.json                      every done unit (shard paths relative to the root)
 
-``<bucket>`` (``short-0512``) appears with ``--buckets``, ``<node>`` (``node-01-of-04``) when
+``<bucket>`` (``short-0512``, or mosaic's ``512-768`` with ``--format mosaic``) appears with ``--buckets``, ``<node>`` (``node-01-of-04``) when
 several machines share one output. The merged index is our own few lines rather than
 ``streaming``'s ``merge_index`` because that one picks up every ``index.json`` below the folder
 (half-written units included) and writes in place; ours lists exactly the units the manifests
@@ -30,6 +30,7 @@ import orjson
 
 from fastfetch import storage
 from fastfetch.body import body_len
+from fastfetch.formats import OutputFormat, bucket_name
 from fastfetch.mdswriter import MDSWriter
 
 BASE_COLUMNS: dict[str, str] = {
@@ -53,25 +54,25 @@ class Layout:
     node: str = ""
     buckets: tuple[int, ...] = ()
     remote: str | None = None
+    format: OutputFormat = OutputFormat.FASTFETCH
 
     def bucket_of(self, short_side: int) -> str:
         """The bucket folder of an image whose original short side is ``short_side``."""
         if not self.buckets:
             return ""
         low = max((b for b in self.buckets if b <= short_side), default=self.buckets[0])
-        return bucket_name(low)
+        return bucket_name(self.format, self.buckets, low)
+
+    @property
+    def bucket_folders(self) -> list[str]:
+        return [bucket_name(self.format, self.buckets, b) for b in self.buckets]
 
     def unit_rel(self, unit_id: str, bucket: str = "") -> str:
         return "/".join(p for p in (bucket, self.node, unit_id) if p)
 
     def unit_rels(self, unit_id: str) -> list[str]:
         """Every place a unit may have written to (one per bucket)."""
-        buckets = [bucket_name(b) for b in self.buckets] or [""]
-        return [self.unit_rel(unit_id, b) for b in buckets]
-
-
-def bucket_name(low: int) -> str:
-    return f"short-{low:04d}"
+        return [self.unit_rel(unit_id, b) for b in self.bucket_folders or [""]]
 
 
 class UnitWriter:
@@ -152,7 +153,7 @@ def clean_unfinished(layout: Layout, planned: set[str], done: set[str]) -> None:
     touched (another tool's output, a user's latents, another node's units)."""
     shutil.rmtree(layout.root / TMP / (layout.node or "_"), ignore_errors=True)
     if not layout.node:  # on several machines rank 0 may be writing the shared index right now
-        for parent in {layout.root, *((layout.root / bucket_name(b)) for b in layout.buckets)}:
+        for parent in {layout.root, *(layout.root / b for b in layout.bucket_folders)}:
             for leftover in parent.glob(".index.*"):  # an index write a kill cut short
                 leftover.unlink(missing_ok=True)
     unfinished = planned - done
@@ -176,7 +177,7 @@ def merge_index(layout: Layout, unit_rels: Iterable[str]) -> int:
             if bucket:
                 by_bucket[bucket].append(_rebased(shard, rel.split("/", 1)[1]))
     written = [_write_index(layout.root, every, "index.json")]
-    for bucket in [bucket_name(b) for b in layout.buckets]:
+    for bucket in layout.bucket_folders:
         written.append(_write_index(layout.root, by_bucket.get(bucket, []), f"{bucket}/index.json"))
     if layout.remote:
         storage.upload(layout.root, layout.remote, written)

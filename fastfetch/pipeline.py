@@ -23,9 +23,10 @@ from typing import Any
 
 import orjson
 
-from fastfetch import storage
+from fastfetch import formats, storage
 from fastfetch.body import Body, body_len
 from fastfetch.errors import UsageError
+from fastfetch.formats import OutputFormat
 from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
 from fastfetch.manifest import DONE, Manifest
@@ -200,7 +201,7 @@ class Pipeline:
                 f"column(s) {', '.join(clash)} would replace the one(s) fastfetch writes itself; keep them under "
                 f"another name (--keep-cols {clash[0]}:list_{clash[0]})"
             )
-        columns = {**BASE_COLUMNS, **extra}
+        columns = formats.columns(self.layout.format, BASE_COLUMNS, extra)
         previous = self.manifest.get_meta("columns")
         if have_done_units and previous is not None and previous != columns:
             diff = ", ".join(
@@ -395,6 +396,8 @@ class Pipeline:
             original_height=processed.original_height,
             key=item.key,
         )
+        if self.layout.format is OutputFormat.MOSAIC:
+            row = formats.to_mosaic(row, item.extra)
         writer.write(row)
         self.counters.bytes_out += body_len(row["jpg"])
         return None

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 
 from fastfetch import columns as kinds
+from fastfetch.formats import MOSAIC_LIST_COLUMNS, OutputFormat
 from fastfetch import hub
 from fastfetch.errors import UsageError
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa, pc, pq, read_batches
@@ -78,7 +79,10 @@ class UrlsSource(Source):
     def keep_cols(self) -> dict[str, str]:
         """The kept columns: output name → list column (``--keep-cols SRC`` or ``SRC:NAME``)."""
         if self.args.keep_cols is None:
-            return {c: c for c in self.default_keep_cols}
+            defaults = self.default_keep_cols
+            if getattr(self.args, "format", None) == OutputFormat.MOSAIC.value:  # the columns mosaic's rows carry
+                defaults = tuple(dict.fromkeys((*defaults, *MOSAIC_LIST_COLUMNS)))
+            return {c: c for c in defaults}
         kept: dict[str, str] = {}
         for entry in (e.strip() for e in self.args.keep_cols.split(",")):
             if not entry:
