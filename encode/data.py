@@ -4,19 +4,27 @@ Streaming's own iteration pads every rank to the same length with repeated sampl
 must see each input row exactly once, so this module splits the global row range into
 contiguous, disjoint slices itself and reads rows by index (`StreamingDataset.__getitem__`).
 Contiguous slices keep each worker on few shards.
+
+Rows are read as raw column bytes (`Column`: the MDS encoding and the stored bytes) and only the
+columns the encoder needs are decoded. That is what lets the image column be MDS `jpeg` (bin/fetch,
+the micro-budget converters) or `bytes` (mosaicml's LAION writer), and lets `--copy-columns` write
+every input column back byte for byte, whatever its encoding.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import math
 from collections import Counter
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from streaming import StreamingDataset
+from streaming.base.format.mds.encodings import mds_decode
 
 from encode.models import Tokenize
 from encode.paths import stream_location
@@ -25,11 +33,93 @@ from encode.paths import stream_location
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+class Column(NamedTuple):
+    """One stored value of a row: its MDS encoding and its bytes, not decoded."""
+
+    encoding: str
+    data: bytes
+
+    def decode(self) -> Any:
+        return mds_decode(self.encoding, self.data)
+
+
+# Encodings whose bytes are an image file Pillow opens itself (`bytes`: mosaicml's LAION MDS).
+IMAGE_FILE_ENCODINGS = ("jpeg", "png", "webp", "bytes")
+IMAGE_ENCODINGS = (*IMAGE_FILE_ENCODINGS, "pil")
+REQUIRED = {"jpg": IMAGE_ENCODINGS, "caption": ("str", "json")}
+
+
+def _raw_sample(shard: Any, data: bytes) -> dict[str, Column]:
+    """`MDSReader.decode_sample` without the decoding: the same walk over the column sizes."""
+    sizes, idx = [], 0
+    for size in shard.column_sizes:
+        if size is None:
+            size = int.from_bytes(data[idx:idx + 4], "little")
+            idx += 4
+        sizes.append(size)
+    row: dict[str, Column] = {}
+    for name, encoding, size in zip(shard.column_names, shard.column_encodings, sizes):
+        row[name] = Column(encoding, data[idx:idx + size])
+        idx += size
+    return row
+
+
 def open_source(path: str, cache_dir: str | None = None, validate_hash: str | None = None) -> StreamingDataset:
     """The image MDS at `path` (local folder or remote URL), unshuffled, read by index only;
-    `validate_hash` checks each downloaded shard of a remote one."""
+    `validate_hash` checks each downloaded shard of a remote one. Rows come back as
+    `{column: Column}`: each shard reader's decoding is replaced by `_raw_sample` (Streaming still
+    locates, downloads and retries the shards)."""
     remote, local = stream_location(path, cache_dir)
-    return StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=validate_hash)
+    source = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=validate_hash)
+    for shard in source.shards:
+        shard.decode_sample = functools.partial(_raw_sample, shard)  # a partial pickles into spawned workers
+    return source
+
+
+def input_columns(shards: Sequence[dict], uniform: bool) -> dict[str, str]:
+    """Column → encoding of the image MDS whose index lists `shards`.
+
+    Every shard must be MDS with a `jpg` image column (`jpeg`, `png`, `webp`, `pil`, or `bytes`
+    holding an image file) and a `caption`. With `uniform` (columns are copied into the output,
+    which has one schema) all shards must also have the same columns. Raises ValueError.
+    """
+    found: dict[str, str] | None = None
+    for shard in shards:
+        if shard.get("format", "mds") != "mds":
+            raise ValueError(f"{shard.get('raw_data', {}).get('basename')}: format {shard.get('format')!r}, "
+                             "only MDS shards can be encoded")
+        cols = dict(zip(shard["column_names"], shard["column_encodings"]))
+        for name, allowed in REQUIRED.items():
+            if cols.get(name) not in allowed:
+                have = f"is {cols[name]!r}" if name in cols else "is missing"
+                raise ValueError(f"the input's {name!r} column {have}; expected one of {', '.join(allowed)}")
+        if found is None:
+            found = cols
+        elif uniform and cols != found:
+            raise ValueError(f"the input's shards have different columns ({found} and {cols}): "
+                             "copied columns need one schema")
+    return found or {}
+
+
+def row_key(row: dict[str, Column], index: int) -> str:
+    """The row's `key` column; without one (or when it is empty) `#<index>`, the row's place in
+    the input's merged index: unique and independent of the shard layout and world size. A URL
+    is not used: web datasets repeat URLs, and keys must be unique (resume, per-row seeds)."""
+    if "key" in row:
+        key = row["key"].decode()
+        if key not in (None, ""):
+            return str(key)
+    return f"#{index}"
+
+
+def open_image(column: Column) -> Image.Image:
+    """The row's image, opened lazily (decoded later, at reduced scale when it is a JPEG)."""
+    if column.encoding in IMAGE_FILE_ENCODINGS:
+        return Image.open(io.BytesIO(column.data))
+    img = column.decode()
+    if not isinstance(img, Image.Image):
+        raise ValueError(f"a {column.encoding!r} value is not an image")
+    return img
 
 
 def rank_rows(num_rows: int, rank: int, world_size: int) -> range:
@@ -52,18 +142,13 @@ def resize_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy, owned by the tensor that wraps it
 
 
-def jpeg_bytes(img: Image.Image) -> bytes:
-    """The stored JPEG bytes behind a lazily opened image (Streaming's `jpeg` decoding wraps the
-    row's bytes in a BytesIO), so `--keep-images` copies them instead of re-encoding.
-    Call it before the image is loaded: Pillow lets go of the buffer afterwards."""
-    return img.fp.getvalue()
-
-
 class ImageRows(torch.utils.data.Dataset):
     """Rows `indices` of an image MDS, prepared for the encoders.
 
     Each item is a dict with `key`, `caption`, uint8 CHW `images` per resolution, token `ids` and
-    `mask`, optional `noise` per resolution (`--latent-mode sample`) and `jpg`; or
+    `mask` (of the caption, cleaned by `clean` when given), optional `noise` per resolution
+    (`--latent-mode sample`) and `copied` (the raw bytes
+    of the input columns named in `copy`, written unchanged); or
     `{'error': reason}` for a row that cannot be decoded (counted instead of stopping the run) or
     whose key is in `done` (written by an earlier run). Skipping here rather than before the
     loop lets the workers do a resume's key lookups in parallel with encoding.
@@ -71,29 +156,36 @@ class ImageRows(torch.utils.data.Dataset):
 
     def __init__(self, source: StreamingDataset, indices: Sequence[int], resolutions: Sequence[int],
                  tokenize: Tokenize, noise_shapes: dict[int, tuple[int, ...]] | None, seed: int,
-                 keep_images: bool, done: frozenset[str] = frozenset()):
-        self.source, self.indices, self.done = source, indices, done
+                 copy: Sequence[str] = (), done: frozenset[str] = frozenset(),
+                 clean: Callable[[str], str] | None = None):
+        self.source, self.indices, self.done, self.clean = source, indices, done, clean
         self.resolutions = sorted(resolutions)
-        self.tokenize, self.noise_shapes, self.seed, self.keep_images = tokenize, noise_shapes, seed, keep_images
+        self.tokenize, self.noise_shapes, self.seed, self.copy = tokenize, noise_shapes, seed, tuple(copy)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        row: dict[str, Column] = self.source[index]
         try:
-            row = self.source[self.indices[i]]  # Streaming opens the JPEG here, lazily
-            if row["key"] in self.done:
+            key = row_key(row, index)
+            if key in self.done:
                 return {"error": "already_done"}
-            raw = jpeg_bytes(row["jpg"]) if self.keep_images else None  # before decoding drops the buffer
-            item = {"key": row["key"], "caption": row["caption"], "images": self._images(row["jpg"])}
+            caption = row["caption"].decode()
+            if not isinstance(caption, str):
+                raise ValueError(f"caption is a {type(caption).__name__}, not a str")
+            if self.clean is not None:  # in the workers: ~0.3 ms a caption
+                caption = self.clean(caption)
+            item = {"key": key, "caption": caption, "images": self._images(open_image(row["jpg"]))}
         except DECODE_ERRORS as e:
             return {"error": f"decode_error:{type(e).__name__}"}
         item["ids"], item["mask"] = self.tokenize(item["caption"])
         if self.noise_shapes:
             gen = torch.Generator().manual_seed(key_seed(item["key"], self.seed))
             item["noise"] = {r: torch.randn(s, generator=gen) for r, s in self.noise_shapes.items()}
-        if raw is not None:
-            item["jpg"] = raw
+        if self.copy:
+            item["copied"] = {name: row[name].data for name in self.copy}
         return item
 
     def _images(self, img: Image.Image) -> dict[int, torch.Tensor]:
@@ -122,6 +214,6 @@ def collate(items: list[dict]) -> dict:
     batch["mask"] = torch.stack([it["mask"] for it in good])
     if "noise" in good[0]:
         batch["noise"] = {r: torch.stack([it["noise"][r] for it in good]) for r in good[0]["noise"]}
-    if "jpg" in good[0]:
-        batch["jpg"] = [it["jpg"] for it in good]
+    if "copied" in good[0]:
+        batch["copied"] = [it["copied"] for it in good]
     return batch

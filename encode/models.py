@@ -172,7 +172,8 @@ def _open_clip_name(name: str) -> tuple[str, str | None]:
 
 
 def load_text_encoder(spec: TextSpec, max_length: int, dtype: torch.dtype) -> TextEncoder:
-    """Load the text encoder named by `spec`; weights are kept in `dtype` (a T5-XXL is 19 GB in fp32)."""
+    """Load the text encoder named by `spec`; weights are kept in `dtype` (`--text-dtype`: fp32 by
+    default, as the micro-budget precompute runs it; bf16 halves a T5-XXL's 19 GB)."""
     if spec.kind == "openclip":
         import open_clip
 
@@ -211,13 +212,18 @@ def load_text_encoder(spec: TextSpec, max_length: int, dtype: torch.dtype) -> Te
 class Encoder:
     """One batch on the device: VAE latents per resolution and caption features, as float16.
 
+    The VAE runs under autocast in `dtype`, the text encoder under its own `text_dtype` (no
+    autocast for fp32: the micro-budget precompute's text encoder overrides the outer bf16
+    autocast with its own fp32 one, so fp32 is what reproduces its embeddings).
     Batches are padded to a fixed size so that a compiled graph (and cuDNN's autotuner) sees one
     shape; the padding rows are dropped again before returning.
     """
 
     def __init__(self, vae, text: TextEncoder, *, device: torch.device, dtype: torch.dtype,
-                 batch_size: int, latent_mode: str, compile: bool, channels_last: bool = True):
+                 batch_size: int, latent_mode: str, compile: bool, channels_last: bool = True,
+                 text_dtype: torch.dtype = torch.float32):
         self.device, self.dtype, self.batch_size, self.latent_mode = device, dtype, batch_size, latent_mode
+        self.text_dtype = text_dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scaling = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -250,20 +256,29 @@ class Encoder:
                 if self.latent_mode == "sample":
                     z = z + dist.std.float() * self._to_device(batch["noise"][res])
                 out[f"latents_{res}"] = ((z - self.shift) * self.scaling)[:n].to(torch.float16)
-            feats = self.text(self._to_device(batch["ids"]), self._to_device(batch["mask"]))
-            out["caption_latents"] = feats[:n].to(torch.float16)
+        feats = encode_text(self.text, self._to_device(batch["ids"]), self._to_device(batch["mask"]), self.text_dtype)
+        out["caption_latents"] = feats[:n]
         out["finite"] = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in out.values()]).all(0)
         return out
 
 
-def describe(vae, vae_name: str, text: TextEncoder, spec: TextSpec) -> dict:
-    """Model facts for the sidecar JSON, so that a loader never guesses shapes or scaling."""
+def encode_text(module: nn.Module, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Caption features as stored (float16), computed under autocast in `dtype` (none for fp32);
+    the module's weights are expected in `dtype` already (`load_text_encoder`)."""
+    with torch.inference_mode(), torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return module(ids, mask).to(torch.float16)
+
+
+def describe(vae, vae_name: str, text: TextEncoder, spec: TextSpec, text_dtype: str) -> dict:
+    """Model facts for the sidecar JSON, so that a loader never guesses shapes or scaling (and
+    never mixes embeddings of one text encoder run at different precisions)."""
     return {
         "vae": vae_name,
         "vae_class": type(vae).__name__,
         "scaling_factor": float(vae.config.scaling_factor),
         "shift_factor": getattr(vae.config, "shift_factor", None),
         "text_encoder": str(spec),
+        "text_dtype": text_dtype,
         "caption_latents_shape": [text.seq_len, text.dim],
     }
 

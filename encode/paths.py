@@ -11,6 +11,7 @@ other nodes, sees them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.parse
@@ -45,6 +46,18 @@ def fetch_small_file(path: str, name: str, cache_dir: str | None = None) -> str:
     if remote is not None and not os.path.exists(dest):
         storage.download(f"{remote.rstrip('/')}/{name}", dest, timeout=60)
     return dest
+
+
+def fetched_dataset(data: str, cache_dir: str | None = None) -> str | None:
+    """The `--dataset` bin/fetch made the image MDS `data` (its `OUT/mds`) from, as its
+    `OUT/stats.json` records it; None when that file is absent or unreadable (another tool's MDS)."""
+    parent = data.rstrip("/").rsplit("/", 1)[0] if is_remote(data) else os.path.dirname(os.path.abspath(data))
+    try:
+        with open(fetch_small_file(parent, "stats.json", cache_dir)) as f:
+            dataset = json.load(f).get("settings", {}).get("dataset")
+    except (OSError, ValueError, AttributeError, storage.StorageError):
+        return None
+    return dataset if isinstance(dataset, str) else None
 
 
 def upload_files(local_dir: str, remote_dir: str, names: list[str]) -> None:

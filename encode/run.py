@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Encode an image MDS dataset into VAE latents + text embeddings (a latent MDS dataset).
 
     torchrun --nproc_per_node N encode/run.py --data DIR/mds --out DIR/latents \\
@@ -23,6 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python encode/run.py`
+from fastfetch.launch import use_project_python  # noqa: E402
+
+use_project_python("torch")  # `python3 encode/run.py` in a fresh shell: the system Python
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -30,19 +33,26 @@ from tqdm import tqdm  # noqa: E402
 
 import encode  # noqa: E402
 from encode import data, models, preflight, writer  # noqa: E402
-from encode.paths import INDEX, is_remote, pull_small_files, stream_location, upload_files  # noqa: E402
+from encode.paths import INDEX, fetched_dataset, is_remote, pull_small_files, stream_location, upload_files  # noqa: E402
+from fastfetch.captions import clean_caption  # noqa: E402
 from fastfetch.errors import UsageError  # noqa: E402
 from fastfetch.storage import StorageError  # noqa: E402
 
 # Settings that change what is written: a resumed run must use the same ones.
-SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype",
-            "latent_mode", "seed", "keep_images")
+SETTINGS = ("vae", "vae_subfolder", "text_encoder", "max_length", "resolutions", "dtype", "text_dtype",
+            "latent_mode", "seed", "keep_images", "copy_columns", "clean")
+# What a latents.json written before a setting existed implies for it (the text encoder then ran
+# in --dtype; nothing but the JPEG could be copied).
+LEGACY_SETTINGS = {"text_dtype": lambda old: old.get("dtype"), "copy_columns": lambda old: False,
+                   "clean": lambda old: False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="image MDS folder written by bin/fetch (or a remote URL)")
+    p.add_argument("--data", required=True, help="image MDS folder (or a remote URL): bin/fetch's, the micro-budget "
+                   "converters' or mosaicml's LAION MDS; needs a jpg column (jpeg, png, webp, pil, or bytes holding an "
+                   "image file) and a caption; rows are keyed by their key column, else #<row index>")
     p.add_argument("--out", required=True, help="latent MDS folder to create or resume, or a remote URL (s3://…: "
                    "written into a local mirror under --cache-dir, each finished chunk uploaded)")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local folder")
@@ -50,11 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-encoder", required=True, type=models.TextSpec.parse,
                    help="openclip:<hf-hub:repo|folder|architecture@tag>, hf-clip:<id|folder>, or t5:<id|folder>")
     p.add_argument("--max-length", type=int, default=77, help="T5 token length (CLIP models fix their own)")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[256], help="square crop sizes to encode")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512],
+                   help="square crop sizes to encode, each stored as latents_<size> (the micro-budget precompute's "
+                   "and mosaicml's pair: a 256 and a 512 training loader both find theirs)")
     p.add_argument("--batch-size", type=int, default=32, help="images per device step")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
     p.add_argument("--prefetch-factor", type=int, default=2, help="batches loaded ahead per worker")
-    p.add_argument("--dtype", choices=sorted(models.DTYPES), default="bf16", help="autocast compute dtype")
+    p.add_argument("--dtype", choices=sorted(models.DTYPES), default="bf16", help="the VAE's autocast compute dtype")
+    p.add_argument("--text-dtype", choices=sorted(models.DTYPES), default="fp32",
+                   help="the text encoder's weights and compute dtype; fp32 reproduces the micro-budget precompute's "
+                   "embeddings (its text encoder runs in fp32 under a bf16 VAE), bf16/fp16 trade that for speed and "
+                   "memory (a T5-XXL is 19 GB in fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the VAE encoder and text encoder; default: on for CUDA, off on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -62,7 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-mode", choices=["sample", "mean"], default="sample",
                    help="sample: latent_dist.sample() seeded per row key; mean: latent_dist.mean")
     p.add_argument("--seed", type=int, default=0, help="mixed into every row's sampling seed")
-    p.add_argument("--keep-images", action="store_true", help="copy each row's JPEG into the output")
+    p.add_argument("--keep-images", action="store_true",
+                   help="copy each row's image (the jpg column, its MDS encoding and bytes unchanged) into the output")
+    p.add_argument("--copy-columns", action="store_true",
+                   help="copy every input column (MDS encoding and bytes unchanged) into the output rows next to the "
+                   "latents, e.g. so mosaicml's StreamingLAIONDataset reads the output; columns the encoder writes "
+                   "itself (key, caption, caption_latents, caption_length) and every latents_<n> of the input are "
+                   "not copied: the encoder's own take their place")
+    p.add_argument("--clean-captions", choices=["auto", "on", "off"], default="auto",
+                   help="clean captions before encoding them, with the micro-budget seed's CC12M cleaner "
+                   "(fastfetch/captions.py); the latent dataset's caption column holds the cleaned text. auto: on "
+                   "for a dataset bin/fetch made from cc12m (its stats.json says so), off otherwise, as the seed does")
     p.add_argument("--chunk-rows", type=int, default=2048,
                    help="rows per output chunk; a crash loses at most one unfinished chunk per rank")
     p.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu or cuda")
@@ -169,9 +195,9 @@ class Loaded:
 
 def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
     """The encode step and the sidecar metadata; checks that a resumed `--out` used the same settings."""
-    dtype = models.DTYPES[args.dtype]
+    dtype, text_dtype = models.DTYPES[args.dtype], models.DTYPES[args.text_dtype]
     vae = models.load_vae(args.vae, args.vae_subfolder)
-    text = models.load_text_encoder(args.text_encoder, args.max_length, dtype)
+    text = models.load_text_encoder(args.text_encoder, args.max_length, text_dtype)
     try:
         shapes = {f"latents_{r}": list(models.latent_shape(vae, r)) for r in args.resolutions}
     except ValueError as e:
@@ -184,13 +210,13 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
-        "models": models.describe(vae, args.vae, text, args.text_encoder),
+        "models": models.describe(vae, args.vae, text, args.text_encoder, args.text_dtype),
         "compute_dtype": args.dtype,
         "storage_dtype": "float16",
         "latent_mode": args.latent_mode,
         "resolutions": args.resolutions,
         "shapes": shapes,
-        "columns": writer.columns(args.resolutions, args.keep_images),
+        "columns": writer.columns(args.resolutions, args.copied),
     }
     data_id = args.data.rstrip("/") if is_remote(args.data) else os.path.realpath(args.data)
     meta["data"] = data_id
@@ -199,12 +225,14 @@ def load_models(args: argparse.Namespace, ctx: Ctx) -> Loaded:
         raise UsageError(f"{args.out} holds latents of {old['data']}, not of --data {args.data}: rows are matched by key, "
                          "so another dataset's rows would be skipped or mixed in; choose a new --out (if it is the same "
                          "dataset moved, set \"data\" in its latents.json to the new place)")
-    if old is not None and old["settings"] != settings:
-        diff = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
+    recorded = None if old is None else {
+        **{k: implied(old["settings"]) for k, implied in LEGACY_SETTINGS.items()}, **old["settings"]}
+    if recorded is not None and recorded != settings:
+        diff = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
         raise UsageError(f"{args.out} holds latents made with other settings {diff} (old, new); "
                          "rerun with the old settings or choose a new --out")
     compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
-    enc = models.Encoder(vae, text, device=ctx.device, dtype=dtype, batch_size=args.batch_size,
+    enc = models.Encoder(vae, text, device=ctx.device, dtype=dtype, text_dtype=text_dtype, batch_size=args.batch_size,
                          latent_mode=args.latent_mode, compile=compile_, channels_last=args.channels_last)
     noise_shapes = {r: tuple(shapes[f"latents_{r}"]) for r in args.resolutions} if args.latent_mode == "sample" else None
     return Loaded(enc, text, meta if old is None else old, noise_shapes)
@@ -220,12 +248,12 @@ def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.
     rows = data.rank_rows(source.num_samples, ctx.rank, ctx.world_size)
     loader = torch.utils.data.DataLoader(
         data.ImageRows(source, rows, args.resolutions, m.text.tokenize, m.noise_shapes, args.seed,
-                       args.keep_images, done),
+                       list(args.copied), done, clean_caption if args.clean else None),
         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=data.collate,
         pin_memory=ctx.device.type == "cuda", prefetch_factor=args.prefetch_factor if args.num_workers else None)
     stats = Counter(already_done=0)
     bar = tqdm(total=source.num_samples - len(done), unit="img", dynamic_ncols=True, disable=not ctx.main)
-    out = writer.AsyncWriter(writer.ChunkWriter(args.out, ctx.rank, writer.columns(args.resolutions, args.keep_images),
+    out = writer.AsyncWriter(writer.ChunkWriter(args.out, ctx.rank, writer.columns(args.resolutions, args.copied),
                                                 args.chunk_rows, args.remote_out), stats)
     start, timing = time.perf_counter(), {}
     for batch in loader:
@@ -304,6 +332,10 @@ def check_inputs(args: argparse.Namespace, ctx: Ctx) -> list:
     try:
         dataset = preflight.read_index(args.data, args.cache_dir)
         found += preflight.problems(dataset, ctx.rank, ctx.world_size, args.verify_shards)
+        inputs = data.input_columns(dataset.shards, uniform=args.copy_columns or args.keep_images)
+        args.copied = writer.copied_columns(inputs, args.resolutions, args.copy_columns, args.keep_images)
+        args.clean = args.clean_captions == "on" or (
+            args.clean_captions == "auto" and fetched_dataset(args.data, args.cache_dir) == "cc12m")
     except ValueError as e:
         found.append(str(e))
     locks = []

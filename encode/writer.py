@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,13 +70,35 @@ def done_keys(out: str) -> set[str]:
     return keys
 
 
-def columns(resolutions: list[int], keep_images: bool) -> dict[str, str]:
-    """The latent MDS schema (see DESIGN.md: Contracts)."""
+def columns(resolutions: Sequence[int], copied: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The latent MDS schema (see DESIGN.md: Contracts), plus the input columns in `copied`
+    (name → MDS encoding, written unchanged; see `copied_columns`)."""
+    cols = own_columns(resolutions)
+    cols.update({k: v for k, v in (copied or {}).items() if k not in cols})
+    return cols
+
+
+def own_columns(resolutions: Sequence[int]) -> dict[str, str]:
     cols = {"key": "str", "caption": "str", "caption_latents": "bytes", "caption_length": "int32"}
     cols.update({f"latents_{r}": "bytes" for r in resolutions})
-    if keep_images:
-        cols["jpg"] = "jpeg"
     return cols
+
+
+def copied_columns(inputs: Mapping[str, str], resolutions: Sequence[int], copy_all: bool,
+                   keep_images: bool) -> dict[str, str]:
+    """The input columns written next to the latents, with their encodings: all of them with
+    `--copy-columns` (so a reader of the input format, e.g. mosaicml's StreamingLAIONDataset,
+    reads the output too), only `jpg` with `--keep-images`. A column the encoder writes itself
+    (`key`, `caption`, `caption_latents`, `caption_length`, `latents_<res>`) is not copied: the
+    freshly computed one takes its place. Nor is any other `latents_<n>` of the input: latents of
+    other models must not sit next to ours under a latents.json that names ours."""
+    ours = own_columns(resolutions)
+    wanted = inputs if copy_all else {k: v for k, v in inputs.items() if keep_images and k == "jpg"}
+    return {k: v for k, v in wanted.items() if k not in ours and not _is_latents(k)}
+
+
+def _is_latents(name: str) -> bool:
+    return name.startswith("latents_") and name[len("latents_"):].isdigit()
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -197,10 +219,9 @@ class AsyncWriter:
             if not finite[i]:
                 self.stats["skipped_non_finite"] += 1
                 continue
-            row = {"key": key, "caption": batch["caption"][i], "caption_length": int(lengths[i])}
+            row = dict(batch["copied"][i]) if "copied" in batch else {}  # raw bytes: MDSWriter keeps them as they are
+            row.update({"key": key, "caption": batch["caption"][i], "caption_length": int(lengths[i])})
             row.update({k: np.ascontiguousarray(a[i]).tobytes() for k, a in arrays.items()})
-            if "jpg" in batch:
-                row["jpg"] = batch["jpg"][i]
             self.chunks.write(row)
             self.stats["rows"] += 1
 

@@ -96,6 +96,40 @@ def serve_numbered(server: LoopbackServer, prefix: str, n: int, delay: float = 0
     return [{"url": server.url(f"{prefix}/{i}.jpg"), "caption": f"c{i}"} for i in range(n)]
 
 
+SHM = Path("/dev/shm")
+_STREAMING_SHM = re.compile(r"\d{6}_(locals|barrier|cache_usage|next_epoch|shard_states|shard_access_times)$")
+
+
+def _streaming_shm() -> set[str]:
+    return {n for n in os.listdir(SHM) if _STREAMING_SHM.match(n)} if SHM.is_dir() else set()
+
+
+def _unlink_shm(names: set[str]) -> None:
+    for name in names:
+        (SHM / name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stale_streaming_shared_memory() -> None:
+    """Shared memory earlier sessions' SIGKILLed runs left behind (see below)."""
+    _unlink_shm(_streaming_shm())
+
+
+@pytest.fixture(autouse=True)
+def _release_streaming_shared_memory() -> Iterator[None]:
+    """Unlink the shared memory Streaming's datasets made during a test, once it is over.
+
+    Every StreamingDataset opens the shared memory of every prefix that exists (walking prefixes
+    0, 1, … until one has neither a file lock nor shared memory) and keeps it open until the
+    process exits: in one pytest process the open descriptors grow with the square of the
+    datasets created, plus what the runs the kill tests SIGKILL leave, until none are left.
+    Unlinked names are not opened again. (Streaming's clean_stale_shared_memory stops at the
+    first prefix without shared memory, which its own file locks leave in front of the rest.)"""
+    before = _streaming_shm()
+    yield
+    _unlink_shm(_streaming_shm() - before)
+
+
 @pytest.fixture
 def server() -> Iterator[LoopbackServer]:
     srv = LoopbackServer()

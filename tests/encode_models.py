@@ -149,16 +149,24 @@ def clip_tokenizer(path: str) -> None:
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
-                  pad_token="<|endoftext|>").save_pretrained(path)
+                  pad_token="<|endoftext|>", model_max_length=77).save_pretrained(path)  # as SD's tokenizers
+
+
+def t5_repo(d_model: int = 32) -> str:
+    """A plain T5 encoder folder (like DeepFloyd/t5-v1_1-xxl) with a Unigram tokenizer trained here.
+
+    `d_model=1024` gives caption embeddings of the micro-budget/mosaicml default shape [77, 1024]
+    (with the default --max-length 77) from a model of a few hundred thousand weights: what their
+    loaders' fixed reshapes need, at the cost of a tiny model."""
+    return _t5_repo(d_model)
 
 
 @functools.cache
-def t5_repo() -> str:
-    """A plain T5 encoder folder (like DeepFloyd/t5-v1_1-xxl) with a Unigram tokenizer trained here."""
+def _t5_repo(d_model: int) -> str:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    path = os.path.join(root(), "t5-tiny")
+    path = os.path.join(root(), f"t5-tiny-{d_model}")
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -169,7 +177,7 @@ def t5_repo() -> str:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     T5TokenizerFast(tokenizer_object=tok, extra_ids=0).save_pretrained(path)
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=tok.get_vocab_size(), d_model=32, d_ff=64, d_kv=16, num_layers=2,
+    T5EncoderModel(T5Config(vocab_size=tok.get_vocab_size(), d_model=d_model, d_ff=64, d_kv=16, num_layers=2,
                             num_heads=2, pad_token_id=0, eos_token_id=1)).save_pretrained(path)
     return path
 
@@ -198,6 +206,7 @@ TEXT_ENCODERS = {
     "openclip": lambda: f"openclip:{openclip_dir()}",
     "hf-clip": lambda: f"hf-clip:{sd_repo()}",
     "t5": lambda: f"t5:{t5_repo()}",
+    "t5-1024": lambda: f"t5:{t5_repo(1024)}",  # caption_latents [77, 1024], as DFN5B's
 }
 
 
@@ -211,13 +220,15 @@ def free_port() -> int:
 
 
 def run_cmd(data: str, out: str, *extra: str, nproc: int = 1, text: str = "openclip",
-            resolutions: tuple[int, ...] = (64, 128)) -> list[str]:
-    """The encode/run.py command line (torchrun with gloo on 127.0.0.1 when nproc > 1)."""
+            resolutions: tuple[int, ...] | None = (64, 128)) -> list[str]:
+    """The encode/run.py command line (torchrun with gloo on 127.0.0.1 when nproc > 1);
+    `resolutions=None` leaves --resolutions at its default (256 512)."""
     launcher = [PYTHON] if nproc == 1 else [
         TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port())]
     return [*launcher, RUN, "--data", data, "--out", out, "--vae", sd_repo(),
-            "--text-encoder", TEXT_ENCODERS[text](), "--resolutions", *map(str, resolutions),
+            "--text-encoder", TEXT_ENCODERS[text](),
+            *(["--resolutions", *map(str, resolutions)] if resolutions is not None else []),
             "--batch-size", "4", "--num-workers", "1", "--device", "cpu", *extra]
 
 

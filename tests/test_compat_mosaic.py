@@ -1,61 +1,37 @@
-"""`bin/fetch --format mosaic` as mosaicml/diffusion's own LAION code reads it.
+"""`bin/fetch --format mosaic` as mosaicml/diffusion's own LAION code reads it, before and after
+`encode/run.py --copy-columns` (its reader and its writer's columns: `tests/peers.py`).
 
-`MosaicLAIONDataset` below re-implements the reading half of mosaic's `StreamingLAIONDataset`
-(`diffusion/datasets/laion/laion.py`, mosaicml/diffusion at 49282fd): a StreamingDataset over one
-resolution-bucket folder (`remote_download/<low>-<high>`), each row's `jpg` bytes opened with
-PIL and converted to RGB, `caption` as text, and, where precomputed, `caption_latents` as float16
-(77, 1024) and `latents_256`/`latents_512` as float16 (4, 32, 32)/(4, 64, 64). Its tokenizer and
-transforms are left out: they act on what is read, not on how. The columns and types are those
-its `scripts/laion_cloudwriter.py` declares.
+mosaic's training code reads one resolution-bucket folder at a time (`remote_download/<low>-<high>`)
+with its `StreamingLAIONDataset`: `jpg` bytes opened with PIL, the caption tokenized, and, where
+precomputed, `caption_latents` (77, 1024) and `latents_256`/`latents_512` as float16.
 """
 
 from __future__ import annotations
 
-import io
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 import pytest
-import torch
-from PIL import Image
-from streaming import StreamingDataset
+from streaming import Stream, StreamingDataset
 
 from tests.conftest import LoopbackServer, make_image, run_fetch
 from tests.test_fetch_urls import NET, write_list
 
-# mosaic's LAION writer: column → MDS encoding
-MOSAIC_WRITER_COLUMNS = {
-    "punsafe": "float64", "pwatermark": "float64", "similarity": "float64", "caption": "str", "url": "str",
-    "key": "str", "status": "str", "error_message": "str", "width": "int32", "height": "int32",
-    "original_width": "int32", "original_height": "int32", "exif": "str", "jpg": "bytes", "hash": "int64",
-    "aesthetic_score": "float64",
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import encode_models as em  # noqa: E402
+from peers import MOSAIC_COLUMNS, MosaicStreamingLAIONDataset  # noqa: E402
+
 MOSAIC_BUCKET_FOLDERS = ["0-64", "64-128", "128-256", "256-512", "512-768", "768-1024", "1024-1048576"]
 
 
-class MosaicLAIONDataset(StreamingDataset):
-    """The reading logic of mosaic's StreamingLAIONDataset (see the module docstring)."""
-
-    def __init__(self, local: str, image_size: int | None = None) -> None:
-        super().__init__(local=local, shuffle=False, batch_size=1)
-        self.image_size = image_size
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = super().__getitem__(index)
-        img = Image.open(io.BytesIO(sample["jpg"]))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        out: dict[str, Any] = {"image": img, "captions": sample["caption"]}
-        if "caption_latents" in sample:
-            out["caption_latents"] = torch.from_numpy(np.frombuffer(sample["caption_latents"], dtype=np.float16).copy()).reshape(77, 1024)
-        if self.image_size == 256 and "latents_256" in sample:
-            out["image_latents"] = torch.from_numpy(np.frombuffer(sample["latents_256"], dtype=np.float16).copy()).reshape(4, 32, 32)
-        if self.image_size == 512 and "latents_512" in sample:
-            out["image_latents"] = torch.from_numpy(np.frombuffer(sample["latents_512"], dtype=np.float16).copy()).reshape(4, 64, 64)
-        return out
+def mosaic_reader(local: str, image_size: int | None = None) -> MosaicStreamingLAIONDataset:
+    # an SD-style repo with tokenizer/, standing in for stabilityai/stable-diffusion-2-base
+    return MosaicStreamingLAIONDataset(streams=[Stream(local=local)], tokenizer_name_or_path=em.sd_repo(),
+                                       batch_size=1, image_size=image_size)
 
 
 # (width, height) served → the bucket mosaic files the image under (its original short side)
@@ -93,15 +69,17 @@ def test_mosaic_format_reads_in_mosaics_own_loader(tmp_path: Path, server: Loopb
     for folder in MOSAIC_BUCKET_FOLDERS:
         index = orjson.loads((mds / folder / "index.json").read_bytes())
         for shard in index["shards"]:
-            assert dict(zip(shard["column_names"], shard["column_encodings"])) == MOSAIC_WRITER_COLUMNS
+            assert dict(zip(shard["column_names"], shard["column_encodings"])) == MOSAIC_COLUMNS
         if not index["shards"]:
             continue
-        dataset = MosaicLAIONDataset(str(mds / folder))
+        dataset = mosaic_reader(str(mds / folder))
         raw = StreamingDataset(local=str(mds / folder), shuffle=False, batch_size=1)
         for i in range(len(dataset)):
             sample, row = dataset[i], raw[i]
-            listed = by_caption[sample["captions"]]
-            name = sample["captions"].split()[-1]
+            listed = by_caption[row["caption"]]
+            name = row["caption"].split()[-1]
+            assert sample["captions"].tolist() == dataset.tokenizer(
+                row["caption"], padding="max_length", max_length=dataset.tokenizer.model_max_length, truncation=True)["input_ids"]
             assert folder == BUCKET[name]
             w, h = SIZES[name]
             scale = 512 / min(w, h) if min(w, h) > 512 else 1.0  # --max-size 512 by default
@@ -127,3 +105,24 @@ def test_mosaic_format_is_part_of_the_settings(tmp_path: Path, server: LoopbackS
     listing = tmp_path / "laion.parquet"
     proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", mds.parent, *NET)
     assert proc.returncode == 2 and "format" in proc.stderr, proc.stderr
+
+
+def test_mosaic_format_encoded_with_copy_columns_reads_in_mosaics_loader(tmp_path: Path, server: LoopbackServer) -> None:
+    """The other half of mosaic's pipeline: our encoder reads the `jpg` bytes column, and with
+    --copy-columns writes what its precompute step writes (every image column + the latents)."""
+    mds, _ = fetch_mosaic(tmp_path, server)
+    out = str(tmp_path / "latents")
+    proc = em.run_encode(str(mds), out, "--copy-columns", "--num-workers", "0", text="t5-1024", resolutions=None)
+    assert proc.returncode == 0, proc.stderr
+    images = {r["key"]: r for r in (StreamingDataset(local=str(mds), shuffle=False, batch_size=1)[i] for i in range(len(SIZES)))}
+    for size, side in ((256, 32), (512, 64)):
+        dataset = mosaic_reader(out, size)
+        latents = StreamingDataset(local=out, shuffle=False, batch_size=1)
+        assert len(dataset) == len(SIZES)
+        for i in range(len(dataset)):
+            sample, row = dataset[i], latents[i]
+            assert sample["caption_latents"].shape == (77, 1024) and sample["image_latents"].shape == (4, side, side)
+            fetched = images[row["key"]]
+            assert row["jpg"] == fetched["jpg"] and row["caption"] == fetched["caption"]
+            assert {k: row[k] for k in ("url", "width", "height", "status")} == {k: fetched[k] for k in ("url", "width", "height", "status")}
+            assert sample["image"].size == (fetched["width"], fetched["height"])

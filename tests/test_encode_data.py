@@ -52,7 +52,7 @@ def test_rows_decode_jpegs_at_reduced_scale_and_match_a_full_decode():
     smooth = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((2048, 1536), Image.BICUBIC)
     buf = io.BytesIO()
     smooth.save(buf, format="JPEG", quality=95)
-    rows = data.ImageRows(None, [], [128, 256], None, None, 0, False)
+    rows = data.ImageRows(None, [], [128, 256], None, None, 0)
     img = Image.open(io.BytesIO(buf.getvalue()))
     out = rows._images(img)
     assert img.size == (512, 384)  # decoded at 1/4: still ≥ 256 on the short side

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,12 +126,31 @@ def test_resume_with_other_settings_exits_2(tmp_path):
     assert "other settings" in proc.stderr and "resolutions" in proc.stderr
 
 
+def test_resume_of_an_output_from_before_text_dtype(tmp_path):
+    """A latents.json written before --text-dtype and --copy-columns existed: its text encoder ran
+    in --dtype (bf16), so a resume needs --text-dtype bf16 and the new default fp32 is refused."""
+    data, _ = em.image_mds(37)
+    out = tmp_path / "latents"
+    shutil.copytree(em.latents_dataset(resolutions=(64, 128)), out)
+    meta = json.loads((out / "latents.json").read_text())
+    for section in (meta["settings"], meta["models"]):
+        section.pop("text_dtype"), section.pop("copy_columns", None)
+    (out / "latents.json").write_text(json.dumps(meta))
+    refused = em.run_encode(data, str(out), "--num-workers", "0")
+    assert refused.returncode == 2 and "text_dtype" in refused.stderr and "'bf16', 'fp32'" in refused.stderr
+    resumed = em.run_encode(data, str(out), "--num-workers", "0", "--text-dtype", "bf16")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "encoded 0 rows" in resumed.stdout
+
+
 def test_help_lists_defaults():
     proc = subprocess.run([em.PYTHON, em.RUN, "--help"], capture_output=True, text=True, env=em.env(), timeout=60)
     assert proc.returncode == 0
-    for flag in ("--latent-mode", "--dtype", "--compile", "--num-workers", "--prefetch-factor", "--chunk-rows"):
+    for flag in ("--latent-mode", "--dtype", "--text-dtype", "--compile", "--num-workers", "--prefetch-factor",
+                 "--chunk-rows", "--copy-columns", "--keep-images"):
         assert flag in proc.stdout
-    assert "(default: bf16)" in proc.stdout
+    assert "(default: bf16)" in proc.stdout and "(default: fp32)" in proc.stdout
+    assert "(default: [256, 512])" in " ".join(proc.stdout.split())
 
 
 @pytest.mark.slow

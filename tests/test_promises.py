@@ -247,7 +247,8 @@ def test_at_most_four_archives_are_spooled_at_once(tmp_path: Path, server: Loopb
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--out", out, env=fetch_env(HF_ENDPOINT=hub.endpoint))
+        proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "train", "--out", out,
+                         env=fetch_env(HF_ENDPOINT=hub.endpoint))
     finally:
         stop.set()
         watcher.join()
