@@ -156,11 +156,13 @@ def _layout(path: str, image_size: int, cap_seq_size: int | None, cap_emb_dim: i
             raise ValueError(f"{path}: {wrong} disagree with its {META_NAME} (caption {list(caption_shape)}, "
                              f"{key} {list(image_shape)})")
         return LatentFolder(path, image_shape, (caption_shape[0], caption_shape[1]), latent_space(meta))
+    side = image_size // LATENT_DOWNSAMPLE
+    if cap_seq_size and cap_emb_dim and latent_channels:  # all given: no row to read (compressed shards too)
+        return LatentFolder(path, (latent_channels, side, side), (cap_seq_size, cap_emb_dim), None)
     row = _first_row(path, cache_dir)
     if key not in row:
         have = sorted(int(k.split("_")[1]) for k in row if k.startswith("latents_") and k[8:].isdigit())
         raise ValueError(f"{path} has no {key} (resolutions: {have}); pass one of those as image_size")
-    side = image_size // LATENT_DOWNSAMPLE
     channels = _other(len(row[key]), side * side, latent_channels, f"{path} {key}",
                       f"{latent_channels or 'channels'} × {side} × {side}",
                       f"pass latent_channels, or check image_size ({LATENT_DOWNSAMPLE}× downsampling is assumed)")

@@ -49,11 +49,17 @@ def fetch_small_file(path: str, name: str, cache_dir: str | None = None) -> str:
 
 
 def fetched_dataset(data: str, cache_dir: str | None = None) -> str | None:
-    """The `--dataset` bin/fetch made the image MDS `data` (its `OUT/mds`) from, as its
-    `OUT/stats.json` records it; None when that file is absent or unreadable (another tool's MDS)."""
-    parent = data.rstrip("/").rsplit("/", 1)[0] if is_remote(data) else os.path.dirname(os.path.abspath(data))
+    """The `--dataset` bin/fetch made the image MDS `data` from, as the `stats.json` beside its MDS
+    root records it (`OUT/stats.json` for `OUT/mds`, and for a part of it such as a bucket folder
+    `OUT/mds/256-512`); None when there is none or it is unreadable (another tool's MDS)."""
+    path = data.rstrip("/") if is_remote(data) else os.path.abspath(data)
+    parts = path.split("/")
+    root = max((i for i, part in enumerate(parts) if part == "mds"), default=None)
+    if root is None:  # bin/fetch writes its MDS under OUT/mds: this is some other folder
+        return None
+    out = "/".join(parts[:root]) or "/"
     try:
-        with open(fetch_small_file(parent, "stats.json", cache_dir)) as f:
+        with open(fetch_small_file(out, "stats.json", cache_dir)) as f:
             dataset = json.load(f).get("settings", {}).get("dataset")
     except (OSError, ValueError, AttributeError, storage.StorageError):
         return None

@@ -22,10 +22,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python encode/run.py`
-from fastfetch.launch import use_project_python  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # `python encode/run.py`
+if __name__ == "__main__":  # `python3 encode/run.py` in a fresh shell runs the system Python
+    from fastfetch.launch import ENCODE_NEEDS, use_project_python
 
-use_project_python("torch")  # `python3 encode/run.py` in a fresh shell: the system Python
+    use_project_python(ENCODE_NEEDS)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -34,7 +35,6 @@ from tqdm import tqdm  # noqa: E402
 import encode  # noqa: E402
 from encode import data, models, preflight, writer  # noqa: E402
 from encode.paths import INDEX, fetched_dataset, is_remote, pull_small_files, stream_location, upload_files  # noqa: E402
-from fastfetch.captions import clean_caption  # noqa: E402
 from fastfetch.errors import UsageError  # noqa: E402
 from fastfetch.storage import StorageError  # noqa: E402
 
@@ -68,9 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefetch-factor", type=int, default=2, help="batches loaded ahead per worker")
     p.add_argument("--dtype", choices=sorted(models.DTYPES), default="bf16", help="the VAE's autocast compute dtype")
     p.add_argument("--text-dtype", choices=sorted(models.DTYPES), default="fp32",
-                   help="the text encoder's weights and compute dtype; fp32 reproduces the micro-budget precompute's "
-                   "embeddings (its text encoder runs in fp32 under a bf16 VAE), bf16/fp16 trade that for speed and "
-                   "memory (a T5-XXL is 19 GB in fp32)")
+                   help="the text encoder's weights and compute dtype; fp32 is how the micro-budget precompute runs its "
+                   "open_clip text encoder (DFN5B; its hf-clip and T5 paths load in --dtype), bf16/fp16 trade "
+                   "fidelity for speed and memory (a T5-XXL is 19 GB in fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the VAE encoder and text encoder; default: on for CUDA, off on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -248,7 +248,7 @@ def encode_loop(args: argparse.Namespace, ctx: Ctx, m: Loaded, progress: writer.
     rows = data.rank_rows(source.num_samples, ctx.rank, ctx.world_size)
     loader = torch.utils.data.DataLoader(
         data.ImageRows(source, rows, args.resolutions, m.text.tokenize, m.noise_shapes, args.seed,
-                       list(args.copied), done, clean_caption if args.clean else None),
+                       list(args.copied), done, _caption_cleaner(args.clean)),
         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=data.collate,
         pin_memory=ctx.device.type == "cuda", prefetch_factor=args.prefetch_factor if args.num_workers else None)
     stats = Counter(already_done=0)
@@ -322,6 +322,15 @@ def summarize(args: argparse.Namespace, ctx: Ctx, progress: writer.Progress) -> 
         print("  non-finite latents were not written; the SDXL VAE overflows in fp16: use --dtype bf16 or fp32, "
               "or an fp16-fixed VAE")
     return stats
+
+
+def _caption_cleaner(clean: bool):
+    """The seed's CC12M caption cleaner when cleaning is on (imported only then: ftfy, bs4)."""
+    if not clean:
+        return None
+    from fastfetch.captions import clean_caption
+
+    return clean_caption
 
 
 def check_inputs(args: argparse.Namespace, ctx: Ctx) -> list:

@@ -32,6 +32,7 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 
 from encode.paths import upload_files
+from fastfetch import storage
 
 META_NAME = "latents.json"
 CHUNK_BOOKKEEPING = ("index.json", "keys.json")  # what a rerun or the merge needs of a chunk
@@ -103,10 +104,7 @@ def _is_latents(name: str) -> bool:
 
 def write_json(path: str, obj: Any) -> None:
     """Write JSON atomically (readers may poll the file while it is rewritten)."""
-    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    storage.write_atomically(path, json.dumps(obj, indent=1).encode())
 
 
 def read_meta(out: str) -> dict | None:
@@ -147,7 +145,9 @@ class ChunkWriter:
         self.writer.finish()
         tmp = self._path() + TMP_SUFFIX
         write_json(os.path.join(tmp, "keys.json"), self.keys)
-        os.replace(tmp, self._path())
+        for name in os.listdir(tmp):  # a chunk is visible only once all of it is on the disk
+            storage.fsync_path(os.path.join(tmp, name))
+        storage.replace_durably(tmp, self._path())
         if self.remote:
             self._upload(self._path())
         self.writer, self.keys = None, []

@@ -10,8 +10,9 @@ precompute script read our output unchanged:
   ``exif`` (empty: fastfetch keeps no EXIF), ``width``/``height`` of the stored image,
   ``original_width``/``original_height``, ``punsafe``/``pwatermark``/``similarity`` (NaN when
   the list has none, as a missing value reaches its writer), ``aesthetic_score`` (0.0 when the
-  list has no ``AESTHETIC_SCORE``, as its writer does) and ``hash`` (the list's int64 ``hash``
-  column, 0 when absent);
+  row has no ``AESTHETIC_SCORE``: mosaic's writer stores 0.0 for a file without that column and
+  NaN for a null in one that has it, a distinction a merged list no longer carries) and ``hash``
+  (the list's int64 ``hash`` column; 0 when absent or outside int64, a float truncated);
 * its resolution buckets: folders ``0-64``, ``64-128``, …, ``1024-1048576`` under the MDS root,
   an image going to the one whose [low, high) range holds its short side. Mosaic stores images
   unresized, so its stored and original sizes are equal; fastfetch buckets by the original short
@@ -45,6 +46,8 @@ AESTHETIC_SOURCES = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
 #: list columns the mosaic format turns into its own (kept from a URL list by default, where present)
 MOSAIC_LIST_COLUMNS = ("similarity", "punsafe", "pwatermark", "hash", *AESTHETIC_SOURCES)
 CONSUMED = set(MOSAIC_LIST_COLUMNS)
+#: mosaic columns fastfetch fills itself: a list column may not be kept under one of these names
+MOSAIC_WRITTEN = frozenset(set(MOSAIC_COLUMNS) - CONSUMED)
 
 
 def columns(fmt: OutputFormat, base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:

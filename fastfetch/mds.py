@@ -17,9 +17,7 @@ say are done and replaces the index atomically, so a reader never sees a partial
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -110,14 +108,13 @@ class UnitWriter:
             writer.finish()
             src = self.tmp / (bucket or "all")
             for path in src.iterdir():
-                fsync_path(path)
+                storage.fsync_path(path)
             rel = self.layout.unit_rel(self.unit_id, bucket)
             final = self.layout.root / rel
             if final.exists():  # left by a crash between rename and manifest commit
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, final)
-            fsync_path(final.parent)
+            storage.replace_durably(src, final)
             published.append(rel)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.layout.remote:
@@ -203,19 +200,5 @@ def _read_unit_index(layout: Layout, rel: str) -> dict[str, Any]:
 
 
 def _write_index(root: Path, shards: list[dict[str, Any]], rel: str) -> str:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".index.", delete=False) as f:
-        f.write(orjson.dumps({"version": 2, "shards": shards}))
-    fsync_path(Path(f.name))
-    os.replace(f.name, path)
+    storage.write_atomically(root / rel, orjson.dumps({"version": 2, "shards": shards}))
     return rel
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

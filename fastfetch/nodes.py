@@ -10,8 +10,8 @@ unit folders and totals) next to the output, locally or on object storage. ``--m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from fastfetch import storage
+from fastfetch.formats import OutputFormat
 from fastfetch.mds import Layout, merge_index
 from fastfetch.storage import is_remote
 from fastfetch.errors import UsageError
@@ -61,7 +62,7 @@ def write_summary(out: str, state_dir: Path, node: Node, dirs: list[str], totals
     path = state_dir / SUMMARY
     payload = {"node": node.name, "rank": node.rank, "count": node.count, "complete": complete, "dirs": dirs,
                "totals": totals, "settings": settings}
-    _atomic_write(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+    storage.write_atomically(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     if is_remote(out):
         storage.upload(state_dir, f"{out}/_nodes/{node.name}", [SUMMARY])
 
@@ -80,13 +81,19 @@ def read_summaries(out: str, cache: Path) -> list[dict[str, Any]]:
 
 
 def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
-    """Global index and stats over every node's done units; returns the global stats."""
+    """Global index and stats over every node's done units; returns the global stats. The
+    buckets and format come from the settings the nodes ran with (they agree), not from the
+    flags of whoever merges: a hand-run ``--merge`` needs none of them."""
     summaries = read_summaries(out, cache)
     if not summaries:
         raise UsageError(f"no node summaries under {out}/_nodes/: run the fetch on every node first")
     if len({s["count"] for s in summaries}) != 1:
         raise UsageError(f"{out}/_nodes/ mixes runs with different node counts; remove the stale ones")
     _check_agreement(out, summaries)
+    settings = {k: v for k, v in (summaries[0].get("settings") or {}).items() if k != "plan"}
+    if settings:
+        layout = dataclasses.replace(layout, buckets=tuple(settings.get("buckets", ())),
+                                     format=OutputFormat(settings.get("format", OutputFormat.FASTFETCH.value)))
     rows = merge_index(layout, [rel for s in summaries for rel in s["dirs"]])
     rejected: Counter[str] = Counter()
     stats: dict[str, Any] = {"items": 0, "kept": 0, "bytes_downloaded": 0, "bytes_written": 0}
@@ -102,13 +109,14 @@ def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
         nodes={s["node"]: {"complete": s["complete"], "units": len(s["dirs"]), "kept": s["totals"].get("kept", 0)} for s in summaries},
         incomplete_nodes=[s["node"] for s in summaries if not s["complete"]] + [Node(r, expected).name for r in missing],
         status="merged",
+        settings=settings,  # what a single-node stats.json records too (encode/run.py reads "dataset")
     )
     data = orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     if is_remote(out):
-        _atomic_write(cache / "stats.json", data)
+        storage.write_atomically(cache / "stats.json", data)
         storage.upload(cache, out, ["stats.json"])
     else:
-        _atomic_write(Path(out) / "stats.json", data)
+        storage.write_atomically(Path(out) / "stats.json", data)
     return stats
 
 
@@ -141,10 +149,3 @@ def _check_agreement(out: str, summaries: list[dict[str, Any]]) -> None:
 def all_complete(out: str, cache: Path, count: int) -> bool:
     summaries = read_summaries(out, cache)
     return len({s["rank"] for s in summaries if s["complete"] and s["count"] == count}) == count
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)

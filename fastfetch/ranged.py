@@ -14,7 +14,6 @@ address and redirect checks as an image download.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from fastfetch import storage
 from fastfetch.http import Fetcher
 
 _READ_BUFFER = 4 << 20
@@ -206,7 +206,7 @@ async def download_file(client: Fetcher, url: str, dest: Path, headers: dict[str
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
         raise
-    os.replace(part, dest)
+    await asyncio.to_thread(storage.replace_durably, part, dest)  # a later run reuses `dest` as it is
     meta.unlink(missing_ok=True)
     return dest
 

@@ -7,7 +7,6 @@ figures describe the run that just ended.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from fastfetch import storage
 from fastfetch.manifest import DONE, FAILED, Manifest
 
 
@@ -121,9 +121,7 @@ def write_stats(out: Path, manifest: Manifest, run: RunCounters, settings: dict[
         },
         "settings": settings,
     }
-    tmp = out / "stats.json.tmp"
-    tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    os.replace(tmp, out / "stats.json")
+    storage.write_atomically(out / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return stats
 
 

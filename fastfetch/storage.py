@@ -1,4 +1,10 @@
-"""Object storage (``s3://``, ``gs://``, ``oci://``, …) through mosaicml-streaming, in one place.
+"""Where outputs are kept: durable local writes, and object storage (``s3://``, ``gs://``,
+``oci://``, …) through mosaicml-streaming, each in one place.
+
+Local files that a rerun or a reader trusts (indexes, stats, plans, summaries, finished units,
+kept archives) are written under a temporary name beside their final one, flushed to the disk
+and renamed (``write_atomically``, ``replace_durably``): after a crash or a power loss the file
+is its old version or its new one, whole, never a prefix.
 
 Every upload, download and listing of a remote output goes through these few functions, so a
 failure (a bucket that does not exist, refused credentials, an outage in the middle of a run)
@@ -25,6 +31,33 @@ _SCRATCH = "fastfetch-storage"  # streaming's uploaders want a local side even t
 
 class StorageError(Exception):
     """Object storage refused or failed an operation; the message says which and why."""
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: str | Path, final: str | Path) -> None:
+    """Make ``tmp`` (a complete file, or a folder whose files are flushed) ``final`` in one rename,
+    its bytes on the disk before the rename and the rename on the disk before returning."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(os.path.dirname(os.path.abspath(final)))
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` (its folder is created), all or nothing. The temporary
+    file ``.<name>.<pid>.tmp`` beside it is unique per process, so two writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    replace_durably(tmp, path)
 
 
 def is_remote(path: str) -> bool:

@@ -101,3 +101,24 @@ def test_encoder_runs_as_printed_without_the_venv_on_path() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, (cmd, proc.stderr[-2000:])
         assert "--text-encoder" in proc.stdout, cmd
+
+
+def test_launcher_hazards(tmp_path: Path) -> None:
+    """A symlink to bin/fetch works; importing encode.run never replaces the importing process;
+    an interpreter that has one dependency but not the rest is still replaced by the venv's."""
+    env = fresh_shell_env()
+    link = tmp_path / "fetch"
+    link.symlink_to(ROOT / "bin" / "fetch")
+    proc = subprocess.run([str(link), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: fetch"), proc.stderr
+    imported = subprocess.run(["python3", "-c", "import sys; sys.path.insert(0, '.'); import encode.run"],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert "Argument expected" not in imported.stderr  # not re-executed as `python -c` without its code
+    partial = tmp_path / "partial"  # aiohttp alone, as an apt-installed python3-aiohttp gives
+    partial.mkdir()
+    import aiohttp
+
+    (partial / "aiohttp").symlink_to(Path(aiohttp.__file__).parent)
+    proc = subprocess.run(["bin/fetch", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**env, "PYTHONPATH": str(partial)})
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: fetch"), proc.stderr

@@ -126,3 +126,36 @@ def test_mosaic_format_encoded_with_copy_columns_reads_in_mosaics_loader(tmp_pat
             assert row["jpg"] == fetched["jpg"] and row["caption"] == fetched["caption"]
             assert {k: row[k] for k in ("url", "width", "height", "status")} == {k: fetched[k] for k in ("url", "width", "height", "status")}
             assert sample["image"].size == (fetched["width"], fetched["height"])
+
+
+def test_mosaic_format_on_two_nodes_merged_by_hand_without_its_flags(tmp_path: Path, server: LoopbackServer) -> None:
+    """`bin/fetch --merge --out OUT`, as the nodes print it, builds mosaic's bucket indexes from the
+    settings the nodes ran with: the merging machine passes no --format."""
+    listing = write_list(tmp_path / "laion.parquet", laion_rows(server))
+    out = tmp_path / "nodes"
+    for rank in ("1", "0"):
+        proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", out, "--format", "mosaic", "--unit-size", "2",
+                         "--node-rank", rank, "--num-nodes", "2", *NET)
+        assert proc.returncode == 0, proc.stderr
+    for index in (out / "mds").rglob("index.json"):
+        if index.parent.parent == out / "mds" or index.parent == out / "mds":
+            index.unlink()  # the merged indexes: only the units' own remain
+    merged = run_fetch("--merge", "--out", out)
+    assert merged.returncode == 0, merged.stderr
+    found = {}
+    for folder in MOSAIC_BUCKET_FOLDERS:
+        if not orjson.loads((out / "mds" / folder / "index.json").read_bytes())["shards"]:
+            continue
+        dataset = mosaic_reader(str(out / "mds" / folder))
+        raw = StreamingDataset(local=str(out / "mds" / folder), shuffle=False, batch_size=1)
+        found.update({raw[i]["caption"].split()[-1]: folder for i in range(len(dataset))})
+    assert found == BUCKET
+    assert orjson.loads((out / "stats.json").read_bytes())["settings"]["format"] == "mosaic"
+
+
+def test_mosaic_format_refuses_list_columns_under_the_names_it_fills(tmp_path: Path, server: LoopbackServer) -> None:
+    listing = write_list(tmp_path / "laion.parquet", laion_rows(server))
+    for name in ("status", "exif:error_message"):
+        proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", tmp_path / "o", "--format", "mosaic",
+                         "--keep-cols", name, *NET)
+        assert proc.returncode == 2 and "writes itself" in proc.stderr, proc.stderr

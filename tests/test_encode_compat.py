@@ -363,3 +363,35 @@ def test_cc12m_captions_are_cleaned_as_the_seed_does(tmp_path):
     # what is embedded is the cleaned text: its embedding differs where the text does
     assert embeddings["True"]["k0"] != embeddings["False"]["k0"]
     assert embeddings["True"]["k2"] == embeddings["False"]["k2"]  # "a plain caption" is left as it is
+
+
+def test_the_fetch_dataset_is_found_from_the_mds_root_or_a_part_of_it(tmp_path):
+    """`--clean-captions auto` reads OUT/stats.json for OUT/mds and for a bucket folder in it
+    (what a mosaic user encodes), nothing for a folder outside an `mds` root."""
+    from encode.paths import fetched_dataset
+
+    (tmp_path / "mds" / "256-512" / "node-00-of-02").mkdir(parents=True)
+    (tmp_path / "stats.json").write_text(json.dumps({"settings": {"dataset": "cc12m"}}))
+    for folder in ("mds", "mds/", "mds/256-512", "mds/256-512/node-00-of-02"):
+        assert fetched_dataset(str(tmp_path / folder)) == "cc12m", folder
+    (tmp_path / "other").mkdir()
+    assert fetched_dataset(str(tmp_path / "other")) is None
+    for bad in ("[]", "not json", json.dumps({"settings": None}), json.dumps({"settings": {"dataset": 3}})):
+        (tmp_path / "stats.json").write_text(bad)
+        assert fetched_dataset(str(tmp_path / "mds")) is None, bad
+
+
+def test_a_compressed_folder_without_latents_json_reads_with_every_shape_given(tmp_path):
+    out = str(tmp_path / "zstd")
+    rng = np.random.default_rng(1)
+    rows = [{"caption": f"c{i}", "caption_latents": rng.standard_normal((1, 77, 16)).astype(np.float16),
+             "latents_256": rng.standard_normal((4, 32, 32)).astype(np.float16)} for i in range(4)]
+    with MDSWriter(out=out, columns={"caption": "str", "caption_latents": "bytes", "latents_256": "bytes"},
+                   compression="zstd") as w:
+        for r in rows:
+            w.write({k: v.tobytes() if isinstance(v, np.ndarray) else v for k, v in r.items()})
+    with pytest.raises(ValueError, match="cap_seq_size, cap_emb_dim and latent_channels"):
+        build_streaming_latents_dataloader(out, 2, 256)
+    got = drain(build_streaming_latents_dataloader(out, 2, 256, 77, 16, shuffle=False, latent_channels=4))
+    assert torch.equal(got["image_latents"], torch.from_numpy(np.stack([r["latents_256"] for r in rows])))
+    assert torch.equal(got["caption_latents"], torch.from_numpy(np.stack([r["caption_latents"] for r in rows])))

@@ -109,6 +109,9 @@ def test_two_nodes_merge_to_the_single_node_dataset(tmp_path: Path, server: Loop
     assert _dataset(read_mds(shared / "mds")) == _dataset(read_mds(single / "mds"))
     stats = orjson.loads((shared / "stats.json").read_bytes())
     assert stats["kept"] == 50 and stats["incomplete_nodes"] == []
+    # the settings a single node's stats.json records (encode/run.py reads the dataset from them)
+    one = orjson.loads((single / "stats.json").read_bytes())["settings"]
+    assert {k: v for k, v in stats["settings"].items() if k not in ("node_count", "dealing")} == one
 
 
 def test_merge_reports_incomplete_nodes(tmp_path: Path, server: LoopbackServer) -> None:

@@ -81,10 +81,28 @@ def test_coco_both_splits_in_one_run_and_min_size_still_applies(server, tmp_path
     server.routes["/mirror/annotations/annotations_trainval2014.zip"] = file_handler(ServedFile(anno_zip))  # type: ignore[assignment]
     out = tmp_path / "both"
     proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"),
-                     "--split", "val", "train", "--min-size", "256", env=fetch_env())
+                     "--split", "train", "val", "--min-size", "256", env=fetch_env())
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     expected = {k: v[0] for k, v in kept.items() if "000000000077" not in k}  # the 200x150 one: --min-size 256
     assert {r["key"]: r["caption"] for r in rows} == {**expected, "COCO_train2014_000000000009.jpg": "a train caption"}
     stats = orjson.loads((out / "stats.json").read_bytes())
     assert stats["rejected"] == {"no_caption": 1, "too_small": 1} and stats["settings"]["split"] == "val+train", stats
+
+
+def test_split_lists_are_normalised() -> None:
+    import argparse
+
+    import pytest
+
+    from fastfetch.errors import UsageError
+    from fastfetch.sources.archived import splits_of
+
+    def splits(*given: str) -> tuple[str, ...]:
+        return splits_of(argparse.Namespace(split=list(given) or None), ("val", "train"), ("val",), "coco")
+
+    assert splits() == ("val",)
+    assert splits("train", "val") == splits("val,train") == splits("train,,val", "train") == ("val", "train")
+    for bad, shown in ((("",), "''"), (("test",), "test")):
+        with pytest.raises(UsageError, match=f"--split {shown}: --dataset coco has splits val, train"):
+            splits(*bad)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import shutil
 import sqlite3
@@ -25,7 +24,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import orjson
 
-from fastfetch import hub
+from fastfetch import hub, storage
 from fastfetch.archive import ArchiveError, RandomAccess, TarMember, iter_tar
 from fastfetch.body import Body
 from fastfetch.http import Fetcher, Refused
@@ -52,13 +51,14 @@ def add_split_flag(group: argparse._ArgumentGroup) -> None:
 
 
 def splits_of(args: argparse.Namespace, allowed: tuple[str, ...], default: tuple[str, ...], dataset: str) -> tuple[str, ...]:
-    """The chosen splits in the order given, each once (``--split train,valid`` is accepted too);
-    anything not in ``allowed`` is a usage error."""
-    chosen = [s for value in getattr(args, "split", None) or default for s in value.split(",") if s]
-    bad = [s for s in chosen if s not in allowed]
+    """The chosen splits (``--split train valid`` or ``train,valid``), each once and in the
+    dataset's own order, so that the same splits in another order are the same run; anything not
+    in ``allowed`` is a usage error."""
+    chosen = {s.strip() for value in getattr(args, "split", None) or default for s in value.split(",") if s.strip()}
+    bad = sorted(chosen - set(allowed))
     if bad or not chosen:
-        raise UsageError(f"--split {' '.join(bad)}: --dataset {dataset} has splits {', '.join(allowed)}")
-    return tuple(dict.fromkeys(chosen))
+        raise UsageError(f"--split {' '.join(bad) or repr('')}: --dataset {dataset} has splits {', '.join(allowed)}")
+    return tuple(s for s in allowed if s in chosen)
 
 
 def split_fingerprint(splits: tuple[str, ...]) -> str:
@@ -125,7 +125,7 @@ class CaptionIndex:
             flush()
             db.commit()
             db.close()
-            os.replace(tmp, self.path)
+            storage.replace_durably(tmp, self.path)
         except BaseException:
             db.close()
             tmp.unlink(missing_ok=True)
@@ -216,7 +216,7 @@ class ArchiveSource(Source):
 
     def _stamp(self, name: str, edition: Edition) -> None:
         if self.keep_dir is not None and edition.tag is not None:
-            (self.keep_dir / f"{name}.edition").write_text(edition.tag)
+            storage.write_atomically(self.keep_dir / f"{name}.edition", edition.tag.encode())
 
     async def stream(self, url: str, name: str, headers: dict[str, str] | None = None,
                      edition: Edition = NO_EDITION) -> AsyncIterator[bytes]:
@@ -239,7 +239,7 @@ class ArchiveSource(Source):
             async for chunk in body:
                 f.write(chunk)
                 yield chunk
-        os.replace(part, keep / name)
+        await asyncio.to_thread(storage.replace_durably, part, keep / name)  # reruns trust a kept archive
         self._stamp(name, edition)
 
     async def tar_members(self, url: str, name: str, headers: dict[str, str] | None = None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,11 +26,12 @@ import numpy as np
 import orjson
 
 from fastfetch import columns as kinds
-from fastfetch.formats import MOSAIC_LIST_COLUMNS, OutputFormat
+from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
 from fastfetch import hub
 from fastfetch.errors import UsageError
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa, pc, pq, read_batches
-from fastfetch.mds import BASE_COLUMNS, fsync_path
+from fastfetch import storage
+from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.urlset import SeenUrls, trimmed
@@ -84,6 +84,7 @@ class UrlsSource(Source):
                 defaults = tuple(dict.fromkeys((*defaults, *MOSAIC_LIST_COLUMNS)))
             return {c: c for c in defaults}
         kept: dict[str, str] = {}
+        reserved = RESERVED | (MOSAIC_WRITTEN if getattr(self.args, "format", None) == OutputFormat.MOSAIC.value else set())
         for entry in (e.strip() for e in self.args.keep_cols.split(",")):
             if not entry:
                 continue
@@ -91,9 +92,9 @@ class UrlsSource(Source):
             source, name = source.strip(), (name.strip() or source.strip())
             if not source:
                 raise UsageError(f"--keep-cols {entry!r}: give a column name (SRC, or SRC:NEW_NAME)")
-            if name.lower() in RESERVED:
+            if name.lower() in reserved:
                 raise UsageError(
-                    f"--keep-cols {entry}: {name!r} is a column fastfetch writes itself ({', '.join(sorted(RESERVED))}); "
+                    f"--keep-cols {entry}: {name!r} is a column fastfetch writes itself ({', '.join(sorted(reserved))}); "
                     f"keep the list's column under another name, e.g. --keep-cols {source}:list_{name}"
                 )
             if name in kept:
@@ -187,7 +188,7 @@ class UrlsSource(Source):
         # The unit files are rewritten in place: the old plan goes first, so a run killed while
         # planning leaves no plan that names half-rewritten unit files (the next run plans anew).
         (self.plan_dir / _PLAN_FILE).unlink(missing_ok=True)
-        fsync_path(self.plan_dir)
+        storage.fsync_path(self.plan_dir)
         unit_size: int = self.args.unit_size
         units: list[Unit] = []
         list_kinds: dict[str, str] = {}  # each kept column's kind over the whole list so far
@@ -240,9 +241,7 @@ class UrlsSource(Source):
             "kinds": dict(sorted(list_kinds.items())),
             "units": [[u.id, u.spec] for u in units],
         }
-        tmp = self.plan_dir / (_PLAN_FILE + ".tmp")
-        tmp.write_bytes(orjson.dumps(plan))
-        os.replace(tmp, self.plan_dir / _PLAN_FILE)
+        storage.write_atomically(self.plan_dir / _PLAN_FILE, orjson.dumps(plan))  # after every unit file
         return units
 
     def _rows(self, files: list[Path], filtered: Counter[str]) -> Iterator[tuple[pa.RecordBatch, dict[str, str]]]:
@@ -478,4 +477,4 @@ def _unit_table(pending: list[tuple[pa.RecordBatch, dict[str, str]]], list_kinds
 def _write_parquet(table: pa.Table, path: Path) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    storage.replace_durably(tmp, path)
