@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -97,26 +98,44 @@ def serve_numbered(server: LoopbackServer, prefix: str, n: int, delay: float = 0
 
 
 SHM = Path("/dev/shm")
-_STREAMING_SHM = re.compile(r"\d{6}_(locals|barrier|cache_usage|next_epoch|shard_states|shard_access_times)$")
+_STREAMING_SHM = re.compile(r"(\d{6})_(locals|barrier|cache_usage|next_epoch|shard_states|shard_access_times)$")
 
 
-def _streaming_shm() -> set[str]:
-    return {n for n in os.listdir(SHM) if _STREAMING_SHM.match(n)} if SHM.is_dir() else set()
+def _streaming_prefixes() -> dict[str, set[str]]:
+    """Streaming's shared memory: prefix → its names."""
+    found: dict[str, set[str]] = {}
+    for name in os.listdir(SHM) if SHM.is_dir() else ():
+        match = _STREAMING_SHM.match(name)
+        if match:
+            found.setdefault(match.group(1), set()).add(name)
+    return found
 
 
-def _unlink_shm(names: set[str]) -> None:
+def _dataset_dirs(prefix: str) -> list[str] | None:
+    """The local folders of the dataset that registered ``prefix`` (None: not readable)."""
+    try:
+        data = (SHM / f"{prefix}_locals").read_bytes().rstrip(b"\0")
+    except OSError:
+        return None
+    return [d.decode(errors="replace") for d in data.split(b"\0")[:-1]]
+
+
+def _unlink(names: set[str]) -> None:
     for name in names:
         (SHM / name).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_stale_streaming_shared_memory() -> None:
-    """Shared memory earlier sessions' SIGKILLed runs left behind (see below)."""
-    _unlink_shm(_streaming_shm())
+    """Shared memory of datasets whose folders are gone (SIGKILLed runs of earlier sessions)."""
+    for prefix, names in _streaming_prefixes().items():
+        dirs = _dataset_dirs(prefix)
+        if dirs and not any(os.path.exists(d) for d in dirs):
+            _unlink(names)
 
 
 @pytest.fixture(autouse=True)
-def _release_streaming_shared_memory() -> Iterator[None]:
+def _release_streaming_shared_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Unlink the shared memory Streaming's datasets made during a test, once it is over.
 
     Every StreamingDataset opens the shared memory of every prefix that exists (walking prefixes
@@ -124,10 +143,19 @@ def _release_streaming_shared_memory() -> Iterator[None]:
     process exits: in one pytest process the open descriptors grow with the square of the
     datasets created, plus what the runs the kill tests SIGKILL leave, until none are left.
     Unlinked names are not opened again. (Streaming's clean_stale_shared_memory stops at the
-    first prefix without shared memory, which its own file locks leave in front of the rest.)"""
-    before = _streaming_shm()
+    first prefix without shared memory, which its own file locks leave in front of the rest.)
+    Only this session's datasets are touched (their folders are under its temporary roots): a
+    suite running beside this one keeps its own."""
+    before = set(_streaming_prefixes())
     yield
-    _unlink_shm(_streaming_shm() - before)
+    roots = [str(tmp_path_factory.getbasetemp()), tempfile.gettempdir() + "/fastfetch-cache"]
+    if "tests.encode_models" in sys.modules or "encode_models" in sys.modules:
+        em = sys.modules.get("tests.encode_models") or sys.modules["encode_models"]
+        roots.append(em.root())
+    for prefix, names in _streaming_prefixes().items():
+        dirs = _dataset_dirs(prefix)
+        if prefix not in before and dirs is not None and all(d.startswith(tuple(roots)) for d in dirs):
+            _unlink(names)
 
 
 @pytest.fixture
