@@ -4,6 +4,7 @@ a ``bin/fetch`` runner and an MDS reader. Every server listens on 127.0.0.1 only
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import random
@@ -112,9 +113,10 @@ def _streaming_prefixes() -> dict[str, set[str]]:
 
 
 def _dataset_dirs(prefix: str) -> list[str] | None:
-    """The local folders of the dataset that registered ``prefix`` (None: not readable)."""
+    """The local folders of the dataset that registered ``prefix`` (None: not readable), as
+    Streaming packs them: an int32 size, then the folders and the prefix joined by NUL."""
     try:
-        data = (SHM / f"{prefix}_locals").read_bytes().rstrip(b"\0")
+        data = (SHM / f"{prefix}_locals").read_bytes()[4:].rstrip(b"\0")  # after its int32 size
     except OSError:
         return None
     return [d.decode(errors="replace") for d in data.split(b"\0")[:-1]]
@@ -134,6 +136,41 @@ def _no_stale_streaming_shared_memory() -> None:
             _unlink(names)
 
 
+_OPENED: list[Any] = []  # every Streaming SharedMemory this process made (see below)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_streaming_shared_memory() -> Iterator[None]:
+    from streaming.base.shared import memory
+
+    original = memory.SharedMemory.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _OPENED.append(self)
+
+    memory.SharedMemory.__init__ = init  # type: ignore[method-assign]
+    yield
+    memory.SharedMemory.__init__ = original  # type: ignore[method-assign]
+
+
+def _close_streaming_shared_memory() -> None:
+    """Close the descriptors of shared memory no dataset uses any more (Streaming keeps every
+    one open until the process exits, through its exit handler)."""
+    gc.collect()  # the finished test's datasets, and with them their views of the memory
+    kept = []
+    for opened in _OPENED:
+        busy = False
+        for shm in opened.created_shms + opened.opened_shms:
+            try:
+                shm.close()
+            except BufferError:  # still viewed by a live dataset: next time
+                busy = True
+        if busy:
+            kept.append(opened)
+    _OPENED[:] = kept
+
+
 @pytest.fixture(autouse=True)
 def _release_streaming_shared_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Unlink the shared memory Streaming's datasets made during a test, once it is over.
@@ -142,8 +179,9 @@ def _release_streaming_shared_memory(tmp_path_factory: pytest.TempPathFactory) -
     0, 1, … until one has neither a file lock nor shared memory) and keeps it open until the
     process exits: in one pytest process the open descriptors grow with the square of the
     datasets created, plus what the runs the kill tests SIGKILL leave, until none are left.
-    Unlinked names are not opened again. (Streaming's clean_stale_shared_memory stops at the
-    first prefix without shared memory, which its own file locks leave in front of the rest.)
+    Unlinked names are not opened again, and the descriptors of memory no dataset views any more
+    are closed. (Streaming's clean_stale_shared_memory stops at the first prefix without shared
+    memory, which its own file locks leave in front of the rest.)
     Only this session's datasets are touched (their folders are under its temporary roots): a
     suite running beside this one keeps its own."""
     before = set(_streaming_prefixes())
@@ -156,6 +194,7 @@ def _release_streaming_shared_memory(tmp_path_factory: pytest.TempPathFactory) -
         dirs = _dataset_dirs(prefix)
         if prefix not in before and dirs is not None and all(d.startswith(tuple(roots)) for d in dirs):
             _unlink(names)
+    _close_streaming_shared_memory()
 
 
 @pytest.fixture

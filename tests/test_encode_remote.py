@@ -57,3 +57,31 @@ def test_remote_data_to_remote_latents_and_loader(tmp_path: Path, s3: dict[str, 
     assert again.returncode == 0, again.stderr[-3000:]
     assert "encoded 0 rows" in again.stdout and "37 rows" in again.stdout
 
+
+
+def test_rerun_after_a_killed_run_left_its_shared_memory_behind(tmp_path: Path, s3: dict[str, str]) -> None:
+    """A run SIGKILLed with its process group leaves Streaming's shared memory naming its cache
+    folder, behind a prefix that has a file lock and no memory (what every finished run leaves),
+    where Streaming's clean_stale_shared_memory stops looking; the same command run again must
+    still finish (Streaming refuses a dataset whose cache folder a live one uses)."""
+    data, _ = em.image_mds(37)
+    _upload(data, s3, "data", "kill/images")
+    cache = tmp_path / "cache"
+    from encode.paths import stream_location
+
+    remote, local = stream_location("s3://data/kill/images", str(cache))
+    finished = ("from streaming import StreamingDataset\n"
+                "StreamingDataset(remote=sys.argv[1], local=sys.argv[2] + '-other', batch_size=1)\n")
+    killed = ("from streaming import StreamingDataset\n"
+              "StreamingDataset(remote=sys.argv[1], local=sys.argv[2], batch_size=1)\n"
+              "os.killpg(0, signal.SIGKILL)\n")  # and its resource tracker, which would unlink the memory
+    for code in (finished, killed):
+        ran = subprocess.run([sys.executable, "-c", "import os, signal, sys\n" + code, remote, local],
+                             env={**em.env(), **s3}, capture_output=True, text=True, timeout=300, cwd=em.REPO,
+                             start_new_session=True)
+        assert ran.returncode in (0, -9), ran.stderr[-2000:]
+    from tests.conftest import _dataset_dirs, _streaming_prefixes
+
+    assert any(_dataset_dirs(p) == [local] for p in _streaming_prefixes())  # the killed run's memory is there
+    proc = _run(remote, str(tmp_path / "latents"), cache, s3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
