@@ -28,7 +28,7 @@ from fastfetch.storage import StorageError, is_remote
 from fastfetch.nodes import Node, all_complete, detect, merge_nodes, write_summary
 from fastfetch.pipeline import DiskFull, Pipeline, Selection
 from fastfetch.redact import redact
-from fastfetch.resize_worker import keep_freed_memory
+from fastfetch.heap import keep_freed_memory
 from fastfetch.resizer import ResizePool, default_workers
 from fastfetch.sources import SOURCES, RunContext, UsageError
 from fastfetch.stats import RunCounters, dataset_totals, print_summary, write_stats

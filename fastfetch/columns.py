@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 
 from fastfetch.errors import UsageError
-from fastfetch.lists import as_text, pa, pc
+from fastfetch.arrow import pa, pc
+from fastfetch.lists import as_text
 
 NULL, BOOL, INT, FLOAT, STR, JSON = "null", "bool", "int", "float", "str", "json"
 #: the MDS encoding each kind is stored as (integers and booleans keep their JSON form, so a

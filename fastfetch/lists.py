@@ -9,41 +9,17 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import importlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from fastfetch.errors import UsageError
 
 
-class LazyModule:
-    """A module imported on first attribute access.
-
-    pyarrow (with numpy) is ~0.2 s of every start-up, which datasets read from archives never
-    need, and during which the resize workers wait for their first image."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._module: ModuleType | None = None
-
-    def __getattr__(self, attr: str) -> Any:
-        if self._module is None:
-            self._module = importlib.import_module(self._name)
-        return getattr(self._module, attr)
-
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-else:
-    pa, pc, pacsv, pq = (LazyModule(m) for m in ("pyarrow", "pyarrow.compute", "pyarrow.csv", "pyarrow.parquet"))
+from fastfetch.arrow import pa, pacsv, pc, pq
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 BATCH_ROWS = 65_536

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-from fastfetch.lists import pa, pc
+from fastfetch.arrow import pa, pc
 
 
 def url_hashes(urls: pa.Array) -> np.ndarray:

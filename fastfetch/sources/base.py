@@ -98,7 +98,3 @@ class Source:
     def items(self, unit: Unit) -> AsyncIterator[Item]:
         """The items of one unit (an async generator)."""
         raise NotImplementedError
-
-    def plan_counts(self) -> dict[str, int]:
-        """Rows dropped while planning, by reason (e.g. LAION metadata filters)."""
-        return {}

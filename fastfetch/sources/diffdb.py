@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastfetch.archive import iter_zip, zip_entries
-from fastfetch.lists import pq
+from fastfetch.arrow import pq
 from fastfetch.sources.archived import Edition, CaptionIndex, HubArchiveSource, caption_item
 from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 
-from fastfetch.lists import pq
+from fastfetch.arrow import pq
 from fastfetch.sources.archived import Edition, HubArchiveSource, add_split_flag, caption_item, split_fingerprint, splits_of
 from fastfetch.sources.base import Item, Unit
 

@@ -29,7 +29,8 @@ from fastfetch import columns as kinds
 from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
 from fastfetch import hub
 from fastfetch.errors import UsageError
-from fastfetch.lists import as_text, expand_paths, find_column, list_format, pa, pc, pq, read_batches
+from fastfetch.arrow import pa, pc, pq
+from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
 from fastfetch import storage
 from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
