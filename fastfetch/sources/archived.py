@@ -66,6 +66,28 @@ def split_fingerprint(splits: tuple[str, ...]) -> str:
     return "+".join(splits)
 
 
+class SplitSource:
+    """A recipe whose dataset comes in splits: ``--split`` (one or several), ``splits`` and the
+    fingerprint that records them. Mixed in before the recipe's archive base class."""
+
+    name: str
+    args: argparse.Namespace
+    split_names: tuple[str, ...]  # every split, in the dataset's order
+    default_splits: tuple[str, ...]
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_arguments(group)  # type: ignore[misc]
+        add_split_flag(group)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return splits_of(self.args, self.split_names, self.default_splits, self.name)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"split": split_fingerprint(self.splits)}
+
+
 def caption_item(key: str, data: Body, caption: str | None, extra: dict[str, Any], reject: str | None = None) -> Item:
     """An archive image as an item; a missing or blank caption is a ``no_caption`` rejection."""
     caption = caption.strip() if isinstance(caption, str) else None

@@ -21,7 +21,7 @@ import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
 from fastfetch.sources.archived import (
-    ArchiveSource, CaptionIndex, Edition, add_split_flag, caption_item, split_fingerprint, splits_of,
+    ArchiveSource, CaptionIndex, Edition, SplitSource, caption_item,
 )
 from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit
@@ -30,30 +30,24 @@ DEFAULT_BASE = "http://images.cocodataset.org"
 ANNOTATIONS = "annotations/annotations_trainval2014.zip"
 
 
-class CocoSource(ArchiveSource):
+class CocoSource(SplitSource, ArchiveSource):
     name = "coco"
     help = "MS-COCO 2014 captions (val2014 by default: 40k images, 6.2 GB zip) from images.cocodataset.org"
     columns = {"image_id": "int64", "captions": "json"}
     default_min_size = 0
+    split_names = ("val", "train")
+    default_splits = ("val",)
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_split_flag(group)
+        super().add_arguments(group)  # --split comes with SplitSource
         group.add_argument(
             "--coco-base-url", default=DEFAULT_BASE,
             help="coco: where zips/<split>2014.zip and annotations/annotations_trainval2014.zip live (a mirror)",
         )
 
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return splits_of(self.args, ("val", "train"), ("val",), self.name)
-
     def url(self, path: str) -> str:
         return f"{self.args.coco_base_url.rstrip('/')}/{path}"
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"split": split_fingerprint(self.splits)}
 
     async def plan(self) -> list[Unit]:
         units = []

@@ -8,13 +8,12 @@ image tgz itself is unpacked from the response stream.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, add_split_flag, caption_item, split_fingerprint, splits_of
+from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 ANNOTATIONS = {
@@ -24,22 +23,12 @@ ANNOTATIONS = {
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class JourneyDBSource(HubArchiveSource):
+class JourneyDBSource(SplitSource, HubArchiveSource):
     name = "jdb"
     help = "JourneyDB (gated HF dataset JourneyDB/JourneyDB): Midjourney images with their prompts, one unit per tgz"
     repo = "JourneyDB/JourneyDB"
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_split_flag(group)
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return splits_of(self.args, tuple(ANNOTATIONS), ("train",), self.name)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"split": split_fingerprint(self.splits)}
+    split_names = tuple(ANNOTATIONS)
+    default_splits = ("train",)  # the seed prepares valid too, but trains on train only
 
     async def plan(self) -> list[Unit]:
         units: list[Unit] = []

@@ -10,36 +10,24 @@ and deleted when the unit is done.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 
 from fastfetch.arrow import pq
-from fastfetch.sources.archived import Edition, HubArchiveSource, add_split_flag, caption_item, split_fingerprint, splits_of
+from fastfetch.sources.archived import Edition, HubArchiveSource, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 SPLITS = ("train", "val", "test")
 
 
-class TextCapsSource(HubArchiveSource):
+class TextCapsSource(SplitSource, HubArchiveSource):
     name = "textcaps"
     help = "TextCaps (HF dataset lmms-lab/TextCaps): 28k images with text in them, 5 reference captions each"
     repo = "lmms-lab/TextCaps"
     columns = {"image_id": "str", "captions": "json"}
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_split_flag(group)
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return splits_of(self.args, SPLITS, ("train", "val"), self.name)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"split": split_fingerprint(self.splits)}
+    split_names = SPLITS
+    default_splits = ("train", "val")  # the seed's train+validation
 
     async def plan(self) -> list[Unit]:
         units: list[Unit] = []
