@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from fastfetch.errors import Reason as R
 from fastfetch.body import Body, body_bytes, body_len
 
 BLOCK = 512
@@ -195,8 +196,8 @@ class TarMember:
     def problem(self) -> str | None:
         """Why the data will not be read (``too_large``, ``sparse_member``), or None."""
         if self._sparse:
-            return "sparse_member"  # the stored bytes are not the file's bytes
-        return "too_large" if self.size > MAX_MEMBER else None
+            return R.SPARSE_MEMBER  # the stored bytes are not the file's bytes
+        return R.TOO_LARGE if self.size > MAX_MEMBER else None
 
     async def read(self, limit: int = MAX_MEMBER) -> bytes | None:
         """All the data, or None (data skipped) when it is larger than ``limit`` or has a
@@ -475,13 +476,13 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
 def bomb_check(entry: ZipEntry, limit: int = MAX_MEMBER) -> str | None:
     """Why a member must not be inflated, judged from its declared sizes (None when fine)."""
     if entry.flags & 0x1:
-        return "encrypted"
+        return R.ENCRYPTED
     if entry.method not in (0, 8):
-        return "unsupported_compression"
+        return R.UNSUPPORTED_COMPRESSION
     if entry.usize > limit:
-        return "too_large"
+        return R.TOO_LARGE
     if entry.method == 8 and entry.usize > 1 << 20 and entry.usize > 200 * max(entry.csize, 1):
-        return "zip_bomb"
+        return R.ZIP_BOMB
     return None
 
 
@@ -563,7 +564,7 @@ def _member_end(e: ZipEntry) -> int:
 async def _carve(f: RandomAccess, entry: ZipEntry, block: bytes, at: int) -> ZipMember:
     local = block[at : at + _LOCAL.size]
     if len(local) < _LOCAL.size or local[:4] != b"PK\x03\x04":
-        return ZipMember(entry.name, None, "corrupt")
+        return ZipMember(entry.name, None, R.CORRUPT)
     rec = _LOCAL.unpack(local)
     start = at + _LOCAL.size + rec[10] + rec[11]
     data = block[start : start + entry.csize]
@@ -579,11 +580,11 @@ async def _carve(f: RandomAccess, entry: ZipEntry, block: bytes, at: int) -> Zip
         else:
             out = data
     except zlib.error:
-        return ZipMember(entry.name, None, "corrupt")
+        return ZipMember(entry.name, None, R.CORRUPT)
     if len(out) != entry.usize:
-        return ZipMember(entry.name, None, "zip_bomb" if len(out) > entry.usize else "corrupt")
+        return ZipMember(entry.name, None, R.ZIP_BOMB if len(out) > entry.usize else R.CORRUPT)
     if zlib.crc32(out) != entry.crc:
-        return ZipMember(entry.name, None, "corrupt")
+        return ZipMember(entry.name, None, R.CORRUPT)
     return ZipMember(entry.name, out)
 
 

@@ -31,6 +31,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from fastfetch.errors import Reason as R, http_status
 from fastfetch import __version__
 
 USER_AGENT = (
@@ -83,12 +84,12 @@ class MemoryBudget:
         async with self._cond:
             while True:
                 if ticket in self._evicted:
-                    raise _Reject("memory_limit")
+                    raise _Reject(R.MEMORY_LIMIT)
                 if self.used + n <= self.limit or self.used == 0:
                     break
                 victim = max(self._downloading, key=self._downloading.__getitem__, default=None)
                 if victim == ticket:
-                    raise _Reject("memory_limit")
+                    raise _Reject(R.MEMORY_LIMIT)
                 if victim is not None:
                     self._evicted.add(victim)
                     self._cond.notify_all()
@@ -258,10 +259,6 @@ def parse_retry_after(value: str | None, cap: float) -> float | None:
     return min(max(seconds, 0.0), cap)
 
 
-def status_reason(status: int) -> str:
-    """The stats name of a final HTTP status: each 4xx by number, 5xx together."""
-    return "http_5xx" if status >= 500 else f"http_{status}"
-
 
 class Fetcher:
     """The run's one HTTP client (``request``) and its image downloads with bounded concurrency
@@ -337,11 +334,11 @@ class Fetcher:
                         return
                     following = urljoin(str(resp.url), location)
             except BlockedAddress as exc:
-                raise Refused("private_address", current) from exc
+                raise Refused(R.PRIVATE_ADDRESS, current) from exc
             if _origin(following) != _origin(current):
                 sent = {k: v for k, v in sent.items() if k.lower() not in _CREDENTIAL_HEADERS}
             current = following
-        raise Refused("too_many_redirects", url)
+        raise Refused(R.TOO_MANY_REDIRECTS, url)
 
     async def check(self, url: str) -> None:
         """Raise ``Refused`` unless the guard lets requests to ``url`` through: for requests
@@ -352,7 +349,7 @@ class Fetcher:
             try:
                 await self._resolver.resolve(host, target.port or 0)
             except BlockedAddress as exc:
-                raise Refused("private_address", url) from exc
+                raise Refused(R.PRIVATE_ADDRESS, url) from exc
 
     async def fetch(self, url: str) -> FetchResult:
         """GET ``url`` with retries; never raises for network or server trouble.
@@ -381,42 +378,42 @@ class Fetcher:
         try:
             async with self.request(url) as resp:
                 if resp.status in _REDIRECTS:  # a redirect without a Location
-                    raise _Reject(status_reason(resp.status))
+                    raise _Reject(http_status(resp.status))
                 self._check_status(resp)
                 if self.cfg.respect_robots and robots_optout(resp.headers.getall("X-Robots-Tag", [])):
-                    raise _Reject("robots_optout")
+                    raise _Reject(R.ROBOTS_OPTOUT)
                 return await self._read_body(resp, ticket)
         except (_Retry, _Reject):
             raise
         except Refused as exc:
             raise _Reject(exc.reason) from exc
         except asyncio.TimeoutError as exc:
-            raise _Retry("timeout") from exc
+            raise _Retry(R.TIMEOUT) from exc
         except aiohttp.ClientPayloadError as exc:
             raise _payload_failure(exc) from exc
         except aiohttp.ClientResponseError as exc:  # a status line or headers that do not parse
-            raise _Reject("bad_response") from exc
+            raise _Reject(R.BAD_RESPONSE) from exc
         except (aiohttp.InvalidURL, ValueError, UnicodeError) as exc:
-            raise _Reject("invalid_url") from exc
+            raise _Reject(R.INVALID_URL) from exc
         except (aiohttp.ClientConnectionError, OSError) as exc:
-            raise _Retry("connection") from exc
+            raise _Retry(R.CONNECTION) from exc
 
     def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         status = resp.status
         if status == 429:
             delay = parse_retry_after(resp.headers.get("Retry-After"), self.cfg.max_retry_after)
-            raise _Retry("http_429", delay)
+            raise _Retry(R.HTTP_429, delay)
         if status >= 500:
-            raise _Retry("http_5xx")
+            raise _Retry(R.HTTP_5XX)
         if status != 200:
-            raise _Reject(status_reason(status))
+            raise _Reject(http_status(status))
 
     async def _read_body(self, resp: aiohttp.ClientResponse, ticket: int) -> bytes:
         """The body, reserved in the memory budget as it arrives, copied once."""
         limit = self.cfg.max_bytes
         declared = resp.content_length
         if declared is not None and declared > limit:
-            raise _Reject("too_large")
+            raise _Reject(R.TOO_LARGE)
         held = 0
         try:
             if declared is not None and not resp.headers.get("Content-Encoding"):
@@ -431,7 +428,7 @@ class Fetcher:
                     await self.budget.take(ticket, len(chunk))
                     held += len(chunk)
                     if held > limit:
-                        raise _Reject("too_large")
+                        raise _Reject(R.TOO_LARGE)
                     chunks.append(chunk)
                 body = b"".join(chunks)
         except BaseException:
@@ -454,14 +451,14 @@ def _payload_failure(exc: aiohttp.ClientPayloadError) -> Exception:
     (the same server sends it the same way again)."""
     cause = exc.__cause__
     if isinstance(cause, http_exceptions.DecompressSizeError):
-        return _Reject("too_large")
+        return _Reject(R.TOO_LARGE)
     if isinstance(cause, http_exceptions.ContentEncodingError):
-        return _Reject("bad_encoding")  # Content-Encoding says gzip/deflate/br, the body is not
+        return _Reject(R.BAD_ENCODING)  # Content-Encoding says gzip/deflate/br, the body is not
     if isinstance(cause, http_exceptions.HttpProcessingError) and not isinstance(
         cause, (http_exceptions.ContentLengthError, http_exceptions.TransferEncodingError)
     ):
-        return _Reject("bad_response")
-    return _Retry("connection")
+        return _Reject(R.BAD_RESPONSE)
+    return _Retry(R.CONNECTION)
 
 
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -495,16 +492,16 @@ def _checked_url(url: str, allow_private: bool) -> URL:
     try:
         parsed = URL(url, encoded=False)
     except (ValueError, TypeError, UnicodeError) as exc:
-        raise Refused("invalid_url", url) from exc
+        raise Refused(R.INVALID_URL, url) from exc
     if parsed.scheme and parsed.scheme not in ("http", "https"):
-        raise Refused("bad_scheme", url)
+        raise Refused(R.BAD_SCHEME, url)
     host = parsed.raw_host
     if not parsed.scheme or not host:
-        raise Refused("invalid_url", url)
+        raise Refused(R.INVALID_URL, url)
     if not allow_private:
         if not _is_address(host):
             if host.rstrip(".").lower() == "localhost" or host.rstrip(".").lower().endswith(".localhost"):
-                raise Refused("private_address", url)
+                raise Refused(R.PRIVATE_ADDRESS, url)
         elif not is_public_address(host.strip("[]")):
-            raise Refused("private_address", url)
+            raise Refused(R.PRIVATE_ADDRESS, url)
     return parsed

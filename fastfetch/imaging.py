@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from fastfetch.errors import Reason as R
 from fastfetch.body import Body
 
 # Truncated files are rejected, not silently padded with grey.
@@ -129,21 +130,21 @@ def process(data: bytes, cfg: ResizeConfig) -> Processed:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        return Processed("decompression_bomb")
+        return Processed(R.DECOMPRESSION_BOMB)
     except Image.DecompressionBombWarning:
-        return Processed("decompression_bomb")
+        return Processed(R.DECOMPRESSION_BOMB)
     except UnidentifiedImageError:
-        return Processed("not_an_image")
+        return Processed(R.NOT_AN_IMAGE)
     except Exception:
-        return Processed("decode_error")
+        return Processed(R.DECODE_ERROR)
     try:
         return _process_open(im, data, cfg)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Processed("decompression_bomb")
+        return Processed(R.DECOMPRESSION_BOMB)
     except MemoryError:
-        return Processed("decompression_bomb")
+        return Processed(R.DECOMPRESSION_BOMB)
     except Exception:
-        return Processed("decode_error")
+        return Processed(R.DECODE_ERROR)
     finally:
         im.close()
 
@@ -163,12 +164,12 @@ def warm_up(cfg: ResizeConfig) -> None:
 def _process_open(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Processed:
     raw_w, raw_h = im.size
     if raw_w * raw_h > cfg.max_pixels:
-        return Processed("decompression_bomb")
+        return Processed(R.DECOMPRESSION_BOMB)
     orientation = _orientation(im)
     swap = orientation in (5, 6, 7, 8)
     width, height = (raw_h, raw_w) if swap else (raw_w, raw_h)
     if min(width, height) < cfg.min_size:
-        return Processed("too_small", original_width=width, original_height=height)
+        return Processed(R.TOO_SMALL, original_width=width, original_height=height)
 
     tw, th = target_size(width, height, cfg.max_size)
     is_jpeg = im.format == "JPEG"

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.base import Unit
+from fastfetch.sources.base import RETRY_OF, Unit
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
@@ -75,6 +75,11 @@ class UnitRecord:
     bytes_out: int
     error: str | None
     dirs: list[str]
+
+    @property
+    def retry_of(self) -> str | None:
+        """The unit whose failed items this one refetched (a ``--retry-failed`` unit), or None."""
+        return self.spec.get(RETRY_OF)
 
 
 class Manifest:
@@ -128,7 +133,7 @@ class Manifest:
                 elif known[unit.id] != spec:
                     changed.append(unit.id)
                     retries = [r[0] for r in self.db.execute(
-                        "SELECT id FROM units WHERE json_extract(spec, '$.retry_of') = ?", (unit.id,))]
+                        f"SELECT id FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ?", (unit.id,))]
                     changed.extend(retries)
                     self.db.executemany("DELETE FROM units WHERE id=?", [(r,) for r in retries])
                     self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit.id,))
@@ -193,9 +198,9 @@ class Manifest:
             units = []
             for original, count in rows:
                 attempt = 1 + self.db.execute(
-                    "SELECT COUNT(*) FROM units WHERE json_extract(spec, '$.retry_of') = ? AND state = ?", (original, DONE)
+                    f"SELECT COUNT(*) FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ? AND state = ?", (original, DONE)
                 ).fetchone()[0]
-                unit = Unit(f"{original}-retry{attempt}", {"retry_of": original}, count)
+                unit = Unit.retry(original, attempt, count)
                 self.db.execute(
                     "INSERT OR IGNORE INTO units(id, ord, spec, rows, updated) VALUES(?, (SELECT COALESCE(MAX(ord), 0) + 1 FROM units), ?, ?, ?)",
                     (unit.id, orjson.dumps(unit.spec).decode(), count, time.time()),

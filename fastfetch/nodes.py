@@ -9,7 +9,6 @@ unit folders and totals) next to the output, locally or on object storage. ``--m
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections import Counter
@@ -39,11 +38,11 @@ class Node:
         return "" if self.count == 1 else f"node-{self.rank:02d}-of-{self.count:02d}"
 
 
-def detect(args: argparse.Namespace) -> Node:
+def detect(node_rank: int | None = None, num_nodes: int | None = None) -> Node:
     """The node from --node-rank/--num-nodes, else torchrun's RANK/WORLD_SIZE, else Slurm's
     SLURM_PROCID/SLURM_NTASKS, else a single node."""
-    if args.num_nodes is not None or args.node_rank is not None:
-        rank, count = args.node_rank or 0, args.num_nodes or 1
+    if num_nodes is not None or node_rank is not None:
+        rank, count = node_rank or 0, num_nodes or 1
     elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         rank, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     elif "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:

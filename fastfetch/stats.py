@@ -79,7 +79,7 @@ class Progress:
 
 def dataset_totals(manifest: Manifest) -> dict[str, Any]:
     """Totals over the done units (what the merged index contains)."""
-    records = [r for r in manifest.records() if "retry_of" not in r.spec]  # retries fold into their unit
+    records = [r for r in manifest.records() if r.retry_of is None]  # retries fold into their unit
     counts: Counter[str] = Counter()
     bytes_in = bytes_out = 0
     for r in records:

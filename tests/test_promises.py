@@ -3,7 +3,6 @@ states, shown to hold on a loopback server, with what the server saw as the evid
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 
@@ -188,7 +187,7 @@ def test_node_detection_and_its_precedence(monkeypatch: pytest.MonkeyPatch, env:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    node = detect(argparse.Namespace(node_rank=flags.get("node_rank"), num_nodes=flags.get("num_nodes")))
+    node = detect(flags.get("node_rank"), flags.get("num_nodes"))
     assert (node.rank, node.count) == expected
 
 

@@ -91,15 +91,13 @@ def test_coco_both_splits_in_one_run_and_min_size_still_applies(server, tmp_path
 
 
 def test_split_lists_are_normalised() -> None:
-    import argparse
-
     import pytest
 
     from fastfetch.errors import UsageError
     from fastfetch.sources.archived import splits_of
 
     def splits(*given: str) -> tuple[str, ...]:
-        return splits_of(argparse.Namespace(split=list(given) or None), ("val", "train"), ("val",), "coco")
+        return splits_of(given or None, ("val", "train"), ("val",), "coco")
 
     assert splits() == ("val",)
     assert splits("train", "val") == splits("val,train") == splits("train,,val", "train") == ("val", "train")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fastfetch.errors import UsageError
-from fastfetch.sources.base import Item, RunContext, Source, Unit
+from fastfetch.sources.base import Item, RunContext, Source, SourceOptions, Unit
 from fastfetch.sources.cc12m import CC12MSource
 from fastfetch.sources.coco import CocoSource
 from fastfetch.sources.demo import DemoSource
@@ -16,4 +15,4 @@ from fastfetch.sources.urls import LaionSource, UrlsSource
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (DemoSource, UrlsSource, LaionSource)}
 SOURCES.update({cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource, TextCapsSource, CocoSource)})
 
-__all__ = ["SOURCES", "Item", "RunContext", "Source", "Unit", "UsageError"]
+__all__ = ["SOURCES", "Item", "RunContext", "Source", "SourceOptions", "Unit"]

@@ -9,7 +9,6 @@ through a lookup built once from a side file, and turn a caption-less image into
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import re
@@ -18,8 +17,9 @@ import sqlite3
 import tempfile
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import aiohttp
 import orjson
@@ -31,34 +31,50 @@ from fastfetch.http import Fetcher, Refused
 from fastfetch.ranged import (
     AccessDenied, LocalFile, RemoteChanged, RemoteFile, ResumableStream, Validator, download_file, probe,
 )
-from fastfetch.errors import UsageError
-from fastfetch.sources.base import Item, Source, Unit
+from fastfetch.errors import Reason as R, UsageError
+from fastfetch.sources.base import Item, Source, SourceOptions, Unit, flag
 
 
-def add_once(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
-    """Add a flag shared by several recipes only once (every recipe's flags share one parser)."""
-    if flag not in group._option_string_actions:
-        group.add_argument(flag, **kwargs)
-
-
-def add_split_flag(group: argparse._ArgumentGroup) -> None:
+def split_flag() -> Any:
     """``--split``, shared by the recipes of datasets that come in splits (one or several)."""
-    add_once(
-        group, "--split", nargs="+", default=None,
+    return flag(
+        None, nargs="+",
         help="which splits, one or several (e.g. --split train valid): jdb train|valid (default train); "
         "textcaps train|val|test (default train val, as the seed); coco val|train (default val)",
     )
 
 
-def splits_of(args: argparse.Namespace, allowed: tuple[str, ...], default: tuple[str, ...], dataset: str) -> tuple[str, ...]:
+def splits_of(given: tuple[str, ...] | None, allowed: tuple[str, ...], default: tuple[str, ...], dataset: str) -> tuple[str, ...]:
     """The chosen splits (``--split train valid`` or ``train,valid``), each once and in the
     dataset's own order, so that the same splits in another order are the same run; anything not
     in ``allowed`` is a usage error."""
-    chosen = {s.strip() for value in getattr(args, "split", None) or default for s in value.split(",") if s.strip()}
+    chosen = {s.strip() for value in given or default for s in value.split(",") if s.strip()}
     bad = sorted(chosen - set(allowed))
     if bad or not chosen:
         raise UsageError(f"--split {' '.join(bad) or repr('')}: --dataset {dataset} has splits {', '.join(allowed)}")
     return tuple(s for s in allowed if s in chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveOptions(SourceOptions):
+    keep_archives: bool = flag(
+        False, action="store_true",
+        help="archive datasets: also keep each downloaded archive under OUT/_archives/ (default: unpack "
+        "from the stream and keep nothing)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HubOptions(ArchiveOptions):
+    hf_revision: str = flag(
+        hub.DEFAULT_REVISION,
+        help="Hugging Face datasets: the branch, tag or commit to read (pin a commit for a reproducible dataset)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HubSplitOptions(HubOptions):
+    split: tuple[str, ...] | None = split_flag()
 
 
 def split_fingerprint(splits: tuple[str, ...]) -> str:
@@ -71,18 +87,13 @@ class SplitSource:
     fingerprint that records them. Mixed in before the recipe's archive base class."""
 
     name: str
-    args: argparse.Namespace
+    options: Any  # options with a ``split`` field (HubSplitOptions, CocoOptions)
     split_names: tuple[str, ...]  # every split, in the dataset's order
     default_splits: tuple[str, ...]
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)  # type: ignore[misc]
-        add_split_flag(group)
-
     @property
     def splits(self) -> tuple[str, ...]:
-        return splits_of(self.args, self.split_names, self.default_splits, self.name)
+        return splits_of(self.options.split, self.split_names, self.default_splits, self.name)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"split": split_fingerprint(self.splits)}
@@ -92,7 +103,7 @@ def caption_item(key: str, data: Body, caption: str | None, extra: dict[str, Any
     """An archive image as an item; a missing or blank caption is a ``no_caption`` rejection."""
     caption = caption.strip() if isinstance(caption, str) else None
     if reject is None and not caption:
-        reject = "no_caption"
+        reject = R.NO_CAPTION
     return Item(key, caption or "", data=data, extra=extra, reject=reject)
 
 
@@ -190,13 +201,8 @@ NO_EDITION = Edition()
 class ArchiveSource(Source):
     """Base of the recipes whose units are archives (tar streams, zips, parquet files)."""
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        add_once(
-            group, "--keep-archives", action="store_true",
-            help="archive datasets: also keep each downloaded archive under OUT/_archives/ (default: unpack "
-            "from the stream and keep nothing)",
-        )
+    Options: ClassVar[type[SourceOptions]] = ArchiveOptions
+    options: ArchiveOptions
 
     async def open(self) -> None:
         # A run killed with SIGKILL leaves its spooled archives behind; no other run can be
@@ -206,7 +212,7 @@ class ArchiveSource(Source):
     # -- where things go -----------------------------------------------------------------------
     @property
     def keep_dir(self) -> Path | None:
-        return self.ctx.out / "_archives" / self.name if getattr(self.args, "keep_archives", False) else None
+        return self.ctx.local_root / "_archives" / self.name if self.options.keep_archives else None
 
     @property
     def spool_dir(self) -> Path:
@@ -318,7 +324,7 @@ class ArchiveSource(Source):
             raise UsageError(f"no access to {url} (HTTP {exc.status})") from exc
         except Refused as exc:
             raise UsageError(f"refused to read {url}: {exc}" + (
-                "; pass --allow-private-networks to read from your own network" if exc.reason == "private_address" else ""
+                "; pass --allow-private-networks to read from your own network" if exc.reason == R.PRIVATE_ADDRESS else ""
             )) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, RemoteChanged, ArchiveError, OSError, ValueError) as exc:
             raise UsageError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
@@ -338,18 +344,12 @@ class HubArchiveSource(ArchiveSource):
     """An archive recipe whose units are files of a Hugging Face dataset repository."""
 
     repo: str
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        add_once(
-            group, "--hf-revision", default=hub.DEFAULT_REVISION,
-            help="Hugging Face datasets: the branch, tag or commit to read (pin a commit for a reproducible dataset)",
-        )
+    Options: ClassVar[type[SourceOptions]] = HubOptions
+    options: HubOptions
 
     @property
     def revision(self) -> str:
-        return getattr(self.args, "hf_revision", None) or hub.DEFAULT_REVISION
+        return self.options.hf_revision or hub.DEFAULT_REVISION
 
     async def hub_units(self, folder: str, pattern: str, unit_id: Any) -> list[Unit]:
         """One unit per repo file matching ``pattern`` (a regex on the file name) under ``folder``.

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from fastfetch.body import Body
+from fastfetch.formats import OutputFormat
 
 if TYPE_CHECKING:
     from fastfetch.http import Fetcher
+
+#: unit-spec keys the pipeline and the manifest read (a source's own keys are its business)
+RETRY_OF: Final = "retry_of"  # a --retry-failed unit: the id of the unit whose failed items it refetches
+PREFILTERED: Final = "prefiltered"  # rows the plan already rejected, by reason (counted into the unit)
 
 
 @dataclass(slots=True)
@@ -48,15 +53,62 @@ class Unit:
     spec: dict[str, Any]
     rows: int | None = None  # number of items when known in advance (progress bar total)
 
+    @property
+    def retry_of(self) -> str | None:
+        """The unit whose failed items this unit refetches (a ``--retry-failed`` unit), or None."""
+        return self.spec.get(RETRY_OF)
 
-@dataclass(slots=True)
+    @property
+    def prefiltered(self) -> dict[str, int]:
+        return dict(self.spec.get(PREFILTERED, {}))
+
+    @classmethod
+    def retry(cls, original: str, attempt: int, rows: int) -> Unit:
+        return cls(f"{original}-retry{attempt}", {RETRY_OF: original}, rows)
+
+
+def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A field of a source's options and the CLI flag that sets it (``--<field-name>``)."""
+    return field(default=default, metadata={"argparse": {"default": default, "help": help, **argparse_kwargs}})
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """A source's own settings, each declared with ``flag``: the CLI adds the flags and builds
+    the options from them; the source never sees the command line."""
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup, own_only: bool = False) -> None:
+        """Add the flags of the fields (``own_only``: only those this class declares itself, not
+        inherited ones). A flag several sources share is added once: the CLI adds every source's
+        own flags first, so a shared flag shows in the group of the source that declares it."""
+        own = cls.__dict__.get("__annotations__", {})
+        for f in fields(cls):
+            name = "--" + f.name.replace("_", "-")
+            if name not in group._option_string_actions and (f.name in own or not own_only):
+                group.add_argument(name, **f.metadata["argparse"])
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> SourceOptions:
+        return cls(**{f.name: _frozen(getattr(ns, f.name)) for f in fields(cls)})
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True, slots=True)
 class RunContext:
-    """What a source may use while producing items."""
+    """What a source may use while planning and producing items: the run's own settings that
+    concern sources, and its resources."""
 
-    out: Path
+    local_root: Path  # the run's local folder (--out, or --local-cache for a remote --out)
     fetcher: Fetcher
-    work_dir: Path  # scratch space under --out for this source (lists, spooled archives)
-    args: argparse.Namespace
+    work_dir: Path  # scratch space under local_root for this source (lists, spooled archives)
+    min_size: int = 256
+    unit_size: int = 10_000  # rows of a URL list per unit
+    limit: int | None = None  # only the first rows of a URL list
+    format: OutputFormat = OutputFormat.FASTFETCH
 
 
 class Source:
@@ -68,14 +120,14 @@ class Source:
     columns: ClassVar[dict[str, str]] = {}
     #: --min-size when the user gives none (an evaluation set keeps every image: 0)
     default_min_size: ClassVar[int] = 256
+    #: the source's own settings and flags
+    Options: ClassVar[type[SourceOptions]] = SourceOptions
+    #: the source serves its own images on 127.0.0.1 (the demo): private addresses are allowed
+    serves_locally: ClassVar[bool] = False
 
-    def __init__(self, args: argparse.Namespace, ctx: RunContext) -> None:
-        self.args = args
+    def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
+        self.options = options
         self.ctx = ctx
-
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Add this source's own flags (called for every source when the parser is built)."""
 
     def extra_columns(self) -> dict[str, str]:
         """Extra MDS columns for this run (may depend on arguments such as ``--keep-cols``)."""

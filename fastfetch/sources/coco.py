@@ -12,22 +12,30 @@ defaults to 0 here (the seed keeps all 40,504 val2014 images); ``--max-size`` st
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from fastfetch.archive import iter_zip, read_zip_member, zip_entries
 from fastfetch.sources.archived import (
-    ArchiveSource, CaptionIndex, Edition, SplitSource, caption_item,
+    ArchiveOptions, ArchiveSource, CaptionIndex, Edition, SplitSource, caption_item, split_flag,
 )
 from fastfetch.errors import UsageError
-from fastfetch.sources.base import Item, Unit
+from fastfetch.sources.base import Item, Unit, flag
 
 DEFAULT_BASE = "http://images.cocodataset.org"
 ANNOTATIONS = "annotations/annotations_trainval2014.zip"
+
+
+@dataclass(frozen=True, slots=True)
+class CocoOptions(ArchiveOptions):
+    split: tuple[str, ...] | None = split_flag()
+    coco_base_url: str = flag(
+        DEFAULT_BASE, help="coco: where zips/<split>2014.zip and annotations/annotations_trainval2014.zip live (a mirror)",
+    )
 
 
 class CocoSource(SplitSource, ArchiveSource):
@@ -38,16 +46,11 @@ class CocoSource(SplitSource, ArchiveSource):
     split_names = ("val", "train")
     default_splits = ("val",)
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)  # --split comes with SplitSource
-        group.add_argument(
-            "--coco-base-url", default=DEFAULT_BASE,
-            help="coco: where zips/<split>2014.zip and annotations/annotations_trainval2014.zip live (a mirror)",
-        )
+    Options = CocoOptions
+    options: CocoOptions
 
     def url(self, path: str) -> str:
-        return f"{self.args.coco_base_url.rstrip('/')}/{path}"
+        return f"{self.options.coco_base_url.rstrip('/')}/{path}"
 
     async def plan(self) -> list[Unit]:
         units = []

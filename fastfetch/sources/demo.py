@@ -12,12 +12,13 @@ import io
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import ClassVar
 
 import orjson
 from PIL import Image, ImageDraw
 
-from fastfetch.sources.base import Item, Unit
-from fastfetch.sources.urls import UrlsSource
+from fastfetch.sources.base import Item, SourceOptions, Unit
+from fastfetch.sources.urls import UrlsOptions, UrlsSource
 
 _COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 210), "yellow": (240, 210, 40),
@@ -119,17 +120,15 @@ class DemoSource(UrlsSource):
     name = "demo"
     help = "the bundled demo: ~100 generated images of mixed formats, sizes and faults, served on 127.0.0.1"
 
-    @classmethod
-    def add_arguments(cls, group: object) -> None:
-        """The demo has no flags of its own (it reuses the URL list machinery)."""
+    Options: ClassVar[type[SourceOptions]] = SourceOptions  # no flags of its own
+    serves_locally = True
 
     async def open(self) -> None:
         files, rows = build_demo()
         self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
         listing = self.ctx.work_dir / "demo.jsonl"
         listing.write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
-        self.args.urls = [str(listing)]
-        self.args.url_col = self.args.caption_col = self.args.keep_cols = None
+        self.options = UrlsOptions(urls=(str(listing),))
 
         from aiohttp import web  # the server side of aiohttp: only the demo needs it
 

@@ -16,14 +16,15 @@ import argparse
 import asyncio
 import math
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastfetch.archive import iter_zip, zip_entries
 from fastfetch.arrow import pq
-from fastfetch.sources.archived import Edition, CaptionIndex, HubArchiveSource, caption_item
-from fastfetch.errors import UsageError
-from fastfetch.sources.base import Item, Unit
+from fastfetch.sources.archived import Edition, CaptionIndex, HubArchiveSource, HubOptions, caption_item
+from fastfetch.errors import Reason as R, UsageError
+from fastfetch.sources.base import Item, Unit, flag
 
 FOLDERS = ("diffusiondb-large-part-1", "diffusiondb-large-part-2")
 METADATA = "metadata-large.parquet"
@@ -44,23 +45,26 @@ def nsfw_limit(value: str) -> float | None:
     return limit
 
 
+@dataclass(frozen=True, slots=True)
+class DiffusionDBOptions(HubOptions):
+    max_nsfw: float | None = flag(
+        DEFAULT_MAX_NSFW, type=nsfw_limit,
+        help="diffdb: drop images whose image_nsfw or prompt_nsfw score is above this (0..1, as the seed: 0.2); "
+        "none keeps all",
+    )
+
+
 class DiffusionDBSource(HubArchiveSource):
     name = "diffdb"
     help = "DiffusionDB Large (HF dataset poloclub/diffusiondb): 14000 zips of 1000 Stable Diffusion images with prompts"
     repo = "poloclub/diffusiondb"
     columns = {"image_nsfw": "float64", "prompt_nsfw": "float64"}
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        group.add_argument(
-            "--max-nsfw", type=nsfw_limit, default=DEFAULT_MAX_NSFW,
-            help="diffdb: drop images whose image_nsfw or prompt_nsfw score is above this (0..1, as the seed: 0.2); "
-            "none keeps all",
-        )
+    Options = DiffusionDBOptions
+    options: DiffusionDBOptions
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"max_nsfw": self.args.max_nsfw, "listed_only": True}
+        return {"max_nsfw": self.options.max_nsfw, "listed_only": True}
 
     async def plan(self) -> list[Unit]:
         units: list[Unit] = []
@@ -88,7 +92,7 @@ class DiffusionDBSource(HubArchiveSource):
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         path = unit.spec["path"]
         name = path.rsplit("/", 1)[-1]
-        limit = self.args.max_nsfw
+        limit = self.options.max_nsfw
         async with self.random_access(self.hub_url(path), name, self.hub_headers(), Edition.of(unit.spec)) as f:
             wanted, listed = [], {}
             for entry in await zip_entries(f):
@@ -98,11 +102,11 @@ class DiffusionDBSource(HubArchiveSource):
                 key = base.rsplit(".", 1)[0]
                 found = self.metadata.get(base)
                 if found is None:  # the seed writes only what the metadata lists
-                    yield Item(key, None, data=b"", extra=UNKNOWN, reject="unlisted")
+                    yield Item(key, None, data=b"", extra=UNKNOWN, reject=R.UNLISTED)
                     continue
                 scores = {k: _score(found[1].get(k)) for k in ("image_nsfw", "prompt_nsfw")}
                 if limit is not None and any(v > limit for v in scores.values()):  # NaN > x is False
-                    yield Item(key, found[0], data=b"", extra=scores, reject="nsfw")  # never read
+                    yield Item(key, found[0], data=b"", extra=scores, reject=R.NSFW)  # never read
                     continue
                 wanted.append(entry)
                 listed[entry.name] = (found[0], scores)

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, SplitSource, caption_item
+from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 ANNOTATIONS = {
@@ -27,6 +27,8 @@ class JourneyDBSource(SplitSource, HubArchiveSource):
     name = "jdb"
     help = "JourneyDB (gated HF dataset JourneyDB/JourneyDB): Midjourney images with their prompts, one unit per tgz"
     repo = "JourneyDB/JourneyDB"
+    Options = HubSplitOptions
+    options: HubSplitOptions
     split_names = tuple(ANNOTATIONS)
     default_splits = ("train",)  # the seed prepares valid too, but trains on train only
 

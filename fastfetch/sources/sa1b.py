@@ -9,15 +9,15 @@ A unit's spec holds the file name only: links expire and change, the archive doe
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastfetch.ranged import AccessDenied
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, caption_item
+from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, HubOptions, caption_item
 from fastfetch.errors import UsageError
-from fastfetch.sources.base import Item, Unit
+from fastfetch.sources.base import Item, Unit, flag
 
 LINKS_PAGE = "https://ai.meta.com/datasets/segment-anything-downloads/"
 LINKS_NAME = "segment_anything_links.txt"
@@ -26,32 +26,35 @@ _TAR = re.compile(r"sa_(\d+)\.tar")
 _IMAGE = re.compile(r"(?:.*/)?(sa_(\d+))\.jpg")
 
 
+@dataclass(frozen=True, slots=True)
+class SA1BOptions(HubOptions):
+    links: Path | None = flag(
+        None, type=Path,
+        help=f"sa1b: Meta's links file (default: {LINKS_NAME} in --out, else in the current folder); get it from {LINKS_PAGE}",
+    )
+
+
 class SA1BSource(HubArchiveSource):
     name = "sa1b"
     help = "SA-1B from Meta's links file (1000 tars of ~11k images, ~10 GB each) with the PixArt LLaVA captions"
     repo = "PixArt-alpha/SAM-LLaVA-Captions10M"
     columns = {"image_id": "int64"}
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_arguments(group)
-        group.add_argument(
-            "--links", type=Path, default=None,
-            help=f"sa1b: Meta's links file (default: {LINKS_NAME} in --out, else in the current folder); "
-            f"get it from {LINKS_PAGE}",
-        )
+    Options = SA1BOptions
+    options: SA1BOptions
 
     def links_path(self) -> Path:
-        if self.args.links is not None:
-            if not Path(self.args.links).is_file():
-                raise UsageError(f"--links {self.args.links}: no such file. Download the links file from {LINKS_PAGE}")
-            return Path(self.args.links)
-        for candidate in (self.ctx.out / LINKS_NAME, Path.cwd() / LINKS_NAME):
+        links = self.options.links
+        if links is not None:
+            if not links.is_file():
+                raise UsageError(f"--links {links}: no such file. Download the links file from {LINKS_PAGE}")
+            return links
+        for candidate in (self.ctx.local_root / LINKS_NAME, Path.cwd() / LINKS_NAME):
             if candidate.is_file():
                 return candidate
         raise UsageError(
             f"--dataset sa1b needs Meta's links file: accept the terms at {LINKS_PAGE}, download "
-            f"{LINKS_NAME} and pass --links PATH (or put it in {self.ctx.out} or the current folder). "
+            f"{LINKS_NAME} and pass --links PATH (or put it in {self.ctx.local_root} or the current folder). "
             "The links expire after a few days; download a fresh file when they do"
         )
 

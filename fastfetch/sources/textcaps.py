@@ -14,8 +14,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 
+from fastfetch.errors import Reason as R
 from fastfetch.arrow import pq
-from fastfetch.sources.archived import Edition, HubArchiveSource, SplitSource, caption_item
+from fastfetch.sources.archived import Edition, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 SPLITS = ("train", "val", "test")
@@ -25,6 +26,8 @@ class TextCapsSource(SplitSource, HubArchiveSource):
     name = "textcaps"
     help = "TextCaps (HF dataset lmms-lab/TextCaps): 28k images with text in them, 5 reference captions each"
     repo = "lmms-lab/TextCaps"
+    Options = HubSplitOptions
+    options: HubSplitOptions
     columns = {"image_id": "str", "captions": "json"}
     split_names = SPLITS
     default_splits = ("train", "val")  # the seed's train+validation
@@ -51,6 +54,6 @@ class TextCapsSource(SplitSource, HubArchiveSource):
                     caption = refs[0] if refs else row.get("caption_str")
                     image = row.get("image") or {}
                     data = image.get("bytes") if isinstance(image, dict) else None
-                    reject = "duplicate" if image_id in seen else None if data else "no_image"
+                    reject = R.DUPLICATE if image_id in seen else None if data else R.NO_IMAGE
                     seen.add(image_id)
                     yield caption_item(image_id, data or b"", caption, {"image_id": image_id, "captions": refs}, reject)

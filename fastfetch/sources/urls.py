@@ -14,11 +14,11 @@ one type for the list however its files disagree (``fastfetch.columns``).
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,19 +28,42 @@ import orjson
 from fastfetch import columns as kinds
 from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
 from fastfetch import hub
-from fastfetch.errors import UsageError
+from fastfetch.errors import Reason as R, UsageError
 from fastfetch.arrow import pa, pc, pq
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
 from fastfetch import storage
 from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
-from fastfetch.sources.base import Item, Source, Unit
+from fastfetch.sources.base import PREFILTERED, Item, Source, SourceOptions, Unit, flag
 from fastfetch.urlset import SeenUrls, trimmed
 
 _PLAN_FILE = "plan.json"
 _PLAN_VERSION = 2  # plans of another version are made again (v2: global URL dedup, column kinds)
 #: columns a URL list's rows always have: a kept column may not take one of these names
 RESERVED = frozenset(BASE_COLUMNS) | {"url"}
+
+
+@dataclass(frozen=True, slots=True)
+class UrlsOptions(SourceOptions):
+    urls: tuple[str, ...] | None = flag(
+        None, nargs="+", metavar="PATH",
+        help="URL list files or folders; local paths, hf://datasets/<repo>/<path or glob>, or http(s):// "
+        "(required for --dataset urls and laion)",
+    )
+    url_col: str | None = flag(None, help="URL column (default: url; laion: URL)")
+    caption_col: str | None = flag(None, help="caption column (default: caption; laion: TEXT); '' for lists without captions")
+    keep_cols: str | None = flag(
+        None,
+        help="comma-separated extra columns copied into each MDS row (default: none; laion: "
+        "similarity, punsafe, pwatermark, aesthetic score where present)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LaionOptions(UrlsOptions):
+    max_punsafe: float | None = flag(None, type=float, help="laion: drop rows with punsafe above this (default: keep all)")
+    max_pwatermark: float | None = flag(None, type=float, help="laion: drop rows with pwatermark above this (default: keep all)")
+    min_aesthetic: float | None = flag(None, type=float, help="laion: drop rows with an aesthetic score below this (default: keep all)")
 
 
 class UrlsSource(Source):
@@ -50,43 +73,28 @@ class UrlsSource(Source):
     default_caption_col: ClassVar[str] = "caption"
     default_keep_cols: ClassVar[tuple[str, ...]] = ()
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument(
-            "--urls", nargs="+", metavar="PATH",
-            help="URL list files or folders; local paths, hf://datasets/<repo>/<path or glob>, or http(s):// "
-            "(required for --dataset urls and laion)",
-        )
-        group.add_argument("--url-col", default=None, help="URL column (default: url; laion: URL)")
-        group.add_argument(
-            "--caption-col", default=None,
-            help="caption column (default: caption; laion: TEXT); '' for lists without captions",
-        )
-        group.add_argument(
-            "--keep-cols", default=None,
-            help="comma-separated extra columns copied into each MDS row (default: none; laion: "
-            "similarity, punsafe, pwatermark, aesthetic score where present)",
-        )
+    Options: ClassVar[type[SourceOptions]] = UrlsOptions
+    options: UrlsOptions
 
     # -- configuration -------------------------------------------------------------------------
     @property
     def url_col(self) -> str:
-        return self.args.url_col or self.default_url_col
+        return self.options.url_col or self.default_url_col
 
     @property
     def caption_col(self) -> str:
-        return self.default_caption_col if self.args.caption_col is None else self.args.caption_col
+        return self.default_caption_col if self.options.caption_col is None else self.options.caption_col
 
     def keep_cols(self) -> dict[str, str]:
         """The kept columns: output name → list column (``--keep-cols SRC`` or ``SRC:NAME``)."""
-        if self.args.keep_cols is None:
+        if self.options.keep_cols is None:
             defaults = self.default_keep_cols
-            if getattr(self.args, "format", None) == OutputFormat.MOSAIC.value:  # the columns mosaic's rows carry
+            if self.ctx.format is OutputFormat.MOSAIC:  # the columns mosaic's rows carry
                 defaults = tuple(dict.fromkeys((*defaults, *MOSAIC_LIST_COLUMNS)))
             return {c: c for c in defaults}
         kept: dict[str, str] = {}
-        reserved = RESERVED | (MOSAIC_WRITTEN if getattr(self.args, "format", None) == OutputFormat.MOSAIC.value else set())
-        for entry in (e.strip() for e in self.args.keep_cols.split(",")):
+        reserved = RESERVED | (MOSAIC_WRITTEN if self.ctx.format is OutputFormat.MOSAIC else set())
+        for entry in (e.strip() for e in self.options.keep_cols.split(",")):
             if not entry:
                 continue
             source, _, name = entry.partition(":")
@@ -118,7 +126,7 @@ class UrlsSource(Source):
 
     # -- planning ------------------------------------------------------------------------------
     async def plan(self) -> list[Unit]:
-        if not self.args.urls:
+        if not self.options.urls:
             raise UsageError(f"--dataset {self.name} needs --urls PATH [PATH ...] (files, folders, hf:// or http(s)://)")
         files = await self._local_files()
         key = self._plan_key(files)
@@ -129,7 +137,7 @@ class UrlsSource(Source):
 
     async def _local_files(self) -> list[Path]:
         local: list[Path] = []
-        for spec in self.args.urls:
+        for spec in self.options.urls:
             if spec.startswith("hf://"):
                 local.extend(await self._download_hf(spec))
             elif spec.startswith(("http://", "https://")):
@@ -138,7 +146,7 @@ class UrlsSource(Source):
             else:
                 local.append(Path(spec).expanduser())
         own = ("mds", "_work", "_nodes", "_archives", "stats.json")  # what a run writes under --out
-        return expand_paths(local, skip=tuple(self.ctx.out / name for name in own))
+        return expand_paths(local, skip=tuple(self.ctx.local_root / name for name in own))
 
     async def _download_hf(self, spec: str) -> list[Path]:
         """``hf://datasets/<org>/<name>[@revision]/<path or glob>`` → local copies of the lists."""
@@ -173,8 +181,8 @@ class UrlsSource(Source):
     def _plan_key(self, files: list[Path]) -> dict[str, Any]:
         return {
             "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-            "unit_size": self.args.unit_size,
-            "limit": self.args.limit,
+            "unit_size": self.ctx.unit_size,
+            "limit": self.ctx.limit,
             "filters": self.filters(),
             "version": _PLAN_VERSION,
             **self.fingerprint(),
@@ -190,7 +198,7 @@ class UrlsSource(Source):
         # planning leaves no plan that names half-rewritten unit files (the next run plans anew).
         (self.plan_dir / _PLAN_FILE).unlink(missing_ok=True)
         storage.fsync_path(self.plan_dir)
-        unit_size: int = self.args.unit_size
+        unit_size = self.ctx.unit_size
         units: list[Unit] = []
         list_kinds: dict[str, str] = {}  # each kept column's kind over the whole list so far
         pending: list[tuple[pa.RecordBatch, dict[str, str]]] = []
@@ -209,13 +217,13 @@ class UrlsSource(Source):
             ).hexdigest()
             # captions and kept values too: a list edited between runs redoes the units it changed
             content = hashlib.blake2b(orjson.dumps(table.drop_columns(["url"]).to_pydict()), digest_size=12).hexdigest()
-            spec = {"rows": table.num_rows, "digest": digest, "content": content, "prefiltered": dict(filtered)}
+            spec = {"rows": table.num_rows, "digest": digest, "content": content, PREFILTERED: dict(filtered)}
             units.append(Unit(uid, spec, table.num_rows))
             pending, pending_rows, filtered = [], 0, Counter()
 
         for batch, batch_kinds in self._rows(files, filtered):
-            if self.args.limit is not None:
-                batch = batch.slice(0, max(0, self.args.limit - row_total))
+            if self.ctx.limit is not None:
+                batch = batch.slice(0, max(0, self.ctx.limit - row_total))
             row_total += batch.num_rows
             batch = _first_occurrences(batch, seen, filtered)
             for name, kind in batch_kinds.items():
@@ -227,7 +235,7 @@ class UrlsSource(Source):
                 batch = batch.slice(take)
                 if pending_rows == unit_size:
                     flush()
-            if self.args.limit is not None and row_total >= self.args.limit:
+            if self.ctx.limit is not None and row_total >= self.ctx.limit:
                 break
         if pending_rows:
             flush()
@@ -265,7 +273,7 @@ class UrlsSource(Source):
                 for key, (column, flag) in wanted_cols.items():
                     if key not in found and column and not (key == "caption" and list_format(path) == "txt"):
                         raise UsageError(f"{path} has no {key} column {column!r} in any row; pass {flag} NAME")
-                if self.args.keep_cols is not None:
+                if self.options.keep_cols is not None:
                     for name, wanted in self.keep_cols().items():
                         if f"keep:{name}" not in found:
                             raise UsageError(f"{path} has no column {wanted!r} (from --keep-cols) in any row")
@@ -291,7 +299,7 @@ class UrlsSource(Source):
                     "Pass --caption-col NAME, or --caption-col '' for a list without captions"
                 )
         keep: dict[str, str] = {}
-        explicit = self.args.keep_cols is not None
+        explicit = self.options.keep_cols is not None
         for name, wanted in self.keep_cols().items():
             actual = find_column(names, wanted)
             if actual is None:
@@ -369,7 +377,7 @@ class UrlsSource(Source):
         table = pq.read_table(self.plan_dir / f"{unit.id}.parquet")
         list_kinds = (self._load_plan() or {}).get("kinds", {})
         unit_kinds = orjson.loads((table.schema.metadata or {}).get(kinds.KINDS_KEY, b"{}"))
-        width = max(4, len(str(self.args.unit_size - 1)))
+        width = max(4, len(str(self.ctx.unit_size - 1)))
         for row, rec in enumerate(table.to_pylist()):
             url, caption = rec["url"], rec["caption"]
             key = f"{unit.id}{row:0{width}d}"
@@ -378,9 +386,9 @@ class UrlsSource(Source):
                 extra[name] = kinds.to_final(rec.get(f"x_{name}"), unit_kinds.get(name, kinds.NULL), kind)
             reject = None
             if not url or not url.strip():
-                reject = "invalid_url"
+                reject = R.INVALID_URL
             elif caption is not None and not caption.strip():
-                reject = "no_caption"
+                reject = R.NO_CAPTION
             yield Item(key, caption or "", url=(url or "").strip(), extra=extra, reject=reject)
 
 
@@ -391,39 +399,36 @@ class LaionSource(UrlsSource):
     default_caption_col = "TEXT"
     default_keep_cols = ("similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "aesthetic")
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--max-punsafe", type=float, default=None, help="laion: drop rows with punsafe above this (default: keep all)")
-        group.add_argument("--max-pwatermark", type=float, default=None, help="laion: drop rows with pwatermark above this (default: keep all)")
-        group.add_argument("--min-aesthetic", type=float, default=None, help="laion: drop rows with an aesthetic score below this (default: keep all)")
+    Options = LaionOptions
+    options: LaionOptions
 
     def filters(self) -> dict[str, float | None]:
         return {
-            "max_punsafe": self.args.max_punsafe,
-            "max_pwatermark": self.args.max_pwatermark,
-            "min_aesthetic": self.args.min_aesthetic,
-            "min_size": self.args.min_size,
+            "max_punsafe": self.options.max_punsafe,
+            "max_pwatermark": self.options.max_pwatermark,
+            "min_aesthetic": self.options.min_aesthetic,
+            "min_size": self.ctx.min_size,
         }
 
     def _filter_columns(self) -> list[tuple[str, str, str, float]]:
-        a = self.args
+        a = self.options
         active: list[tuple[str, str, str, float]] = []
         if a.max_punsafe is not None:
-            active.append(("punsafe", "punsafe", "max", a.max_punsafe))
+            active.append((R.PUNSAFE, "punsafe", "max", a.max_punsafe))
         if a.max_pwatermark is not None:
-            active.append(("pwatermark", "pwatermark", "max", a.max_pwatermark))
+            active.append((R.PWATERMARK, "pwatermark", "max", a.max_pwatermark))
         if a.min_aesthetic is not None:
-            active.append(("low_aesthetic", "AESTHETIC_SCORE", "min", a.min_aesthetic))
+            active.append((R.LOW_AESTHETIC, "AESTHETIC_SCORE", "min", a.min_aesthetic))
         # The listed size predicts the real one: rows listed too small are never downloaded.
-        active.append(("listed_too_small", "WIDTH", "min", a.min_size))
-        active.append(("listed_too_small", "HEIGHT", "min", a.min_size))
+        active.append((R.LISTED_TOO_SMALL, "WIDTH", "min", self.ctx.min_size))
+        active.append((R.LISTED_TOO_SMALL, "HEIGHT", "min", self.ctx.min_size))
         return active
 
     def _resolve_columns(self, path: Path, schema: pa.Schema, strict: bool = True) -> dict[str, Any]:
         mapping = super()._resolve_columns(path, schema, strict)
         if mapping["filters"].get("AESTHETIC_SCORE") is None:  # laion2B-aesthetic names it "aesthetic"
             mapping["filters"]["AESTHETIC_SCORE"] = find_column(schema.names, "aesthetic")
-        if self.args.min_aesthetic is not None and mapping["filters"]["AESTHETIC_SCORE"] is None and strict:
+        if self.options.min_aesthetic is not None and mapping["filters"]["AESTHETIC_SCORE"] is None and strict:
             raise UsageError(f"--min-aesthetic given but {path} has no AESTHETIC_SCORE/aesthetic column; its columns are {schema.names}")
         return mapping
 
@@ -447,7 +452,7 @@ def _first_occurrences(batch: pa.RecordBatch, seen: SeenUrls, filtered: Counter[
         return batch
     keep = np.ones(len(urls), dtype=bool)
     keep[np.flatnonzero(present.to_numpy(zero_copy_only=False))] = fresh
-    filtered["duplicate_url"] += len(fresh) - int(fresh.sum())
+    filtered[R.DUPLICATE_URL] += len(fresh) - int(fresh.sum())
     return batch.filter(pa.array(keep))
 
 

@@ -1,0 +1,238 @@
+"""One unit's work: its items fetched (when they carry a URL), resized and written into the unit's
+MDS folder, which is published (renamed into place) once every item is accounted for.
+
+``UnitWork.run`` is what the pipeline runs for each unit while several are in flight; it
+returns a ``UnitResult`` and never touches the manifest: whoever schedules units records the
+result (the pipeline, or the driver of a cluster run). ``run_unit`` runs one unit on its own,
+with the run's resources set up and torn down around it: the function a scheduler calls on a
+worker machine with a typed ``UnitSpec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastfetch import formats
+from fastfetch.body import Body, body_len
+from fastfetch.config import RunConfig
+from fastfetch.errors import TRANSIENT, Reason as R
+from fastfetch.formats import OutputFormat
+from fastfetch.http import Fetcher
+from fastfetch.imaging import Processed
+from fastfetch.mds import Layout, UnitWriter
+from fastfetch.redact import public_url
+from fastfetch.resizer import ResizePool
+from fastfetch.sources.base import Item, Unit
+
+#: called once per item: (reason or None when kept, bytes in, bytes written)
+OnItem = Callable[[str | None, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitResult:
+    """What a finished unit produced: counts by reason (``kept`` included), bytes, its
+    published folders (relative to the MDS root) and the items worth retrying."""
+
+    unit_id: str
+    counts: dict[str, int]
+    bytes_in: int
+    bytes_out: int
+    dirs: tuple[str, ...]
+    retryable: tuple[tuple[str, str], ...]  # (key, reason) of transient failures, for --retry-failed
+
+
+class UnitFailed(Exception):
+    """The unit could not be produced (an unreadable archive, a list file gone, a full disk):
+    nothing of it was published. The cause is chained."""
+
+    def __init__(self, unit_id: str, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.unit_id = unit_id
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSpec:
+    """One unit to run on its own: the run's configuration, the unit as planned, the columns
+    every unit of the run is written with, and (a ``--retry-failed`` unit) the only keys to take."""
+
+    config: RunConfig
+    unit: Unit
+    columns: dict[str, str]
+    only_keys: frozenset[str] | None = None
+
+
+async def run_unit(spec: UnitSpec) -> UnitResult:
+    """Plan the source (its cached plan, on a rerun), run ``spec.unit`` and publish its folder
+    under the run's output. Raises what the unit raised; nothing is published then."""
+    cfg = spec.config
+    resizer = ResizePool(cfg.resize, cfg.workers)
+    try:
+        async with Fetcher(cfg.fetch) as fetcher:
+            source = cfg.source(fetcher)
+            await source.open()
+            try:
+                await source.plan()  # what items() reads (caption indexes, the list's unit files)
+                items = source.items(spec.unit)
+                if spec.only_keys is not None:
+                    items = only(items, spec.only_keys)
+                slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.capacity)
+                work = UnitWork(cfg.layout(), spec.columns, fetcher, resizer, slots, lambda *_: None)
+                return await work.run(spec.unit, items, asyncio.Event())
+            finally:
+                await source.close()
+    finally:
+        resizer.close()
+
+
+async def only(items: AsyncIterator[Item], keys: frozenset[str] | set[str]) -> AsyncIterator[Item]:
+    async for item in items:
+        if item.key in keys:
+            yield item
+
+
+class UnitWork:
+    """Runs units through fetch → resize → write, sharing the run's fetcher, resize pool and
+    item slots (which bound the items in flight over every open unit)."""
+
+    def __init__(self, layout: Layout, columns: dict[str, str], fetcher: Fetcher, resizer: ResizePool,
+                 slots: asyncio.Semaphore, on_item: OnItem) -> None:
+        self.layout = layout
+        self.columns = columns
+        self.fetcher = fetcher
+        self.resizer = resizer
+        self.slots = slots
+        self.on_item = on_item
+
+    async def run(self, unit: Unit, items: AsyncIterator[Item], handed_out: asyncio.Event,
+                  on_published: Callable[[UnitResult], None] | None = None) -> UnitResult:
+        """Run one unit; ``handed_out`` is set once its last item is in flight (the next unit
+        may start). The unit's folder is published when every item is accounted for, and
+        ``on_published`` records it: a cancellation arriving during the publish waits for both,
+        so that a unit is never left renamed into place yet unrecorded. Before that, a failure
+        (``UnitFailed``) or a cancellation leaves nothing behind; a failure to publish is raised
+        as it is (the output itself is in trouble)."""
+        writer = UnitWriter(self.layout, unit.id, self.columns)
+        counts: Counter[str] = Counter(unit.prefiltered)
+        retryable: list[tuple[str, str]] = []
+        keys: set[str] = set()
+        bytes_in = 0
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def handle(item: Item, reject: str | None, held: int) -> None:
+            nonlocal bytes_in
+            try:
+                reason, nbytes, written = await self._process(item, reject, writer)
+            finally:
+                self.slots.release()
+                if held:
+                    self.fetcher.budget.give(held, body_len(item.data or b""))
+            bytes_in += nbytes
+            counts["kept" if reason is None else reason] += 1
+            if reason in TRANSIENT and item.url:
+                retryable.append((item.key, reason))
+            self.on_item(reason, nbytes, written)
+
+        try:
+            async for item in items:
+                reject = item.reject
+                if reject is None and item.key in keys:
+                    reject = R.DUPLICATE_KEY  # an archive naming two members alike: the first one counts
+                keys.add(item.key)
+                await self.slots.acquire()
+                try:
+                    held = await self._hold(item, reject)
+                except BaseException:
+                    self.slots.release()
+                    raise
+                task = asyncio.create_task(handle(item, reject, held))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            handed_out.set()
+            while tasks:
+                await asyncio.gather(*list(tasks))
+        except BaseException as exc:
+            handed_out.set()
+            await _cancel_all(tasks)
+            await asyncio.to_thread(writer.discard)
+            if isinstance(exc, Exception):
+                raise UnitFailed(unit.id, exc) from exc
+            raise
+
+        def result(dirs: list[str]) -> UnitResult:
+            return UnitResult(unit.id, dict(counts), bytes_in, writer.bytes, tuple(dirs), tuple(retryable))
+
+        publish = asyncio.ensure_future(asyncio.to_thread(writer.finish))
+        try:
+            done = result(await asyncio.shield(publish))
+        except asyncio.CancelledError:
+            done = result(await publish)
+            if on_published is not None:
+                on_published(done)
+            raise
+        except BaseException:
+            await asyncio.to_thread(writer.discard)
+            raise
+        if on_published is not None:
+            on_published(done)
+        return done
+
+    async def _hold(self, item: Item, reject: str | None) -> int:
+        """Count a body the source already holds (an archive member) against --max-inflight-mb,
+        waiting while the budget is spent; returns its ticket (0: nothing held)."""
+        if reject is not None or item.data is None or not body_len(item.data):
+            return 0
+        return await self.fetcher.budget.hold(body_len(item.data))
+
+    async def _process(self, item: Item, reject: str | None, writer: UnitWriter) -> tuple[str | None, int, int]:
+        """Fetch (if needed), resize and write one item: (reason or None, bytes in, bytes written)."""
+        if reject:
+            return reject, 0, 0
+        if item.data is not None:  # archive members count as bytes in
+            reason, written = self._store(item, item.data, writer, await self.resizer.process(item.data))
+            return reason, body_len(item.data), written
+        result = await self.fetcher.fetch(item.url or "")
+        if result.data is None:
+            return result.reason, 0, 0
+        try:
+            reason, written = self._store(item, result.data, writer, await self.resizer.process(result.data))
+            return reason, len(result.data), written
+        finally:
+            self.fetcher.release(result)
+
+    def _store(self, item: Item, data: Body, writer: UnitWriter, processed: Processed) -> tuple[str | None, int]:
+        """Write the kept image: (None, bytes written), or (the rejection reason, 0)."""
+        if processed.reason is not None:
+            return processed.reason, 0
+        row: dict[str, Any] = {k: _null_value(self.columns[k]) if v is None else v for k, v in item.extra.items() if k in self.columns}
+        if row.get("url"):
+            row["url"] = public_url(row["url"])  # no userinfo or signature is ever stored
+        row.update(
+            jpg=processed.data if processed.data is not None else data,
+            caption=item.caption or "",
+            width=processed.width,
+            height=processed.height,
+            original_width=processed.original_width,
+            original_height=processed.original_height,
+            key=item.key,
+        )
+        if self.layout.format is OutputFormat.MOSAIC:
+            row = formats.to_mosaic(row, item.extra)
+        writer.write(row)
+        return None, body_len(row["jpg"])
+
+
+def _null_value(encoding: str) -> Any:
+    """What a missing value of an extra column is stored as (MDS has no nulls outside json)."""
+    return {"float64": float("nan"), "float32": float("nan"), "str": ""}.get(encoding)
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    for task in list(tasks):
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*list(tasks), return_exceptions=True)

@@ -1,0 +1,68 @@
+"""One unit run as a function (``fastfetch.unit.run_unit``): what a scheduler calls on a worker
+machine. It must publish exactly the folder a whole run publishes for that unit, and leave
+nothing behind when the unit fails."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from fastfetch import formats
+from fastfetch.cli import parse
+from fastfetch.config import RunConfig
+from fastfetch.http import Fetcher
+from fastfetch.manifest import Manifest
+from fastfetch.mds import BASE_COLUMNS
+from fastfetch.sources.base import Unit
+from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, run_unit
+from tests.conftest import LoopbackServer, read_mds, run_fetch, serve_numbered
+from tests.test_fetch_urls import write_list
+
+NET = ("--allow-private-networks", "--workers", "1", "--unit-size", "4")
+
+
+async def _plan(cfg: RunConfig) -> tuple[list[Unit], dict[str, str]]:
+    async with Fetcher(cfg.fetch) as fetcher:
+        source = cfg.source(fetcher)
+        units = await source.plan()
+        return units, formats.columns(cfg.format, BASE_COLUMNS, source.extra_columns())
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_one_unit_run_as_a_function_publishes_what_a_whole_run_does(tmp_path: Path, server: LoopbackServer) -> None:
+    rows = serve_numbered(server, "/u", 10)
+    rows[5]["url"] = server.url("/missing.jpg")  # a failure the unit counts
+    listing = write_list(tmp_path / "l.jsonl", rows)
+    assert run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "whole", *NET).returncode == 0
+
+    cfg = parse(["--dataset", "urls", "--urls", str(listing), "--out", str(tmp_path / "one"), *NET])
+    units, columns = asyncio.run(_plan(cfg))
+    assert [u.id for u in units] == ["00000", "00001", "00002"]
+    result = asyncio.run(run_unit(UnitSpec(cfg, units[1], columns)))
+
+    assert isinstance(result, UnitResult) and result.unit_id == "00001" and result.dirs == ("00001",)
+    assert result.counts == {"kept": 3, "http_404": 1} and result.retryable == ()
+    whole, one = tmp_path / "whole" / "mds" / "00001", tmp_path / "one" / "mds" / "00001"
+    assert _files(one) == _files(whole)  # byte for byte the same shards and index
+    assert sorted(r["caption"] for r in read_mds(one)) == ["c4", "c6", "c7"]
+    recorded = {r.id: r for r in Manifest(tmp_path / "whole").records()}["00001"]  # what the whole run recorded
+    assert (result.counts, result.bytes_in, result.bytes_out, list(result.dirs)) == (
+        recorded.counts, recorded.bytes_in, recorded.bytes_out, recorded.dirs)
+    assert not any((tmp_path / "one" / "mds").rglob("*.mds.tmp")) and not any((tmp_path / "one" / "mds" / "_tmp").rglob("*.mds"))
+
+
+def test_a_unit_that_fails_leaves_nothing(tmp_path: Path, server: LoopbackServer) -> None:
+    listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/f", 4))
+    cfg = parse(["--dataset", "urls", "--urls", str(listing), "--out", str(tmp_path / "o"), *NET])
+    units, columns = asyncio.run(_plan(cfg))
+    (tmp_path / "o" / "_work" / "urls" / "00000.parquet").write_bytes(b"not parquet")  # the unit's list is gone bad
+    with pytest.raises(UnitFailed):
+        asyncio.run(run_unit(UnitSpec(cfg, units[0], columns)))
+    assert not (tmp_path / "o" / "mds" / "00000").exists()
+    assert not any((tmp_path / "o" / "mds").rglob("*.mds"))
