@@ -72,7 +72,7 @@ def open_source(path: str, cache_dir: str | None = None, validate_hash: str | No
     remote, local = stream_location(path, cache_dir)
     source = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=validate_hash)
     for shard in source.shards:
-        shard.decode_sample = functools.partial(_raw_sample, shard)  # a partial pickles into spawned workers
+        shard.decode_sample = functools.partial(_raw_sample, shard)  # type: ignore[method-assign]  # a partial pickles into spawned workers
     return source
 
 
@@ -138,7 +138,7 @@ def resize_crop(img: Image.Image, size: int) -> np.ndarray:
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + size, top + size))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
     return np.array(img, dtype=np.uint8)  # a writable copy, owned by the tensor that wraps it
 
 
@@ -177,7 +177,7 @@ class ImageRows(torch.utils.data.Dataset):
                 raise ValueError(f"caption is a {type(caption).__name__}, not a str")
             if self.clean is not None:  # in the workers: ~0.3 ms a caption
                 caption = self.clean(caption)
-            item = {"key": key, "caption": caption, "images": self._images(open_image(row["jpg"]))}
+            item: dict[str, Any] = {"key": key, "caption": caption, "images": self._images(open_image(row["jpg"]))}
         except DECODE_ERRORS as e:
             return {"error": f"decode_error:{type(e).__name__}"}
         item["ids"], item["mask"] = self.tokenize(item["caption"])

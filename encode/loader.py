@@ -74,7 +74,7 @@ class StreamingLatentsDataset(StreamingDataset):
         self.image_shape, self.caption_shape = tuple(image_shape), (1, *caption_shape)
         self.cap_drop_prob = cap_drop_prob
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]  # rows by int only
         sample = super().__getitem__(index)
         return {
             "caption": sample["caption"],

@@ -28,7 +28,7 @@ def _from_pretrained(cls, name: str, subfolder: str | None, **kwargs):
     stabilityai/stable-diffusion-xl-base-1.0 and a bare model repo or folder.
     """
     if os.path.isdir(name):  # a local folder shows its layout; a hub id has to be tried
-        subs = [subfolder] if subfolder and os.path.isdir(os.path.join(name, subfolder)) else [None]
+        subs: list[str | None] = [subfolder] if subfolder and os.path.isdir(os.path.join(name, subfolder)) else [None]
     else:
         subs = ([subfolder] if subfolder else []) + [None]
     errors = []
@@ -123,11 +123,12 @@ class OpenClipText(nn.Module):
         self.positional_embedding = clip.positional_embedding
         self.transformer = clip.transformer
         self.ln_final = clip.ln_final
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # type: ignore[arg-type]
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(ids) + self.positional_embedding
-        return self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        # open_clip's submodules are untyped to mypy (attributes of an nn.Module)
+        x = self.token_embedding(ids) + self.positional_embedding  # type: ignore[operator]
+        return self.ln_final(self.transformer(x, attn_mask=self.attn_mask))  # type: ignore[operator]
 
 
 class HFText(nn.Module):
@@ -188,7 +189,7 @@ def load_text_encoder(spec: TextSpec, max_length: int, dtype: torch.dtype) -> Te
             ) from e
         if not hasattr(clip, "token_embedding"):
             raise ModelLoadError(f"{spec.name!r} has a Hugging Face text tower; use hf-clip: or t5: for it")
-        module = OpenClipText(clip)
+        module: nn.Module = OpenClipText(clip)
         seq_len, dim = int(clip.positional_embedding.shape[0]), int(clip.transformer.width)
         tokenize = Tokenize(tokenizer, seq_len, open_clip_style=True)
     else:

@@ -19,7 +19,7 @@ from fastfetch.http import USER_AGENT, FetchConfig
 from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
 from fastfetch.nodes import detect
 from fastfetch.redact import redact
-from fastfetch.resizer import default_workers
+from fastfetch.resize_pool import default_workers
 from fastfetch.run import run
 from fastfetch.sources import SOURCES
 

@@ -111,7 +111,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         # 16-bit greyscale: scale to 0..255 instead of clipping as Pillow's convert does.
         im = im.convert("I").point(lambda v: v / 256).convert("L")
     elif im.mode == "I":
-        scale = 1 / 256 if im.getextrema()[1] > 255 else 1
+        high = im.getextrema()[1]
+        scale = 1 / 256 if isinstance(high, (int, float)) and high > 255 else 1
         im = im.point(lambda v: v * scale).convert("L")
     elif im.mode == "F":
         im = im.convert("L")

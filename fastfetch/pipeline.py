@@ -28,7 +28,7 @@ from fastfetch.manifest import DONE, Manifest
 from fastfetch.mds import BASE_COLUMNS, Layout, clean_unfinished, merge_index
 from fastfetch.nodes import Node
 from fastfetch.redact import redact
-from fastfetch.resizer import ResizePool
+from fastfetch.resize_pool import ResizePool
 from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.stats import Progress, RunCounters
 from fastfetch.unit import UnitFailed, UnitResult, UnitWork, only

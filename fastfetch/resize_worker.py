@@ -1,6 +1,6 @@
 """A resize worker process: ``python -m fastfetch.resize_worker`` (started by ``ResizePool``).
 
-The worker half of ``fastfetch.resizer``, kept apart so that a worker imports only what it
+The worker half of ``fastfetch.resize_pool``, kept apart so that a worker imports only what it
 runs: the socket, Pillow and ``fastfetch.imaging``. Importing the pool's module would bring
 asyncio and subprocess too, ~55 ms of every worker's start-up, spent while the parent is
 still starting and competing with it for the same cores.
@@ -52,6 +52,7 @@ def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
         out = process(body, cfg)
         reason = (out.reason or "").encode()
         data = out.data
+        assert data is None or isinstance(data, bytes)  # process() encodes into one bytes object
         frame = RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
                             -1 if data is None else len(data)) + reason
         _send(sock, frame, data)

@@ -38,7 +38,7 @@ from fastfetch.manifest import Manifest
 from fastfetch.nodes import all_complete, merge_nodes, write_summary
 from fastfetch.pipeline import DiskFull, Pipeline
 from fastfetch.redact import redact
-from fastfetch.resizer import ResizePool
+from fastfetch.resize_pool import ResizePool
 from fastfetch.stats import RunCounters, dataset_totals, print_summary, write_stats
 from fastfetch.storage import StorageError
 
@@ -161,12 +161,13 @@ class StopOnSignal:
             loop.add_signal_handler(sig, self._on_signal, sig, task)
         return self
 
-    def _on_signal(self, signum: int, task: asyncio.Task[Any]) -> None:
+    def _on_signal(self, signum: int, task: asyncio.Task[Any] | None) -> None:
         if self.code is not None:
             os._exit(EXIT_SIGNAL[signal.Signals(signum)])
         self.code = EXIT_SIGNAL[signal.Signals(signum)]
         print("\nstopping: rolling back units in flight (press Ctrl-C again to quit at once)", file=sys.stderr)
-        task.cancel()
+        if task is not None:
+            task.cancel()
 
     def __exit__(self, *exc: object) -> None:
         loop = asyncio.get_running_loop()

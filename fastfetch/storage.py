@@ -127,7 +127,7 @@ class _failure:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
         if exc is None or isinstance(exc, (StorageError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
-            return False
+            return
         raise StorageError(redact(f"{self.what}: {type(exc).__name__}: {exc}")) from exc

@@ -26,7 +26,7 @@ from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
 from fastfetch.mds import Layout, UnitWriter
 from fastfetch.redact import public_url
-from fastfetch.resizer import ResizePool
+from fastfetch.resize_pool import ResizePool
 from fastfetch.sources.base import Item, Unit
 
 #: called once per item: (reason or None when kept, bytes in, bytes written)

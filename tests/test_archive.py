@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 from fakehub import ServedFile, file_handler, make_tar, make_zip
-from fastfetch.archive import ArchiveError, _regular_header, iter_tar, iter_tar_groups, iter_zip, safe_name, zip_entries
+from fastfetch.archive import ArchiveError, safe_name
+from fastfetch.archive.tarstream import _regular_header, iter_tar, iter_tar_groups
+from fastfetch.archive.ziprange import iter_zip, zip_entries
 from fastfetch.body import body_bytes, body_len
 from fastfetch.http import FetchConfig, Fetcher
 from fastfetch.ranged import RemoteChanged, RemoteFile, ResumableStream, download_file, probe

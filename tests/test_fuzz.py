@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastfetch.archive import ArchiveError, iter_tar, iter_zip, safe_name, zip_entries
+from fastfetch.archive import ArchiveError, safe_name
+from fastfetch.archive.tarstream import iter_tar
+from fastfetch.archive.ziprange import iter_zip, zip_entries
 from fastfetch.imaging import ResizeConfig, process
 from tests.conftest import make_image
 

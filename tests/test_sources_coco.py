@@ -94,7 +94,7 @@ def test_split_lists_are_normalised() -> None:
     import pytest
 
     from fastfetch.errors import UsageError
-    from fastfetch.sources.archived import splits_of
+    from fastfetch.sources.archive_source import splits_of
 
     def splits(*given: str) -> tuple[str, ...]:
         return splits_of(given or None, ("val", "train"), ("val",), "coco")

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from fastfetch.archive import MAX_META, ArchiveError, iter_tar, zip_entries
+from fastfetch.archive import ArchiveError
+from fastfetch.archive.tarstream import MAX_META, iter_tar
+from fastfetch.archive.ziprange import zip_entries
 from fastfetch.http import FetchConfig, Fetcher, Refused
 from fastfetch.ranged import ResumableStream, probe
 from fastfetch.redact import public_url, redact

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from fastfetch.archive import iter_tar_groups
-from fastfetch.sources.archived import Edition, HubArchiveSource, caption_item
+from fastfetch.archive.tarstream import iter_tar_groups
+from fastfetch.sources.archive_source import Edition, HubArchiveSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

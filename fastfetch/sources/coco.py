@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from fastfetch.archive import iter_zip, read_zip_member, zip_entries
-from fastfetch.sources.archived import (
+from fastfetch.archive.ziprange import iter_zip, read_zip_member, zip_entries
+from fastfetch.sources.archive_source import (
     ArchiveOptions, ArchiveSource, CaptionIndex, Edition, SplitSource, caption_item, split_flag,
 )
 from fastfetch.errors import UsageError

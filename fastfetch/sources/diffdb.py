@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastfetch.archive import iter_zip, zip_entries
+from fastfetch.archive.ziprange import iter_zip, zip_entries
 from fastfetch.arrow import pq
-from fastfetch.sources.archived import Edition, CaptionIndex, HubArchiveSource, HubOptions, caption_item
+from fastfetch.sources.archive_source import Edition, CaptionIndex, HubArchiveSource, HubOptions, caption_item
 from fastfetch.errors import Reason as R, UsageError
 from fastfetch.sources.base import Item, Unit, flag
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
+from fastfetch.sources.archive_source import CaptionIndex, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 ANNOTATIONS = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastfetch.ranged import AccessDenied
-from fastfetch.sources.archived import CaptionIndex, HubArchiveSource, HubOptions, caption_item
+from fastfetch.sources.archive_source import CaptionIndex, HubArchiveSource, HubOptions, caption_item
 from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit, flag
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from fastfetch.errors import Reason as R
 from fastfetch.arrow import pq
-from fastfetch.sources.archived import Edition, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
+from fastfetch.sources.archive_source import Edition, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 
 SPLITS = ("train", "val", "test")

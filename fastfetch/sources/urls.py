@@ -137,7 +137,7 @@ class UrlsSource(Source):
 
     async def _local_files(self) -> list[Path]:
         local: list[Path] = []
-        for spec in self.options.urls:
+        for spec in self.options.urls or ():
             if spec.startswith("hf://"):
                 local.extend(await self._download_hf(spec))
             elif spec.startswith(("http://", "https://")):

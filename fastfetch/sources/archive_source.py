@@ -25,7 +25,9 @@ import aiohttp
 import orjson
 
 from fastfetch import hub, storage
-from fastfetch.archive import ArchiveError, RandomAccess, TarMember, iter_tar
+from fastfetch.archive import ArchiveError
+from fastfetch.archive.tarstream import TarMember, iter_tar
+from fastfetch.archive.ziprange import RandomAccess
 from fastfetch.body import Body
 from fastfetch.http import Fetcher, Refused
 from fastfetch.ranged import (
@@ -86,10 +88,10 @@ class SplitSource:
     """A recipe whose dataset comes in splits: ``--split`` (one or several), ``splits`` and the
     fingerprint that records them. Mixed in before the recipe's archive base class."""
 
-    name: str
+    name: ClassVar[str]
     options: Any  # options with a ``split`` field (HubSplitOptions, CocoOptions)
-    split_names: tuple[str, ...]  # every split, in the dataset's order
-    default_splits: tuple[str, ...]
+    split_names: ClassVar[tuple[str, ...]]  # every split, in the dataset's order
+    default_splits: ClassVar[tuple[str, ...]]
 
     @property
     def splits(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import pytest
 from fastfetch.body import body_bytes
 from fastfetch.imaging import Processed, ResizeConfig, process
 from fastfetch.resize_worker import RESULT
-from fastfetch.resizer import ResizePool, _Results
+from fastfetch.resize_pool import ResizePool, _Results
 from tests.conftest import make_image
 
 

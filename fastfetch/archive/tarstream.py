@@ -1,55 +1,26 @@
-"""Archive members without extracting anything: tar/tgz from a byte stream, zip by random access.
+"""The tar stream reader: members of a tar (or tgz) as its bytes arrive, never extracted.
 
-Tar (and gzip-compressed tar) is parsed incrementally from the async stream of the download, one
-512-byte header at a time, so nothing of the archive ever lands on disk and memory holds at most
-one member. Zip keeps its table of contents at the end, so it is read by random access (ranged
-HTTP reads of a :class:`fastfetch.ranged.RemoteFile`, or a spooled :class:`LocalFile`): the end
-of central directory, then the central directory, then the members in file order, several per
-request. Only regular files with safe relative names are ever yielded; links, devices,
-absolute paths and ``..`` are skipped, and nothing is ever written to disk by name. What an
-archive declares is bounded before anything is held: tar metadata records (long names, pax
-headers) at ``MAX_META``, members at ``MAX_MEMBER``, a zip's central directory at
-``MAX_DIRECTORY``; a member that cannot be read faithfully (too large, sparse) says why in its
-``problem`` instead of being skipped unseen.
+The parser reads one 512-byte header at a time from the download's chunks and keeps a queue of
+the chunks received, joining only what a member's data needs. Metadata records (long names, pax
+headers) are bounded at ``MAX_META``, members at ``MAX_MEMBER``; a sparse member says so in its
+``problem``. Webdataset samples (``iter_tar_groups``) are built on top.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import posixpath
-import struct
 import tarfile
 import zlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
-from fastfetch.errors import Reason as R
+from fastfetch.archive import MAX_MEMBER, THREAD_MIN, ArchiveError, safe_name
 from fastfetch.body import Body, body_bytes, body_len
+from fastfetch.errors import Reason as R
 
 BLOCK = 512
-MAX_MEMBER = 256 * 1024 * 1024  # a member larger than this is never held in memory
 MAX_META = 1 << 20  # a tar long name or pax header larger than this fails the archive
-MAX_DIRECTORY = 256 * 1024 * 1024  # a zip central directory larger than this fails the archive
-_THREAD_MIN = 1 << 16  # inflate chunks at least this large in a thread (zlib releases the GIL)
-
-
-class ArchiveError(Exception):
-    """The archive is unreadable (bad header, truncated, not a tar/zip)."""
-
-
-def safe_name(name: str) -> str | None:
-    """A member name normalised to a relative POSIX path, or None when it is unsafe."""
-    name = name.replace("\\", "/")
-    while name.startswith("./"):
-        name = name[2:]
-    if not name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return None
-    norm = posixpath.normpath(name)
-    if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
-        return None
-    return norm
 
 
 # -- byte streams ------------------------------------------------------------------------------
@@ -78,7 +49,7 @@ async def gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 async def _inflate(d: zlib._Decompress, data: bytes) -> bytes:  # type: ignore[name-defined]
     try:
-        if len(data) >= _THREAD_MIN:
+        if len(data) >= THREAD_MIN:
             return await asyncio.to_thread(d.decompress, data, 16 * 1024 * 1024)
         return d.decompress(data, 16 * 1024 * 1024)
     except zlib.error as exc:  # corrupt compressed data is an unreadable archive, not a crash
@@ -246,7 +217,7 @@ async def iter_tar(chunks: AsyncIterator[bytes]) -> AsyncIterator[TarMember]:
         if header.count(0) == BLOCK:  # the end-of-archive zero blocks
             await reader.drain()  # and the padding after them, so that the download completes
             return
-        info = _regular_header(header)
+        info: _Header | tarfile.TarInfo | None = _regular_header(header)
         if info is None:  # anything but a plain file: the standard library's full parser
             try:
                 info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
@@ -372,226 +343,3 @@ async def iter_tar_groups(chunks: AsyncIterator[bytes], want: Callable[[str], bo
                 group["__problem__"] = member.problem.encode()
     if group and current is not None:
         yield {"__key__": current.encode(), **group}
-
-
-# -- zip ---------------------------------------------------------------------------------------
-class RandomAccess(Protocol):
-    size: int
-
-    async def read(self, offset: int, length: int) -> bytes: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ZipEntry:
-    name: str
-    offset: int  # of the local header
-    csize: int
-    usize: int
-    method: int
-    crc: int
-    flags: int
-
-
-@dataclass(slots=True)
-class ZipMember:
-    """A member's bytes, or the reason it was not read (``zip_bomb``, ``corrupt``, …)."""
-
-    name: str
-    data: bytes | None
-    problem: str | None = None
-
-
-_EOCD = struct.Struct("<4s4H2LH")
-_EOCD64_LOC = struct.Struct("<4sLQL")
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")
-_CDIR = struct.Struct("<4s4B4HL2L5H2L")
-_LOCAL = struct.Struct("<4s2B4HL2L2H")
-_TAIL = 65535 + _EOCD.size + _EOCD64_LOC.size
-
-
-async def zip_entries(f: RandomAccess) -> list[ZipEntry]:
-    """The central directory of a zip (ZIP64 included), as entries sorted by file offset."""
-    tail_start = max(0, f.size - _TAIL)
-    tail = await f.read(tail_start, f.size - tail_start)
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < _EOCD.size:
-        raise ArchiveError("not a zip file (no end of central directory)")
-    _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-        loc = at - _EOCD64_LOC.size
-        sig, _, eocd64_offset, _ = _EOCD64_LOC.unpack_from(tail, loc) if loc >= 0 else (b"", 0, 0, 0)
-        if sig != b"PK\x06\x07":
-            raise ArchiveError("ZIP64 locator missing")
-        fields = _EOCD64.unpack(await f.read(eocd64_offset, _EOCD64.size))
-        if fields[0] != b"PK\x06\x06":
-            raise ArchiveError("bad ZIP64 end of central directory")
-        count, cd_size, cd_offset = fields[7], fields[8], fields[9]
-    if cd_offset + cd_size > f.size:
-        raise ArchiveError("central directory beyond the end of the file")
-    if cd_size > MAX_DIRECTORY or count * _CDIR.size > cd_size:
-        raise ArchiveError(
-            f"central directory of {cd_size:,} bytes declaring {count:,} entries: too large or inconsistent "
-            f"(at most {MAX_DIRECTORY >> 20} MiB, {_CDIR.size} bytes an entry)"
-        )
-    cd = await f.read(cd_offset, cd_size)
-    entries: list[ZipEntry] = []
-    pos = 0
-    for _ in range(count):
-        if cd[pos : pos + 4] != b"PK\x01\x02":
-            raise ArchiveError("bad central directory entry")
-        rec = _CDIR.unpack_from(cd, pos)
-        flags, method, crc, csize, usize = rec[5], rec[6], rec[9], rec[10], rec[11]
-        name_len, extra_len, comment_len, offset = rec[12], rec[13], rec[14], rec[18]
-        pos += _CDIR.size
-        raw = cd[pos : pos + name_len]
-        extra = cd[pos + name_len : pos + name_len + extra_len]
-        pos += name_len + extra_len + comment_len
-        usize, csize, offset = _zip64_extra(extra, usize, csize, offset)
-        name = raw.decode("utf-8" if flags & 0x800 else "cp437", "replace")
-        safe = safe_name(name)
-        if safe is None or name.endswith("/"):
-            continue
-        entries.append(ZipEntry(safe, offset, csize, usize, method, crc, flags))
-    entries.sort(key=lambda e: e.offset)
-    return entries
-
-
-def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<2H", extra, pos)
-        if tag == 1:
-            vals = list(struct.unpack_from(f"<{size // 8}Q", extra, pos + 4))
-            if usize == 0xFFFFFFFF and vals:
-                usize = vals.pop(0)
-            if csize == 0xFFFFFFFF and vals:
-                csize = vals.pop(0)
-            if offset == 0xFFFFFFFF and vals:
-                offset = vals.pop(0)
-            break
-        pos += 4 + size
-    return usize, csize, offset
-
-
-def bomb_check(entry: ZipEntry, limit: int = MAX_MEMBER) -> str | None:
-    """Why a member must not be inflated, judged from its declared sizes (None when fine)."""
-    if entry.flags & 0x1:
-        return R.ENCRYPTED
-    if entry.method not in (0, 8):
-        return R.UNSUPPORTED_COMPRESSION
-    if entry.usize > limit:
-        return R.TOO_LARGE
-    if entry.method == 8 and entry.usize > 1 << 20 and entry.usize > 200 * max(entry.csize, 1):
-        return R.ZIP_BOMB
-    return None
-
-
-async def iter_zip(
-    f: RandomAccess,
-    entries: list[ZipEntry],
-    span: int = 16 * 1024 * 1024,
-    limit: int = MAX_MEMBER,
-) -> AsyncIterator[ZipMember]:
-    """The given members' data, reading runs of neighbouring members with one request each.
-
-    Each member is checked against its declared sizes before inflating (bomb check), inflated
-    with a cap one byte above its declared size, and verified against its CRC. The next run is
-    requested while the current one is handed out, so the link does not idle between runs
-    (memory: two runs of at most ``span`` bytes, or one member larger than that).
-    """
-    runs = _plan_runs(sorted(entries, key=lambda e: e.offset), span, limit, f.size)
-    readable = [k for k, (_, problem, _) in enumerate(runs) if problem is None]
-    tasks: dict[int, asyncio.Task[bytes]] = {}
-
-    def prefetch(position: int) -> None:
-        if position < len(readable):
-            k = readable[position]
-            members, _, end = runs[k]
-            tasks[k] = asyncio.ensure_future(f.read(members[0].offset, end - members[0].offset))
-
-    prefetch(0)
-    position = 0
-    try:
-        for k, (members, problem, _) in enumerate(runs):
-            if problem is not None:
-                yield ZipMember(members[0].name, None, problem)
-                continue
-            task = tasks.pop(k)
-            position += 1
-            prefetch(position)
-            block = await task
-            for entry in members:
-                yield await _carve(f, entry, block, entry.offset - members[0].offset)
-    finally:
-        for task in tasks.values():
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-
-
-def _plan_runs(entries: list[ZipEntry], span: int, limit: int, size: int) -> list[tuple[list[ZipEntry], str | None, int]]:
-    """Members grouped into runs read with one request: (members, problem, end offset).
-
-    A member that fails the bomb check is a run of its own with its problem and is never read.
-    A local header + data fits in csize + 30 + name + a little extra field (a longer extra field
-    is read separately by ``_carve``).
-    """
-    runs: list[tuple[list[ZipEntry], str | None, int]] = []
-    i = 0
-    while i < len(entries):
-        first = entries[i]
-        problem = bomb_check(first, limit)
-        if problem:
-            runs.append(([first], problem, 0))
-            i += 1
-            continue
-        j, end = i + 1, _member_end(first)
-        while j < len(entries) and bomb_check(entries[j], limit) is None:
-            nxt = entries[j]
-            if nxt.offset - end > (1 << 20) or _member_end(nxt) - first.offset > span:
-                break
-            end = max(end, _member_end(nxt))
-            j += 1
-        runs.append((entries[i:j], None, min(end, size)))
-        i = j
-    return runs
-
-
-def _member_end(e: ZipEntry) -> int:
-    return e.offset + _LOCAL.size + len(e.name.encode()) + 1024 + e.csize
-
-
-async def _carve(f: RandomAccess, entry: ZipEntry, block: bytes, at: int) -> ZipMember:
-    local = block[at : at + _LOCAL.size]
-    if len(local) < _LOCAL.size or local[:4] != b"PK\x03\x04":
-        return ZipMember(entry.name, None, R.CORRUPT)
-    rec = _LOCAL.unpack(local)
-    start = at + _LOCAL.size + rec[10] + rec[11]
-    data = block[start : start + entry.csize]
-    if len(data) < entry.csize:  # an unusually long local extra field: read the member alone
-        data = await f.read(entry.offset + (start - at), entry.csize)
-    try:
-        if entry.method == 8:
-            d = zlib.decompressobj(-15)
-            if len(data) >= _THREAD_MIN:
-                out = await asyncio.to_thread(d.decompress, data, entry.usize + 1)
-            else:
-                out = d.decompress(data, entry.usize + 1)
-        else:
-            out = data
-    except zlib.error:
-        return ZipMember(entry.name, None, R.CORRUPT)
-    if len(out) != entry.usize:
-        return ZipMember(entry.name, None, R.ZIP_BOMB if len(out) > entry.usize else R.CORRUPT)
-    if zlib.crc32(out) != entry.crc:
-        return ZipMember(entry.name, None, R.CORRUPT)
-    return ZipMember(entry.name, out)
-
-
-async def read_zip_member(f: RandomAccess, entry: ZipEntry, limit: int = MAX_MEMBER) -> bytes:
-    """One member's data (for side files such as a part's JSON); raises when unreadable."""
-    async for member in iter_zip(f, [entry], limit=limit):
-        if member.data is None:
-            raise ArchiveError(f"{entry.name}: {member.problem}")
-        return member.data
-    raise ArchiveError(f"{entry.name}: not found")
