@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastfetch-installed
 
-.PHONY: setup demo test test-quick simd bench bench-quick clean
+.PHONY: setup demo lint test test-quick simd bench bench-quick clean
 
 $(STAMP): requirements.txt scripts/setup-venv.sh
 	bash scripts/setup-venv.sh $(VENV)
@@ -14,7 +14,12 @@ setup: $(STAMP)  ## create .venv with every dependency (Pillow-SIMD where it bui
 demo: $(STAMP)  ## fetch the bundled demo source into data/demo (served on 127.0.0.1)
 	$(PY) bin/fetch --dataset demo --out data/demo
 
-test: $(STAMP)  ## the whole test suite, slow tests included (what CI runs)
+lint: $(STAMP)  ## ruff (lint + format check) and mypy on fastfetch/ and encode/
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint  ## lint and types, then the whole test suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q
 
 test-quick: $(STAMP)  ## the suite without tests marked slow

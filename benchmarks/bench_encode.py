@@ -52,19 +52,46 @@ def sdxl_vae(path: str) -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
         AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
-            layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=1024,
-            scaling_factor=0.13025, force_upcast=True,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[128, 256, 512, 512],
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
         ).save_pretrained(path)
     return path
 
 
 def encode_once(data: str, out: str, vae: str, text: str, res: int, batch: int, flags: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [em.PYTHON, em.RUN, "--data", data, "--out", out, "--vae", vae,
-           "--text-encoder", f"openclip:{text}", "--resolutions", str(res),
-           "--batch-size", str(batch), "--num-workers", "1", "--device", "cpu", "--latent-mode", "sample", *flags]
+    cmd = [
+        em.PYTHON,
+        em.RUN,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--vae",
+        vae,
+        "--text-encoder",
+        f"openclip:{text}",
+        "--resolutions",
+        str(res),
+        "--batch-size",
+        str(batch),
+        "--num-workers",
+        "1",
+        "--device",
+        "cpu",
+        "--latent-mode",
+        "sample",
+        *flags,
+    ]
     env = {k: v for k, v in em.env().items() if k != "OMP_NUM_THREADS"}  # one process: use every core
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -90,9 +117,14 @@ def synthetic_latents(out: str, rows: int) -> str:
     shapes = {"latents_256": [4, 32, 32], "caption_latents": [77, 1024]}
     with MDSWriter(out=out, columns=columns([256], False)) as w:
         for i in range(rows):
-            w.write({"key": f"k{i}", "caption": f"caption {i}", "caption_length": 77,
-                     **{k: rng.standard_normal(s, dtype=np.float32).astype(np.float16).tobytes()
-                        for k, s in shapes.items()}})
+            w.write(
+                {
+                    "key": f"k{i}",
+                    "caption": f"caption {i}",
+                    "caption_length": 77,
+                    **{k: rng.standard_normal(s, dtype=np.float32).astype(np.float16).tobytes() for k, s in shapes.items()},
+                }
+            )
     write_json(os.path.join(out, META_NAME), {"shapes": shapes, "resolutions": [256]})
     return out
 
@@ -108,8 +140,7 @@ def loader_rate(path: str, workers: int, batch: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work", default=os.path.join(HERE, "_work", "encode"), help="scratch folder")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (median reported)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="resolutions to time")
@@ -123,8 +154,10 @@ def main() -> None:
     text = os.path.join(args.work, "openclip-tiny")  # kept, so that the printed command can be rerun
     if not os.path.exists(text):
         shutil.copytree(em.openclip_dir(), text)
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; uptime: "
-          f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; cores: {os.cpu_count()}")
+    print(
+        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; uptime: "
+        f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; cores: {os.cpu_count()}"
+    )
     print("\n| resolution | configuration | images/s steady (median) | runs (1-min load avg at start) | wall s (median) |")
     print("|---|---|---|---|---|")
     for res, n, batch in zip(args.resolutions, args.images, args.batch):
@@ -138,8 +171,9 @@ def main() -> None:
         medians = {name: statistics.median(r["steady"] for r in rs) for name, rs in results.items()}
         for name, rs in results.items():
             runs = ", ".join(f"{r['steady']:.3f} (load {r['load']})" for r in rs)
-            print(f"| {res} | {name} | {medians[name]:.3f} | {runs} | "
-                  f"{statistics.median(r['wall'] for r in rs):.1f} |", flush=True)
+            print(
+                f"| {res} | {name} | {medians[name]:.3f} | {runs} | {statistics.median(r['wall'] for r in rs):.1f} |", flush=True
+            )
         eager, fast = medians.values()
         print(f"| {res} | speed-up | **{fast / eager:.2f}×** | | |", flush=True)
     print(f"\ncommand (last run): {results[name][-1]['cmd']}")
@@ -148,8 +182,7 @@ def main() -> None:
     print("\n| loader | samples/s (median of 3 epochs) |\n|---|---|")
     for workers in (0, 2):
         rates = [loader_rate(lat, workers, 64) for _ in range(3)]
-        print(f"| batch 64, num_workers={workers}, latents_256 + caption 77×1024 | "
-              f"{statistics.median(rates):.0f} |", flush=True)
+        print(f"| batch 64, num_workers={workers}, latents_256 + caption 77×1024 | {statistics.median(rates):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

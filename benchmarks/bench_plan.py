@@ -51,12 +51,20 @@ def make_list(rows: int) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     scores = [rng.random() for _ in range(rows)]
-    pq.write_table(pa.table({
-        "URL": [f"https://images.example.com/{i}/photo.jpg?w={i % 7}" for i in range(rows)],
-        "TEXT": [f"a caption number {i} with some words" for i in range(rows)],
-        "WIDTH": [512] * rows, "HEIGHT": [512] * rows,
-        "similarity": pa.array(scores, pa.float32()), "punsafe": scores, "pwatermark": scores,
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [f"https://images.example.com/{i}/photo.jpg?w={i % 7}" for i in range(rows)],
+                "TEXT": [f"a caption number {i} with some words" for i in range(rows)],
+                "WIDTH": [512] * rows,
+                "HEIGHT": [512] * rows,
+                "similarity": pa.array(scores, pa.float32()),
+                "punsafe": scores,
+                "pwatermark": scores,
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -72,8 +80,12 @@ def main() -> None:
         for tree in args.trees:
             out = WORK / "out"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            proc = subprocess.run([sys.executable, "-c", RUN, os.path.abspath(tree), str(listing), str(out)],
-                                  capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, "-c", RUN, os.path.abspath(tree), str(listing), str(out)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             units, wall, cpu = proc.stdout.split()
             results[tree].append((float(wall), float(cpu)))
             print(f"run {run + 1} {tree}: {units} units, {float(wall):.2f} s wall, {float(cpu):.2f} s CPU", flush=True)
@@ -81,8 +93,9 @@ def main() -> None:
     for tree, got in results.items():
         wall = statistics.median(w for w, _ in got)
         cpu = statistics.median(c for _, c in got)
-        print(f"{tree}: median {wall:.2f} s wall, {cpu:.2f} s CPU for {args.rows:,} rows "
-              f"({cpu / args.rows * 1e6:.2f} µs CPU a row)")
+        print(
+            f"{tree}: median {wall:.2f} s wall, {cpu:.2f} s CPU for {args.rows:,} rows ({cpu / args.rows * 1e6:.2f} µs CPU a row)"
+        )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,13 @@ def machine() -> dict[str, Any]:
             cpu = line.split(":", 1)[1].strip()
             break
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "avx2": "avx2" in open("/proc/cpuinfo").read(),
-        "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1), "python": platform.python_version(),
-        "pillow_main_venv": pillow_flavour(main_python()), "pillow_here": pil,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in open("/proc/cpuinfo").read(),
+        "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
+        "python": platform.python_version(),
+        "pillow_main_venv": pillow_flavour(main_python()),
+        "pillow_here": pil,
     }
 
 
@@ -169,8 +173,15 @@ class Measurement:
 
 
 def measure(
-    label: str, cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-    disk_paths: list[Path] = (), timeout: float = 900, interval: float = 0.25, disk_interval: float = 0.5,
+    label: str,
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    disk_paths: list[Path] = (),
+    timeout: float = 900,
+    interval: float = 0.25,
+    disk_interval: float = 0.5,
 ) -> Measurement:
     """Run ``cmd`` and measure it: wall time, CPU of its whole process tree, peak RSS of the
     tree and peak size of ``disk_paths`` (sampled every ``interval`` / ``disk_interval`` s).

@@ -54,16 +54,31 @@ WORK = HERE / "_work"
 CORPUS_VERSION = 3
 
 COLOUR_PHOTOS = [
-    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg", "color.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "color.png",
 ]
 GREY_PHOTOS = ["camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "cell.png", "clock_motion.png"]
 ALPHA_IMAGES = ["logo.png", "horse.png"]
 
 # (kind, weight) of the web mix; "missing" rows are URLs with no file behind them.
 KINDS = [
-    ("jpeg", 68), ("progressive", 8), ("grey", 5), ("exif_rotated", 2), ("png_rgba", 4),
-    ("png_palette", 3), ("webp", 6), ("broken", 2), ("missing", 2),
+    ("jpeg", 68),
+    ("progressive", 8),
+    ("grey", 5),
+    ("exif_rotated", 2),
+    ("png_rgba", 4),
+    ("png_palette", 3),
+    ("webp", 6),
+    ("broken", 2),
+    ("missing", 2),
 ]
 ASPECTS = [(1.0, 20), (4 / 3, 25), (3 / 2, 25), (16 / 9, 15), (2.0, 5), (1.25, 10)]
 WORDS = (
@@ -172,7 +187,9 @@ def _render(width: int, height: int, source: str, seed: int) -> Image.Image:
         # Upscaling leaves a smooth picture; grain puts back photo-like high-frequency content.
         amp = int(min(7, 2 + 2 * factor))
         arr = np.asarray(im, dtype=np.int16)
-        noise = np.random.default_rng(seed).integers(-amp, amp + 1, size=arr.shape[:2] + ((1,) if arr.ndim == 3 else ()), dtype=np.int16)
+        noise = np.random.default_rng(seed).integers(
+            -amp, amp + 1, size=arr.shape[:2] + ((1,) if arr.ndim == 3 else ()), dtype=np.int16
+        )
         arr = np.clip(arr + noise, 0, 255).astype(np.uint8)
         im = Image.fromarray(arr, im.mode)
     return im
@@ -254,12 +271,18 @@ def _fake_annotations(image_id: int, w: int, h: int, rng: random.Random) -> byte
         x, y = rng.uniform(0, w - 10), rng.uniform(0, h - 10)
         bw, bh = rng.uniform(5, w - x), rng.uniform(5, h - y)
         counts = base64.b85encode(rng.randbytes(rng.randint(600, 1600))).decode()
-        anns.append({
-            "bbox": [round(x, 1), round(y, 1), round(bw, 1), round(bh, 1)], "area": int(bw * bh),
-            "segmentation": {"size": [h, w], "counts": counts}, "predicted_iou": round(rng.random(), 4),
-            "point_coords": [[round(x + bw / 2, 2), round(y + bh / 2, 2)]], "crop_box": [0.0, 0.0, float(w), float(h)],
-            "id": image_id * 1000 + k, "stability_score": round(rng.random(), 4),
-        })
+        anns.append(
+            {
+                "bbox": [round(x, 1), round(y, 1), round(bw, 1), round(bh, 1)],
+                "area": int(bw * bh),
+                "segmentation": {"size": [h, w], "counts": counts},
+                "predicted_iou": round(rng.random(), 4),
+                "point_coords": [[round(x + bw / 2, 2), round(y + bh / 2, 2)]],
+                "crop_box": [0.0, 0.0, float(w), float(h)],
+                "id": image_id * 1000 + k,
+                "stability_score": round(rng.random(), 4),
+            }
+        )
     doc = {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"}, "annotations": anns}
     return json.dumps(doc).encode()
 
@@ -324,7 +347,10 @@ class CorpusParams:
 
 def corpus_dir(params: CorpusParams, root: Path = WORK / "corpus") -> Path:
     p = params
-    return root / f"w{p.web}-m{p.mixed_archives}x{p.mixed_per_archive}-s{p.sa1b_archives}x{p.sa1b_per_archive}-seed{p.seed}-v{p.version}"
+    return (
+        root
+        / f"w{p.web}-m{p.mixed_archives}x{p.mixed_per_archive}-s{p.sa1b_archives}x{p.sa1b_per_archive}-seed{p.seed}-v{p.version}"
+    )
 
 
 QUICK = CorpusParams(web=200, mixed_archives=2, mixed_per_archive=40, sa1b_archives=2, sa1b_per_archive=8)
@@ -361,11 +387,15 @@ def build(params: CorpusParams, workers: int = 2, root: Path = WORK / "corpus") 
         n_sa = params.sa1b_archives * params.sa1b_per_archive
         seeds = [(100_000 + i, params.seed * 7919 + i) for i in range(n_sa)]
         sa_imgs = list(pool.map(_sa1b_image, seeds, chunksize=2))
-        sa_meta = write_archives(tmp / "archives" / "sa1b", [(i, d) for (i, _), d in zip(seeds, sa_imgs)], params.sa1b_per_archive, params.seed + 3)
+        sa_meta = write_archives(
+            tmp / "archives" / "sa1b", [(i, d) for (i, _), d in zip(seeds, sa_imgs)], params.sa1b_per_archive, params.seed + 3
+        )
 
     summary = _summarise(rows)
     meta = {
-        "params": asdict(params), "seconds_to_build": round(time.time() - t0, 1), "web": summary,
+        "params": asdict(params),
+        "seconds_to_build": round(time.time() - t0, 1),
+        "web": summary,
         "archives": {"mixed": mixed_meta, "sa1b": sa_meta},
     }
     (tmp / "corpus.json").write_text(json.dumps(meta, indent=1))

@@ -37,23 +37,43 @@ def _bars(ax, labels, values, colors=None, fmt="{:.0f}"):
 def plot_url(res: dict, ceiling: dict | None) -> Path:
     s = res["summary"]
     tools = [t for t in ("img2dataset", "img2dataset-skip", "fetch-before", "fetch") if t in s]
-    labels = {"img2dataset": "img2dataset", "img2dataset-skip": "img2dataset\n(skip_reencode)", "fetch": "bin/fetch",
-              "fetch-before": "bin/fetch before\nthe last changes"}
+    labels = {
+        "img2dataset": "img2dataset",
+        "img2dataset-skip": "img2dataset\n(skip_reencode)",
+        "fetch": "bin/fetch",
+        "fetch-before": "bin/fetch before\nthe last changes",
+    }
     colors = {"img2dataset": "#999", "img2dataset-skip": "#bbb", "fetch": "#2a7", "fetch-before": "#9db"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     _bars(ax, [labels[t] for t in tools], [s[t]["kept_per_s"] for t in tools], [colors[t] for t in tools])
     if "ceiling" in s:
         c = s["ceiling"]["kept_per_s"]
         ax.axhline(c, ls="--", color="#c33", lw=1)
-        ax.annotate(f"in-memory ceiling, same run (fast path) {c:.0f}", (0, c), xytext=(0, 3), textcoords="offset points", color="#c33", fontsize=8)
+        ax.annotate(
+            f"in-memory ceiling, same run (fast path) {c:.0f}",
+            (0, c),
+            xytext=(0, 3),
+            textcoords="offset points",
+            color="#c33",
+            fontsize=8,
+        )
     elif ceiling:
         for c in ceiling["summary"]:
             if c["source"] == "web" and c["config"] == "fast" and c["pillow"] == res["machine"]["pillow_main_venv"]:
                 ax.axhline(c["kept_per_s"], ls="--", color="#c33", lw=1)
-                ax.annotate(f"ceiling (in-memory, fast path) {c['kept_per_s']:.0f}", (0, c["kept_per_s"]), xytext=(0, 3),
-                            textcoords="offset points", color="#c33", fontsize=8)
+                ax.annotate(
+                    f"ceiling (in-memory, fast path) {c['kept_per_s']:.0f}",
+                    (0, c["kept_per_s"]),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    color="#c33",
+                    fontsize=8,
+                )
     ax.set_ylabel("kept images / s (median)")
-    ax.set_title(f"URL mode, {res['items']} URLs over nginx on 127.0.0.1, 2 processes\n{res['machine']['pillow_main_venv']} in bin/fetch; {res['date_utc']}", fontsize=9)
+    ax.set_title(
+        f"URL mode, {res['items']} URLs over nginx on 127.0.0.1, 2 processes\n{res['machine']['pillow_main_venv']} in bin/fetch; {res['date_utc']}",
+        fontsize=9,
+    )
     return _save(fig, "url")
 
 
@@ -61,8 +81,12 @@ def plot_archive(res: dict) -> Path:
     s = res["summary"]
     variants = [v for v in ("mixed", "sa1b") if any(k.startswith(v + "/") for k in s)]
     tools = [t for t in ("seed-stock", "seed", "fetch-before", "fetch") if any(f"{v}/{t}" in s for v in variants)]
-    names = {"seed-stock": "seed-style, stock Pillow", "seed": "seed-style, same venv as bin/fetch", "fetch": "bin/fetch",
-             "fetch-before": "bin/fetch before the last changes"}
+    names = {
+        "seed-stock": "seed-style, stock Pillow",
+        "seed": "seed-style, same venv as bin/fetch",
+        "fetch": "bin/fetch",
+        "fetch-before": "bin/fetch before the last changes",
+    }
     colors = {"seed-stock": "#777", "seed": "#aaa", "fetch": "#2a7", "fetch-before": "#9db"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     w = 0.8 / max(1, len(tools))
@@ -102,7 +126,10 @@ def plot_ceiling(res: dict) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     w = 0.8 / max(1, len(combos))
     for k, (config, pil) in enumerate(combos):
-        vals = [next((r["kept_per_s"] for r in rows if r["source"] == s and r["config"] == config and r["pillow"] == pil), 0) for s in sources]
+        vals = [
+            next((r["kept_per_s"] for r in rows if r["source"] == s and r["config"] == config and r["pillow"] == pil), 0)
+            for s in sources
+        ]
         xs = [i + (k - (len(combos) - 1) / 2) * w for i in range(len(sources))]
         bars = ax.bar(xs, vals, w, label=f"{config}, {pil}")
         for b, v in zip(bars, vals):
@@ -111,7 +138,10 @@ def plot_ceiling(res: dict) -> Path:
     ax.set_xticks(range(len(sources)), [names.get(s, s) for s in sources])
     ax.set_ylabel("kept images / s, 2 processes, in memory")
     ax.legend(fontsize=7)
-    ax.set_title(f"Ceiling: fastfetch.imaging.process in memory; plain = full decode + re-encode, fast = draft + keep JPEGs\n{res['date_utc']}", fontsize=9)
+    ax.set_title(
+        f"Ceiling: fastfetch.imaging.process in memory; plain = full decode + re-encode, fast = draft + keep JPEGs\n{res['date_utc']}",
+        fontsize=9,
+    )
     return _save(fig, "ceiling")
 
 
@@ -133,7 +163,10 @@ def plot_micro(res: dict) -> Path:
     ax.set_xticks(range(len(buckets)), [f"short side {b}" for b in buckets])
     ax.set_ylabel("ms per image (decode + resize to 512 + JPEG q95), 1 core")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"Resize microbenchmark (median per image; auto = reduced-scale decode as fastfetch does it)\n{res['date_utc']}", fontsize=9)
+    ax.set_title(
+        f"Resize microbenchmark (median per image; auto = reduced-scale decode as fastfetch does it)\n{res['date_utc']}",
+        fontsize=9,
+    )
     return _save(fig, "micro")
 
 

@@ -26,8 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    HERE, ROOT, WORK, Measurement, byte_compile, dir_size, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, run_dir,
-    median, pillow_flavour, save_result, venv_python,
+    HERE,
+    ROOT,
+    WORK,
+    Measurement,
+    byte_compile,
+    dir_size,
+    fetch_env,
+    fetch_help,
+    fresh_dir,
+    load_str,
+    main_python,
+    md_table,
+    measure,
+    median,
+    pillow_flavour,
+    run_dir,
+    save_result,
+    venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
 from server import Nginx  # noqa: E402
@@ -97,10 +113,15 @@ def stock_python_with_main_packages() -> str:
     py = venv_python("venv-stock")
     if not py.exists():
         sys.exit("venv-stock missing: run benchmarks/setup.sh stock")
-    main_site = subprocess.run([main_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    own_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    main_site = subprocess.run(
+        [main_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    own_site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     pth = Path(own_site) / "zz-fastfetch-main-venv.pth"
     if not pth.exists() or pth.read_text().strip() != main_site:
         pth.write_text(main_site + "\n")
@@ -120,16 +141,38 @@ def run_one(tool: str, i: int, variant: str, links: Path, srv: Nginx, args: argp
     if tool.startswith("seed"):
         python = main_python() if tool == "seed" else stock_python_with_main_packages()
         cmd = [
-            python, str(HERE / "seed_baseline.py"), "--links", str(links), "--datadir", str(out),
-            "--captions-url", srv.url(f"datasets/{CAPTION_REPO}/resolve/main/SA1B_caption.tar.gz"),
-            "--num-proc", str(args.processes),
+            python,
+            str(HERE / "seed_baseline.py"),
+            "--links",
+            str(links),
+            "--datadir",
+            str(out),
+            "--captions-url",
+            srv.url(f"datasets/{CAPTION_REPO}/resolve/main/SA1B_caption.tar.gz"),
+            "--num-proc",
+            str(args.processes),
         ]
     else:
         env["HF_ENDPOINT"] = srv.base
         env["HF_HUB_OFFLINE"] = "0"
         cmd = [
-            main_python(), str(ROOT / "bin" / "fetch"), "--dataset", "sa1b", "--links", str(links), "--out", str(out),
-            "--no-progress", "--workers", str(args.processes), "--min-size", "256", "--max-size", "512", "--quality", "95",
+            main_python(),
+            str(ROOT / "bin" / "fetch"),
+            "--dataset",
+            "sa1b",
+            "--links",
+            str(links),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--workers",
+            str(args.processes),
+            "--min-size",
+            "256",
+            "--max-size",
+            "512",
+            "--quality",
+            "95",
         ]
         if "--allow-private-networks" in help_text:
             cmd.append("--allow-private-networks")
@@ -163,20 +206,34 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--processes", type=int, default=2, help="pool size of both pipelines")
     p.add_argument("--variants", default="mixed,sa1b")
-    p.add_argument("--tools", default="seed,fetch", help="comma list of seed, seed-stock (the seed method with stock Pillow: "
-                   "benchmarks/_work/venv-stock), fetch, fetch-before (bin/fetch of --before)")
+    p.add_argument(
+        "--tools",
+        default="seed,fetch",
+        help="comma list of seed, seed-stock (the seed method with stock Pillow: "
+        "benchmarks/_work/venv-stock), fetch, fetch-before (bin/fetch of --before)",
+    )
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--before", default="39e4671", help="commit whose bin/fetch the fetch-before tool runs")
-    p.add_argument("--repeat", default="mixed=1,sa1b=2",
-                   help="serve each variant's tars this many times (more work per run): N, or variant=N,…")
+    p.add_argument(
+        "--repeat",
+        default="mixed=1,sa1b=2",
+        help="serve each variant's tars this many times (more work per run): N, or variant=N,…",
+    )
     p.add_argument("--no-ceiling", action="store_true", help="skip the in-memory ceiling run in each round")
-    p.add_argument("--save-as", default="archive", help="result name: archive (the reference runs) or archive-long "
-                   "(the same with more images per run; report.py shows both)")
+    p.add_argument(
+        "--save-as",
+        default="archive",
+        help="result name: archive (the reference runs) or archive-long "
+        "(the same with more images per run; report.py shows both)",
+    )
     args = p.parse_args()
     if args.quick:
         args.runs, args.repeat = 1, "1"
-    repeats = {v: int(args.repeat) for v in ("mixed", "sa1b")} if args.repeat.isdigit() else \
-        {k: int(n) for k, n in (part.split("=") for part in args.repeat.split(","))}
+    repeats = (
+        {v: int(args.repeat) for v in ("mixed", "sa1b")}
+        if args.repeat.isdigit()
+        else {k: int(n) for k, n in (part.split("=") for part in args.repeat.split(","))}
+    )
     byte_compile(ROOT)
     help_text = fetch_help()
     tools = args.tools.split(",")
@@ -195,7 +252,9 @@ def main() -> None:
         root = serve_tree(corpus, variant, repeat)
         with Nginx(root) as srv:
             links = WORK / "archive" / f"links-{variant}.txt"
-            lines = ["file_name\tcdn_link"] + [f"{t.name}\t{srv.url('tars/' + t.name)}" for t in sorted((root / "tars").iterdir())]
+            lines = ["file_name\tcdn_link"] + [
+                f"{t.name}\t{srv.url('tars/' + t.name)}" for t in sorted((root / "tars").iterdir())
+            ]
             links.write_text("\n".join(lines) + "\n")
             for f in (root / "tars").iterdir():
                 f.read_bytes()  # page cache
@@ -205,8 +264,11 @@ def main() -> None:
                 if not args.no_ceiling:
                     c = run_inner(main_python(), corpus, variant, "fast", args.processes)
                     ceilings.append(c)
-                    print(f"run {i} {variant} ceiling (in memory, fast path): {c['kept_per_s']:.1f} kept/s, load {c['load']}", flush=True)
-                for tool in (tools if i % 2 == 0 else list(reversed(tools))):
+                    print(
+                        f"run {i} {variant} ceiling (in memory, fast path): {c['kept_per_s']:.1f} kept/s, load {c['load']}",
+                        flush=True,
+                    )
+                for tool in tools if i % 2 == 0 else list(reversed(tools)):
                     m = run_one(tool, i, variant, links, srv, args, help_text)
                     runs[tool].append(m)
                     print(
@@ -218,39 +280,105 @@ def main() -> None:
         for tool, ms in runs.items():
             kept = ms[-1].extra["kept"]
             s = {
-                "kept_per_s": median([m.extra["kept"] / m.wall_s for m in ms]), "kept": kept, "images": n_images,
-                "cpu_ms_per_image": median([m.cpu_s / n_images * 1000 for m in ms]), "peak_rss_mb": median([m.peak_rss_mb for m in ms]),
-                "peak_disk_mb": median([m.peak_disk_mb for m in ms]), "output_mb": ms[-1].extra["output_mb"],
+                "kept_per_s": median([m.extra["kept"] / m.wall_s for m in ms]),
+                "kept": kept,
+                "images": n_images,
+                "cpu_ms_per_image": median([m.cpu_s / n_images * 1000 for m in ms]),
+                "peak_rss_mb": median([m.peak_rss_mb for m in ms]),
+                "peak_disk_mb": median([m.peak_disk_mb for m in ms]),
+                "output_mb": ms[-1].extra["output_mb"],
                 "extra_disk_mb": max(0.0, median([m.peak_disk_mb - m.extra["output_mb"] for m in ms])),
-                "largest_archive_mb": tar_mb, "archives_mb": total_mb,
-                "rates": [round(m.extra["kept"] / m.wall_s, 1) for m in ms], "load": [load_str(m) for m in ms],
+                "largest_archive_mb": tar_mb,
+                "archives_mb": total_mb,
+                "rates": [round(m.extra["kept"] / m.wall_s, 1) for m in ms],
+                "load": [load_str(m) for m in ms],
                 "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
             }
             if tool.startswith("fetch"):
                 s["in_run_kept_per_s"] = median([m.extra["in_run_kept_per_s"] for m in ms])
             summary[f"{variant}/{tool}"] = s
             all_runs[f"{variant}/{tool}"] = ms
-            rows.append([variant, tool, round(s["kept_per_s"], 1), round(s["cpu_ms_per_image"], 1), round(s["peak_rss_mb"]),
-                         round(s["peak_disk_mb"]), round(s["extra_disk_mb"]), round(tar_mb), kept, n_images,
-                         " ".join(map(str, s["rates"])), " ".join(s["load"])])
+            rows.append(
+                [
+                    variant,
+                    tool,
+                    round(s["kept_per_s"], 1),
+                    round(s["cpu_ms_per_image"], 1),
+                    round(s["peak_rss_mb"]),
+                    round(s["peak_disk_mb"]),
+                    round(s["extra_disk_mb"]),
+                    round(tar_mb),
+                    kept,
+                    n_images,
+                    " ".join(map(str, s["rates"])),
+                    " ".join(s["load"]),
+                ]
+            )
         if ceilings:
             c_rate = median([c["kept_per_s"] for c in ceilings])
-            summary[f"{variant}/ceiling"] = {"kept_per_s": c_rate, "cpu_ms_per_image": median([c["cpu_s"] / c["items"] * 1000 for c in ceilings]), "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
-            rows.append([variant, "ceiling (in memory, fast path)", round(c_rate, 1), round(summary[f"{variant}/ceiling"]["cpu_ms_per_image"], 1), "", "", "", "", ceilings[0]["kept"], ceilings[0]["items"],
-                         " ".join(map(str, summary[f"{variant}/ceiling"]["rates"])), " ".join(c["load"] for c in ceilings)])
+            summary[f"{variant}/ceiling"] = {
+                "kept_per_s": c_rate,
+                "cpu_ms_per_image": median([c["cpu_s"] / c["items"] * 1000 for c in ceilings]),
+                "rates": [round(c["kept_per_s"], 1) for c in ceilings],
+                "load": [c["load"] for c in ceilings],
+            }
+            rows.append(
+                [
+                    variant,
+                    "ceiling (in memory, fast path)",
+                    round(c_rate, 1),
+                    round(summary[f"{variant}/ceiling"]["cpu_ms_per_image"], 1),
+                    "",
+                    "",
+                    "",
+                    "",
+                    ceilings[0]["kept"],
+                    ceilings[0]["items"],
+                    " ".join(map(str, summary[f"{variant}/ceiling"]["rates"])),
+                    " ".join(c["load"] for c in ceilings),
+                ]
+            )
             if "fetch" in runs:
                 summary[f"{variant}/fetch_fraction_of_ceiling"] = summary[f"{variant}/fetch"]["kept_per_s"] / c_rate
         for base in ("seed", "seed-stock"):
             for t in ("fetch", "fetch-before"):
                 if {base, t} <= set(runs):
-                    summary[f"{variant}/{t}_vs_{base}"] = summary[f"{variant}/{t}"]["kept_per_s"] / summary[f"{variant}/{base}"]["kept_per_s"]
-                    summary[f"{variant}/{t}_cpu_ratio_vs_{base}"] = summary[f"{variant}/{base}"]["cpu_ms_per_image"] / summary[f"{variant}/{t}"]["cpu_ms_per_image"]
+                    summary[f"{variant}/{t}_vs_{base}"] = (
+                        summary[f"{variant}/{t}"]["kept_per_s"] / summary[f"{variant}/{base}"]["kept_per_s"]
+                    )
+                    summary[f"{variant}/{t}_cpu_ratio_vs_{base}"] = (
+                        summary[f"{variant}/{base}"]["cpu_ms_per_image"] / summary[f"{variant}/{t}"]["cpu_ms_per_image"]
+                    )
         if {"seed", "fetch"} <= set(runs):
             summary[f"{variant}/speedup"] = summary[f"{variant}/fetch"]["kept_per_s"] / summary[f"{variant}/seed"]["kept_per_s"]
     table = md_table(
-        ["archives", "pipeline", "kept img/s (median)", "CPU ms / image", "peak RSS MB", "peak disk MB", "extra disk MB (peak − output)",
-         "largest archive MB", "kept", "images", "kept img/s per run", "load 1m per run"], rows)
-    path = save_result(args.save_as, {"command": " ".join(sys.argv), "corpus": str(corpus), "args": vars(args), "summary": summary, "table": table, "runs": all_runs})
+        [
+            "archives",
+            "pipeline",
+            "kept img/s (median)",
+            "CPU ms / image",
+            "peak RSS MB",
+            "peak disk MB",
+            "extra disk MB (peak − output)",
+            "largest archive MB",
+            "kept",
+            "images",
+            "kept img/s per run",
+            "load 1m per run",
+        ],
+        rows,
+    )
+    path = save_result(
+        args.save_as,
+        {
+            "command": " ".join(sys.argv),
+            "corpus": str(corpus),
+            "args": vars(args),
+            "summary": summary,
+            "table": table,
+            "runs": all_runs,
+        },
+    )
     print(table)
     for k, v in summary.items():
         if k.endswith("speedup") or "_vs_" in k:

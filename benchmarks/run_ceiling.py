@@ -98,9 +98,16 @@ def inner(corpus: Path, source: str, config: str, processes: int, limit: int = 0
     import PIL
 
     return {
-        "source": source, "config": config, "processes": processes, "items": len(_DATA), "kept": kept.value,
-        "seconds": wall, "kept_per_s": kept.value / wall, "items_per_s": len(_DATA) / wall,
-        "cpu_s": cpu, "pillow": PIL.__version__,
+        "source": source,
+        "config": config,
+        "processes": processes,
+        "items": len(_DATA),
+        "kept": kept.value,
+        "seconds": wall,
+        "kept_per_s": kept.value / wall,
+        "items_per_s": len(_DATA) / wall,
+        "cpu_s": cpu,
+        "pillow": PIL.__version__,
     }
 
 
@@ -126,9 +133,24 @@ def pythons() -> dict[str, str]:
     return out
 
 
-def run_inner(python: str, corpus: Path, source: str, config: str, processes: int, limit: int = 0, timeout: float = 600) -> dict[str, Any]:
-    cmd = [python, str(Path(__file__).resolve()), "--inner", "--corpus", str(corpus), "--source", source, "--config", config,
-           "--processes", str(processes), "--limit", str(limit)]
+def run_inner(
+    python: str, corpus: Path, source: str, config: str, processes: int, limit: int = 0, timeout: float = 600
+) -> dict[str, Any]:
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--inner",
+        "--corpus",
+        str(corpus),
+        "--source",
+        source,
+        "--config",
+        config,
+        "--processes",
+        str(processes),
+        "--limit",
+        str(limit),
+    ]
     from common import loadavg
 
     before = loadavg()
@@ -172,21 +194,66 @@ def main() -> None:
         for source, config, name in combos:
             r = run_inner(pys[name], corpus, source, config, args.processes, args.limit)
             results.setdefault((source, config, name), []).append(r)
-            print(f"run {i} {source:5s} {config:5s} {name:28s} kept {r['kept']}/{r['items']} {r['kept_per_s']:.1f} kept/s "
-                  f"({r['items_per_s']:.1f} items/s, cpu {r['cpu_s']:.1f}s) load {r['load']}", flush=True)
+            print(
+                f"run {i} {source:5s} {config:5s} {name:28s} kept {r['kept']}/{r['items']} {r['kept_per_s']:.1f} kept/s "
+                f"({r['items_per_s']:.1f} items/s, cpu {r['cpu_s']:.1f}s) load {r['load']}",
+                flush=True,
+            )
     rows = []
     summary = []
     for (source, config, name), rs in results.items():
         s = {
-            "source": source, "config": config, "pillow": name, "kept": rs[0]["kept"], "items": rs[0]["items"],
-            "kept_per_s": median([r["kept_per_s"] for r in rs]), "items_per_s": median([r["items_per_s"] for r in rs]),
+            "source": source,
+            "config": config,
+            "pillow": name,
+            "kept": rs[0]["kept"],
+            "items": rs[0]["items"],
+            "kept_per_s": median([r["kept_per_s"] for r in rs]),
+            "items_per_s": median([r["items_per_s"] for r in rs]),
             "cpu_ms_per_item": median([r["cpu_s"] / r["items"] * 1000 for r in rs]),
-            "runs": [round(r["kept_per_s"], 1) for r in rs], "load": [r["load"] for r in rs],
+            "runs": [round(r["kept_per_s"], 1) for r in rs],
+            "load": [r["load"] for r in rs],
         }
         summary.append(s)
-        rows.append([source, config, name, s["kept"], s["items"], round(s["kept_per_s"], 1), round(s["items_per_s"], 1), round(s["cpu_ms_per_item"], 1), " ".join(map(str, s["runs"])), " ".join(s["load"])])
-    table = md_table(["corpus", "config", "Pillow", "kept", "items", "kept img/s (median)", "items/s", "CPU ms / item", "kept img/s per run", "load 1m per run"], rows)
-    path = save_result("ceiling", {"command": " ".join(sys.argv), "corpus": str(corpus), "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "table": table})
+        rows.append(
+            [
+                source,
+                config,
+                name,
+                s["kept"],
+                s["items"],
+                round(s["kept_per_s"], 1),
+                round(s["items_per_s"], 1),
+                round(s["cpu_ms_per_item"], 1),
+                " ".join(map(str, s["runs"])),
+                " ".join(s["load"]),
+            ]
+        )
+    table = md_table(
+        [
+            "corpus",
+            "config",
+            "Pillow",
+            "kept",
+            "items",
+            "kept img/s (median)",
+            "items/s",
+            "CPU ms / item",
+            "kept img/s per run",
+            "load 1m per run",
+        ],
+        rows,
+    )
+    path = save_result(
+        "ceiling",
+        {
+            "command": " ".join(sys.argv),
+            "corpus": str(corpus),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "summary": summary,
+            "table": table,
+        },
+    )
     print(table)
     print(f"results: {path}")
 

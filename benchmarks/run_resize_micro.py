@@ -33,7 +33,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BUCKETS = [(512, 768), (768, 1024), (1024, 1536), (1536, 2048), (2048, 2600)]  # every variant of a row set applies to all its images
+BUCKETS = [
+    (512, 768),
+    (768, 1024),
+    (1024, 1536),
+    (1536, 2048),
+    (2048, 2600),
+]  # every variant of a row set applies to all its images
 TARGET = 512
 
 
@@ -186,8 +192,12 @@ def main() -> None:
     jobs.append((str(stock) if stock.exists() else sys.executable, "opencv"))
     results = []
     for py, lib in jobs:
-        r = subprocess.run([py, __file__, "--inner", lib, "--inputs", str(inputs_file), "--repeats", str(args.repeats)],
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [py, __file__, "--inner", lib, "--inputs", str(inputs_file), "--repeats", str(args.repeats)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if r.returncode != 0:
             print(f"{lib} under {py} failed:\n{r.stderr[-1500:]}", file=sys.stderr)
             continue
@@ -199,11 +209,28 @@ def main() -> None:
         for res in results:
             for name, (dec, rsz, enc, n) in res["buckets"].get(bucket, {}).items():
                 total = dec + rsz + enc
-                rows.append([bucket, res["lib"], name, round(dec, 1), round(rsz, 1), round(enc, 1), round(total, 1), round(1000 / total, 1), n])
-    table = md_table(["short side", "library", "variant", "decode ms", "resize ms", "encode ms", "total ms", "img/s (1 core)", "images"], rows)
+                rows.append(
+                    [
+                        bucket,
+                        res["lib"],
+                        name,
+                        round(dec, 1),
+                        round(rsz, 1),
+                        round(enc, 1),
+                        round(total, 1),
+                        round(1000 / total, 1),
+                        n,
+                    ]
+                )
+    table = md_table(
+        ["short side", "library", "variant", "decode ms", "resize ms", "encode ms", "total ms", "img/s (1 core)", "images"], rows
+    )
     from common import loadavg
 
-    path = save_result("micro", {"command": " ".join(sys.argv), "corpus": str(corpus), "results": results, "table": table, "load_after": loadavg()})
+    path = save_result(
+        "micro",
+        {"command": " ".join(sys.argv), "corpus": str(corpus), "results": results, "table": table, "load_after": loadavg()},
+    )
     print(table)
     print(f"results: {path}")
 

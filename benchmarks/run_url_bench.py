@@ -26,8 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
 from common import (  # noqa: E402
-    ROOT, WORK, Measurement, byte_compile, fetch_env, fetch_help, fresh_dir, load_str, main_python, md_table, measure, run_dir,
-    median, save_result, venv_python,
+    ROOT,
+    WORK,
+    Measurement,
+    byte_compile,
+    fetch_env,
+    fetch_help,
+    fresh_dir,
+    load_str,
+    main_python,
+    md_table,
+    measure,
+    median,
+    run_dir,
+    save_result,
+    venv_python,
 )
 from run_ceiling import run_inner  # noqa: E402
 from server import Nginx  # noqa: E402
@@ -37,9 +50,27 @@ I2D_VENV = "venv-img2dataset"
 
 def fetch_cmd(urls: Path, out: Path, workers: int, concurrency: int, help_text: str) -> list[str]:
     cmd = [
-        main_python(), str(ROOT / "bin" / "fetch"), "--dataset", "urls", "--urls", str(urls), "--out", str(out),
-        "--no-progress", "--workers", str(workers), "--concurrency", str(concurrency),
-        "--min-size", "256", "--max-size", "512", "--quality", "95", "--retries", "0",
+        main_python(),
+        str(ROOT / "bin" / "fetch"),
+        "--dataset",
+        "urls",
+        "--urls",
+        str(urls),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--workers",
+        str(workers),
+        "--concurrency",
+        str(concurrency),
+        "--min-size",
+        "256",
+        "--max-size",
+        "512",
+        "--quality",
+        "95",
+        "--retries",
+        "0",
     ]
     if "--allow-private-networks" in help_text:
         cmd.append("--allow-private-networks")
@@ -49,12 +80,43 @@ def fetch_cmd(urls: Path, out: Path, workers: int, concurrency: int, help_text: 
 def i2d_cmd(urls: Path, out: Path, processes: int, threads: int, per_shard: int, skip_reencode: bool = False) -> list[str]:
     exe = venv_python(I2D_VENV).parent / "img2dataset"
     cmd = [
-        str(exe), "--url_list", str(urls), "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
-        "--output_format", "webdataset", "--output_folder", str(out), "--processes_count", str(processes),
-        "--thread_count", str(threads), "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "True",
-        "--image_size", "512", "--min_image_size", "256", "--encode_format", "jpg", "--encode_quality", "95",
-        "--number_sample_per_shard", str(per_shard), "--timeout", "20", "--retries", "0",
-        "--enable_wandb", "False",
+        str(exe),
+        "--url_list",
+        str(urls),
+        "--input_format",
+        "parquet",
+        "--url_col",
+        "url",
+        "--caption_col",
+        "caption",
+        "--output_format",
+        "webdataset",
+        "--output_folder",
+        str(out),
+        "--processes_count",
+        str(processes),
+        "--thread_count",
+        str(threads),
+        "--resize_mode",
+        "keep_ratio",
+        "--resize_only_if_bigger",
+        "True",
+        "--image_size",
+        "512",
+        "--min_image_size",
+        "256",
+        "--encode_format",
+        "jpg",
+        "--encode_quality",
+        "95",
+        "--number_sample_per_shard",
+        str(per_shard),
+        "--timeout",
+        "20",
+        "--retries",
+        "0",
+        "--enable_wandb",
+        "False",
     ]
     if skip_reencode:
         cmd += ["--skip_reencode", "True"]
@@ -68,7 +130,9 @@ def snapshot(rev: str) -> Path:
     dest = WORK / f"fetch-{rev}"
     if not (dest / "bin" / "fetch").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "bin", "fastfetch"], capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev, "bin", "fastfetch"], capture_output=True, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     byte_compile(dest)
     return dest
@@ -125,7 +189,9 @@ def explain_differences(items: list[dict], base: str, fetch_out: Path, i2d_out: 
     return {"both": len(a & b), "only_fetch": dict(only_fetch), "only_img2dataset": dict(only_i2d)}
 
 
-def run_one(tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: str, srv: Nginx) -> tuple[Measurement, dict[str, Any], Path]:
+def run_one(
+    tool: str, i: int, urls: Path, args: argparse.Namespace, help_text: str, srv: Nginx
+) -> tuple[Measurement, dict[str, Any], Path]:
     out = fresh_dir(WORK / "url" / f"{tool}-{i}")
     if tool != "fetch":
         out.rmdir()  # img2dataset makes it (an existing folder + overwrite mode loses its _tmp)
@@ -154,10 +220,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=32, help="img2dataset --thread_count (use --sweep-threads to pick)")
     p.add_argument("--concurrency", type=int, default=256, help="bin/fetch --concurrency")
     p.add_argument("--per-shard", type=int, default=0, help="img2dataset --number_sample_per_shard (default: items/20, ≥ 50)")
-    p.add_argument("--tools", default="fetch,img2dataset", help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), "
-                   "fetch-before (bin/fetch of commit --before)")
-    p.add_argument("--repeat", type=int, default=1, help="list every corpus URL this many times (copies differ by a ?copy=N "
-                   "query, which nginx ignores): more work per run, so start-up weighs as little as in a real job")
+    p.add_argument(
+        "--tools",
+        default="fetch,img2dataset",
+        help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), fetch-before (bin/fetch of commit --before)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="list every corpus URL this many times (copies differ by a ?copy=N "
+        "query, which nginx ignores): more work per run, so start-up weighs as little as in a real job",
+    )
     p.add_argument("--before", default="39e4671", help="commit whose bin/fetch the fetch-before tool runs")
     p.add_argument("--sweep-threads", action="store_true", help="one img2dataset run per thread count in --sweep, then stop")
     p.add_argument("--sweep", default="8,16,32,64,128", help="thread counts for --sweep-threads")
@@ -216,8 +290,15 @@ def main() -> None:
             if not args.no_ceiling:
                 c = run_inner(main_python(), corpus, "web", "fast", args.processes)
                 ceilings.append(c)
-                print(f"run {i} ceiling (in memory, fast path, same Pillow as bin/fetch): {c['kept_per_s']:.1f} kept/s, load {c['load']}", flush=True)
-        diff = explain_differences(items, srv.base, outs["fetch"], outs["img2dataset"]) if {"fetch", "img2dataset"} <= set(outs) else {}
+                print(
+                    f"run {i} ceiling (in memory, fast path, same Pillow as bin/fetch): {c['kept_per_s']:.1f} kept/s, load {c['load']}",
+                    flush=True,
+                )
+        diff = (
+            explain_differences(items, srv.base, outs["fetch"], outs["img2dataset"])
+            if {"fetch", "img2dataset"} <= set(outs)
+            else {}
+        )
 
     rows = []
     summary: dict[str, Any] = {}
@@ -225,25 +306,58 @@ def main() -> None:
         kept = ms[-1].extra["counts"]["kept"]
         rates = [m.extra["counts"]["kept"] / m.wall_s for m in ms]
         s = {
-            "kept_per_s": median(rates), "urls_per_s": median([n / m.wall_s for m in ms]),
-            "cpu_ms_per_url": median([m.cpu_s / n * 1000 for m in ms]), "cpu_ms_per_kept": median([m.cpu_s / kept * 1000 for m in ms]),
-            "peak_rss_mb": median([m.peak_rss_mb for m in ms]), "kept": kept, "rejected": ms[-1].extra["counts"]["rejected"],
-            "wall_s": [round(m.wall_s, 2) for m in ms], "rates": [round(r, 1) for r in rates],
-            "load": [load_str(m) for m in ms], "other_cpu_s": [round(m.other_cpu_s, 1) for m in ms],
+            "kept_per_s": median(rates),
+            "urls_per_s": median([n / m.wall_s for m in ms]),
+            "cpu_ms_per_url": median([m.cpu_s / n * 1000 for m in ms]),
+            "cpu_ms_per_kept": median([m.cpu_s / kept * 1000 for m in ms]),
+            "peak_rss_mb": median([m.peak_rss_mb for m in ms]),
+            "kept": kept,
+            "rejected": ms[-1].extra["counts"]["rejected"],
+            "wall_s": [round(m.wall_s, 2) for m in ms],
+            "rates": [round(r, 1) for r in rates],
+            "load": [load_str(m) for m in ms],
+            "other_cpu_s": [round(m.other_cpu_s, 1) for m in ms],
             "cpu_main_s": [m.extra.get("cpu_main_s") for m in ms],
         }
         if tool.startswith("fetch"):  # bin/fetch's own in-run rate (after imports and planning), for reference
             s["in_run_kept_per_s"] = median([m.extra["counts"]["this_run"]["kept_per_s"] for m in ms])
         summary[tool] = s
-        rows.append([tool, round(s["kept_per_s"], 1), round(s["urls_per_s"], 1), round(s["cpu_ms_per_url"], 1), round(s["peak_rss_mb"]), kept, " ".join(map(str, s["rates"])), " ".join(s["load"])])
+        rows.append(
+            [
+                tool,
+                round(s["kept_per_s"], 1),
+                round(s["urls_per_s"], 1),
+                round(s["cpu_ms_per_url"], 1),
+                round(s["peak_rss_mb"]),
+                kept,
+                " ".join(map(str, s["rates"])),
+                " ".join(s["load"]),
+            ]
+        )
     if "fetch" in summary and "img2dataset" in summary:
         summary["speedup"] = summary["fetch"]["kept_per_s"] / summary["img2dataset"]["kept_per_s"]
     if ceilings:
         c_rate = median([c["kept_per_s"] for c in ceilings])
         # the ceiling runs over the corpus once (its rate does not depend on the copies)
-        summary["ceiling"] = {"kept_per_s": c_rate, "kept": ceilings[0]["kept"],
-                              "cpu_ms_per_url": median([c["cpu_s"] / (n / args.repeat) * 1000 for c in ceilings]), "rates": [round(c["kept_per_s"], 1) for c in ceilings], "load": [c["load"] for c in ceilings]}
-        rows.append(["ceiling (in memory, fast path)", round(c_rate, 1), "", round(summary["ceiling"]["cpu_ms_per_url"], 1), "", ceilings[0]["kept"], " ".join(map(str, summary["ceiling"]["rates"])), " ".join(summary["ceiling"]["load"])])
+        summary["ceiling"] = {
+            "kept_per_s": c_rate,
+            "kept": ceilings[0]["kept"],
+            "cpu_ms_per_url": median([c["cpu_s"] / (n / args.repeat) * 1000 for c in ceilings]),
+            "rates": [round(c["kept_per_s"], 1) for c in ceilings],
+            "load": [c["load"] for c in ceilings],
+        }
+        rows.append(
+            [
+                "ceiling (in memory, fast path)",
+                round(c_rate, 1),
+                "",
+                round(summary["ceiling"]["cpu_ms_per_url"], 1),
+                "",
+                ceilings[0]["kept"],
+                " ".join(map(str, summary["ceiling"]["rates"])),
+                " ".join(summary["ceiling"]["load"]),
+            ]
+        )
         if "fetch" in summary:
             summary["fetch_fraction_of_ceiling"] = summary["fetch"]["kept_per_s"] / c_rate
         for t in ("fetch", "fetch-before"):
@@ -252,12 +366,24 @@ def main() -> None:
     for t in ("fetch", "fetch-before"):
         if t in summary and "img2dataset" in summary:
             summary[f"{t}_cpu_ratio_vs_img2dataset"] = summary["img2dataset"]["cpu_ms_per_url"] / summary[t]["cpu_ms_per_url"]
-    table = md_table(["tool", "kept img/s (median)", "URLs/s", "CPU ms / URL", "peak RSS MB", "kept", "kept img/s per run", "load 1m per run"], rows)
+    table = md_table(
+        ["tool", "kept img/s (median)", "URLs/s", "CPU ms / URL", "peak RSS MB", "kept", "kept img/s per run", "load 1m per run"],
+        rows,
+    )
     cmd = " ".join(sys.argv)
-    path = save_result("url", {
-        "command": cmd, "corpus": str(corpus), "items": n, "args": vars(args), "summary": summary, "differences": diff,
-        "table": table, "runs": {t: ms for t, ms in runs.items()},
-    })
+    path = save_result(
+        "url",
+        {
+            "command": cmd,
+            "corpus": str(corpus),
+            "items": n,
+            "args": vars(args),
+            "summary": summary,
+            "differences": diff,
+            "table": table,
+            "runs": {t: ms for t, ms in runs.items()},
+        },
+    )
     print(table)
     if "speedup" in summary:
         print(f"\nfetch / img2dataset = {summary['speedup']:.2f}×")

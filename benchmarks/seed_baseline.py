@@ -135,10 +135,18 @@ def main() -> None:
     mds = os.path.join(args.datadir, "mds")
     merge_index([os.path.join(mds, str(i), "index.json") for i in range(args.num_proc)], out=mds, keep_local=True)
     t3 = time.perf_counter()
-    print(json.dumps({
-        "written": int(sum(written)), "resized": int(sum(resized)), "captions_s": t1 - t0, "download_extract_resize_s": t2 - t1,
-        "convert_s": t3 - t2, "total_s": t3 - t0,
-    }))
+    print(
+        json.dumps(
+            {
+                "written": int(sum(written)),
+                "resized": int(sum(resized)),
+                "captions_s": t1 - t0,
+                "download_extract_resize_s": t2 - t1,
+                "convert_s": t3 - t2,
+                "total_s": t3 - t0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class Nginx:
         user = "user root;" if os.geteuid() == 0 else ""
         extra = ""
         for prefix, headers in self.locations.items():
-            adds = "".join(f"            add_header {k} \"{v}\" always;\n" for k, v in headers.items())
+            adds = "".join(f'            add_header {k} "{v}" always;\n' for k, v in headers.items())
             extra += f"        location {prefix} {{\n{adds}        }}\n"
         return f"""
 {user}
@@ -109,7 +109,9 @@ http {{
             conf.write_text(self._config())
             self.proc = subprocess.Popen(
                 [nginx_binary(), "-c", str(conf), "-p", str(self.dir), "-e", str(self.dir / "error.log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
             if self._wait_ready():
                 return self

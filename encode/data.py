@@ -54,12 +54,12 @@ def _raw_sample(shard: Any, data: bytes) -> dict[str, Column]:
     sizes, idx = [], 0
     for size in shard.column_sizes:
         if size is None:
-            size = int.from_bytes(data[idx:idx + 4], "little")
+            size = int.from_bytes(data[idx : idx + 4], "little")
             idx += 4
         sizes.append(size)
     row: dict[str, Column] = {}
     for name, encoding, size in zip(shard.column_names, shard.column_encodings, sizes):
-        row[name] = Column(encoding, data[idx:idx + size])
+        row[name] = Column(encoding, data[idx : idx + size])
         idx += size
     return row
 
@@ -86,8 +86,9 @@ def input_columns(shards: Sequence[dict], uniform: bool) -> dict[str, str]:
     found: dict[str, str] | None = None
     for shard in shards:
         if shard.get("format", "mds") != "mds":
-            raise ValueError(f"{shard.get('raw_data', {}).get('basename')}: format {shard.get('format')!r}, "
-                             "only MDS shards can be encoded")
+            raise ValueError(
+                f"{shard.get('raw_data', {}).get('basename')}: format {shard.get('format')!r}, only MDS shards can be encoded"
+            )
         cols = dict(zip(shard["column_names"], shard["column_encodings"]))
         for name, allowed in REQUIRED.items():
             if cols.get(name) not in allowed:
@@ -96,8 +97,7 @@ def input_columns(shards: Sequence[dict], uniform: bool) -> dict[str, str]:
         if found is None:
             found = cols
         elif uniform and cols != found:
-            raise ValueError(f"the input's shards have different columns ({found} and {cols}): "
-                             "copied columns need one schema")
+            raise ValueError(f"the input's shards have different columns ({found} and {cols}): copied columns need one schema")
     return found or {}
 
 
@@ -154,10 +154,18 @@ class ImageRows(torch.utils.data.Dataset):
     loop lets the workers do a resume's key lookups in parallel with encoding.
     """
 
-    def __init__(self, source: StreamingDataset, indices: Sequence[int], resolutions: Sequence[int],
-                 tokenize: Tokenize, noise_shapes: dict[int, tuple[int, ...]] | None, seed: int,
-                 copy: Sequence[str] = (), done: frozenset[str] = frozenset(),
-                 clean: Callable[[str], str] | None = None):
+    def __init__(
+        self,
+        source: StreamingDataset,
+        indices: Sequence[int],
+        resolutions: Sequence[int],
+        tokenize: Tokenize,
+        noise_shapes: dict[int, tuple[int, ...]] | None,
+        seed: int,
+        copy: Sequence[str] = (),
+        done: frozenset[str] = frozenset(),
+        clean: Callable[[str], str] | None = None,
+    ):
         self.source, self.indices, self.done, self.clean = source, indices, done, clean
         self.resolutions = sorted(resolutions)
         self.tokenize, self.noise_shapes, self.seed, self.copy = tokenize, noise_shapes, seed, tuple(copy)

@@ -67,8 +67,16 @@ class StreamingLatentsDataset(StreamingDataset):
     """Latent rows decoded to tensors: `image_latents`, `caption_latents`, `caption`,
     `drop_caption_mask` (0. with probability `cap_drop_prob`, for classifier-free guidance)."""
 
-    def __init__(self, *, streams: Sequence[Stream], image_shape: Sequence[int], caption_shape: Sequence[int],
-                 image_size: int, cap_drop_prob: float, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        streams: Sequence[Stream],
+        image_shape: Sequence[int],
+        caption_shape: Sequence[int],
+        image_size: int,
+        cap_drop_prob: float,
+        **kwargs: Any,
+    ):
         super().__init__(streams=streams, **kwargs)
         self.image_key = f"latents_{image_size}"
         self.image_shape, self.caption_shape = tuple(image_shape), (1, *caption_shape)
@@ -124,8 +132,10 @@ def _first_row(path: str, cache_dir: str | None) -> dict[str, Any]:
     if shard is None:
         raise ValueError(f"{path} holds no rows")
     if shard.get("format", "mds") != "mds" or shard.get("compression"):
-        raise ValueError(f"{path}: its shards are {shard.get('compression') or shard.get('format')}; pass "
-                         "cap_seq_size, cap_emb_dim and latent_channels instead of having them read from a row")
+        raise ValueError(
+            f"{path}: its shards are {shard.get('compression') or shard.get('format')}; pass "
+            "cap_seq_size, cap_emb_dim and latent_channels instead of having them read from a row"
+        )
     fetch_small_file(path, shard["raw_data"]["basename"], cache_dir)
     return reader_from_json(stream_location(path, cache_dir)[1], None, shard).get_item(0)
 
@@ -140,8 +150,14 @@ def _other(n_bytes: int, known: int, given: int | None, what: str, expect: str, 
     return other
 
 
-def _layout(path: str, image_size: int, cap_seq_size: int | None, cap_emb_dim: int | None,
-            latent_channels: int | None, cache_dir: str | None) -> LatentFolder:
+def _layout(
+    path: str,
+    image_size: int,
+    cap_seq_size: int | None,
+    cap_emb_dim: int | None,
+    latent_channels: int | None,
+    cache_dir: str | None,
+) -> LatentFolder:
     key = f"latents_{image_size}"
     meta = _meta_or_none(path, cache_dir)
     if meta is not None:
@@ -149,12 +165,16 @@ def _layout(path: str, image_size: int, cap_seq_size: int | None, cap_emb_dim: i
             have = sorted(int(k.split("_")[1]) for k in meta["shapes"] if k.startswith("latents_"))
             raise ValueError(f"{path} has no {key} (resolutions: {have}); pass one of those as image_size")
         image_shape, caption_shape = tuple(meta["shapes"][key]), tuple(meta["shapes"]["caption_latents"])
-        asked = {"cap_seq_size": (cap_seq_size, caption_shape[0]), "cap_emb_dim": (cap_emb_dim, caption_shape[1]),
-                 "latent_channels": (latent_channels, image_shape[0])}
+        asked = {
+            "cap_seq_size": (cap_seq_size, caption_shape[0]),
+            "cap_emb_dim": (cap_emb_dim, caption_shape[1]),
+            "latent_channels": (latent_channels, image_shape[0]),
+        }
         wrong = {k: v for k, (v, recorded) in asked.items() if v is not None and v != recorded}
         if wrong:
-            raise ValueError(f"{path}: {wrong} disagree with its {META_NAME} (caption {list(caption_shape)}, "
-                             f"{key} {list(image_shape)})")
+            raise ValueError(
+                f"{path}: {wrong} disagree with its {META_NAME} (caption {list(caption_shape)}, {key} {list(image_shape)})"
+            )
         return LatentFolder(path, image_shape, (caption_shape[0], caption_shape[1]), latent_space(meta))
     side = image_size // LATENT_DOWNSAMPLE
     if cap_seq_size and cap_emb_dim and latent_channels:  # all given: no row to read (compressed shards too)
@@ -163,12 +183,23 @@ def _layout(path: str, image_size: int, cap_seq_size: int | None, cap_emb_dim: i
     if key not in row:
         have = sorted(int(k.split("_")[1]) for k in row if k.startswith("latents_") and k[8:].isdigit())
         raise ValueError(f"{path} has no {key} (resolutions: {have}); pass one of those as image_size")
-    channels = _other(len(row[key]), side * side, latent_channels, f"{path} {key}",
-                      f"{latent_channels or 'channels'} × {side} × {side}",
-                      f"pass latent_channels, or check image_size ({LATENT_DOWNSAMPLE}× downsampling is assumed)")
+    channels = _other(
+        len(row[key]),
+        side * side,
+        latent_channels,
+        f"{path} {key}",
+        f"{latent_channels or 'channels'} × {side} × {side}",
+        f"pass latent_channels, or check image_size ({LATENT_DOWNSAMPLE}× downsampling is assumed)",
+    )
     seq = cap_seq_size or CAPTION_SEQ
-    dim = _other(len(row["caption_latents"]), seq, cap_emb_dim, f"{path} caption_latents",
-                 f"{seq} × {cap_emb_dim or 'width'}", "pass cap_seq_size and cap_emb_dim")
+    dim = _other(
+        len(row["caption_latents"]),
+        seq,
+        cap_emb_dim,
+        f"{path} caption_latents",
+        f"{seq} × {cap_emb_dim or 'width'}",
+        "pass cap_seq_size and cap_emb_dim",
+    )
     return LatentFolder(path, (channels, side, side), (seq, dim), None)
 
 
@@ -208,18 +239,25 @@ def build_streaming_latents_dataloader(
     known = [lay for lay in layouts if lay.space is not None]
     unknown = [lay.path for lay in layouts if lay.space is None]
     if known and unknown and not allow_unknown_models:
-        raise ValueError(f"{unknown[0]} has no {META_NAME}, so the models behind its latents are unknown, while "
-                         f"{known[0].path} was encoded by {known[0].space}: mixing them could mix latent spaces; "
-                         "pass allow_unknown_models=True if they were made by the same models")
+        raise ValueError(
+            f"{unknown[0]} has no {META_NAME}, so the models behind its latents are unknown, while "
+            f"{known[0].path} was encoded by {known[0].space}: mixing them could mix latent spaces; "
+            "pass allow_unknown_models=True if they were made by the same models"
+        )
     for odd in known[1:]:
         a, b = known[0].space or {}, odd.space or {}
         if _frozen(a) != _frozen(b):
             diff = {k: (a.get(k), b.get(k)) for k in a if a.get(k) != b.get(k)}
-            raise ValueError(f"{known[0].path} and {odd.path} were encoded by different models {diff}: "
-                             "their latents do not mix")
-    (image_shape, caption_shape), = shapes
+            raise ValueError(f"{known[0].path} and {odd.path} were encoded by different models {diff}: their latents do not mix")
+    ((image_shape, caption_shape),) = shapes
     streams = [Stream(remote=remote, local=local) for remote, local in (stream_location(p, cache_dir) for p in paths)]
-    dataset = StreamingLatentsDataset(streams=streams, image_shape=image_shape, caption_shape=caption_shape,
-                                      image_size=image_size, cap_drop_prob=cap_drop_prob, shuffle=shuffle,
-                                      batch_size=batch_size)
+    dataset = StreamingLatentsDataset(
+        streams=streams,
+        image_shape=image_shape,
+        caption_shape=caption_shape,
+        image_size=image_size,
+        cap_drop_prob=cap_drop_prob,
+        shuffle=shuffle,
+        batch_size=batch_size,
+    )
     return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **dataloader_kwargs)

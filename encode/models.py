@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -38,7 +39,8 @@ def _from_pretrained(cls, name: str, subfolder: str | None, **kwargs):
         except (OSError, ValueError) as e:
             errors.append(f"{'/'.join(p for p in (name, sub) if p)}: {e}")
     hint = (
-        "the folder has no model files" if os.path.isdir(name)
+        "the folder has no model files"
+        if os.path.isdir(name)
         else "check the id, log in with HF_TOKEN for gated repos, or unset HF_HUB_OFFLINE"
     )
     raise ModelLoadError(f"cannot load {cls.__name__} from {name!r} ({hint}):\n  " + "\n  ".join(errors))
@@ -83,9 +85,7 @@ class TextSpec:
     def parse(cls, value: str) -> "TextSpec":
         kind, sep, name = value.partition(":")
         if not sep or kind not in TEXT_KINDS or not name:
-            raise ValueError(
-                f"--text-encoder {value!r}: expected one of {', '.join(k + ':<id or path>' for k in TEXT_KINDS)}"
-            )
+            raise ValueError(f"--text-encoder {value!r}: expected one of {', '.join(k + ':<id or path>' for k in TEXT_KINDS)}")
         return cls(kind, name)
 
     def __str__(self) -> str:
@@ -104,9 +104,7 @@ class Tokenize:
         if self.open_clip_style:  # SimpleTokenizer pads with 0 and always fills context_length
             ids = self.tokenizer([caption])[0].long()
             return ids, (ids != 0).long()
-        enc = self.tokenizer(
-            caption, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        )
+        enc = self.tokenizer(caption, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
         return enc.input_ids[0].long(), enc.attention_mask[0].long()
 
 
@@ -167,8 +165,10 @@ def _open_clip_name(name: str) -> tuple[str, str | None]:
         return name, None
     arch, sep, tag = name.partition("@")
     if not sep or not tag:
-        raise ModelLoadError(f"openclip:{name}: give weights as hf-hub:<repo>, a folder, or <architecture>@<tag> "
-                             "(open_clip.list_pretrained() lists the tags)")
+        raise ModelLoadError(
+            f"openclip:{name}: give weights as hf-hub:<repo>, a folder, or <architecture>@<tag> "
+            "(open_clip.list_pretrained() lists the tags)"
+        )
     return arch, tag
 
 
@@ -220,9 +220,19 @@ class Encoder:
     shape; the padding rows are dropped again before returning.
     """
 
-    def __init__(self, vae, text: TextEncoder, *, device: torch.device, dtype: torch.dtype,
-                 batch_size: int, latent_mode: str, compile: bool, channels_last: bool = True,
-                 text_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        vae,
+        text: TextEncoder,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+        latent_mode: str,
+        compile: bool,
+        channels_last: bool = True,
+        text_dtype: torch.dtype = torch.float32,
+    ):
         self.device, self.dtype, self.batch_size, self.latent_mode = device, dtype, batch_size, latent_mode
         self.text_dtype = text_dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -282,4 +292,3 @@ def describe(vae, vae_name: str, text: TextEncoder, spec: TextSpec, text_dtype: 
         "text_dtype": text_dtype,
         "caption_latents_shape": [text.seq_len, text.dim],
     }
-

@@ -14,16 +14,11 @@ import hashlib
 import json
 import os
 import tempfile
-import urllib.parse
 
 from fastfetch import storage
+from fastfetch.storage import is_remote
 
 INDEX = "index.json"
-
-
-def is_remote(path: str) -> bool:
-    """True for URLs with a scheme (s3://, gs://, oci://, hf://…); Streaming downloads those."""
-    return urllib.parse.urlparse(str(path)).scheme not in ("", "file")
 
 
 def stream_location(path: str, cache_dir: str | None = None) -> tuple[str | None, str]:
@@ -66,25 +61,7 @@ def fetched_dataset(data: str, cache_dir: str | None = None) -> str | None:
     return dataset if isinstance(dataset, str) else None
 
 
-def upload_files(local_dir: str, remote_dir: str, names: list[str]) -> None:
-    """Upload `names` from `local_dir` to `remote_dir`, in the given order."""
-    storage.upload(local_dir, remote_dir, names)
-
-
-def remote_names(remote: str) -> set[str]:
-    """Every object below `remote`, as paths relative to it."""
-    return set(storage.relative_names(remote))
-
-
-def pull_small_files(remote: str, local: str, names: tuple[str, ...]) -> int:
-    """Download every `<folder>/<name>` under `remote` whose name is in `names` and is missing
-    locally; returns how many were fetched."""
-    fetched = 0
-    for rel in sorted(remote_names(remote)):
-        if rel.count("/") != 1 or rel.rsplit("/", 1)[1] not in names:
-            continue
-        dest = os.path.join(local, rel)
-        if not os.path.exists(dest):
-            storage.download(f"{remote.rstrip('/')}/{rel}", dest)
-            fetched += 1
-    return fetched
+def pull_small_files(remote: str, local: str, names: tuple[str, ...]) -> None:
+    """Download every `<chunk>/<name>` under `remote` whose name is in `names` and is missing
+    locally (finished chunks never change)."""
+    storage.pull(remote, local, lambda rel: rel.count("/") == 1 and rel.rsplit("/", 1)[1] in names, refresh=False)

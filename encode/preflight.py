@@ -19,7 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from encode.paths import INDEX, remote_names, stream_location
+from encode.paths import INDEX, stream_location
+from fastfetch import storage
 from fastfetch.mdswriter import hasher
 
 _CHUNK = 8 << 20
@@ -72,16 +73,17 @@ def read_index(path: str, cache_dir: str | None = None) -> Dataset:
 def problems(ds: Dataset, rank: int = 0, world: int = 1, verify: bool = True) -> list[str]:
     """What is wrong with this rank's share of the shards (empty when they are whole)."""
     if not ds.rows:
-        return [f"{ds.remote or ds.root} holds no rows ({len(ds.shards)} shards in its {INDEX}): nothing to encode; "
-                "fetch some units first"]
+        return [
+            f"{ds.remote or ds.root} holds no rows ({len(ds.shards)} shards in its {INDEX}): nothing to encode; "
+            "fetch some units first"
+        ]
     twice = sorted(name for name, n in Counter(map(_stored_name, ds.shards)).items() if n > 1)
     if twice:  # every row of those shards would be encoded twice
         return [f"{ds.remote or ds.root}/{INDEX} lists {name} more than once" for name in twice[:5]]
     mine = [s for i, s in enumerate(ds.shards) if i % world == rank]
     if ds.remote is not None:
-        present = remote_names(ds.remote)
-        return [f"{ds.remote}/{name}: missing (listed in {INDEX})" for name in map(_stored_name, mine)
-                if name not in present]
+        present = set(storage.relative_names(ds.remote))
+        return [f"{ds.remote}/{name}: missing (listed in {INDEX})" for name in map(_stored_name, mine) if name not in present]
     found: list[str] = []
     for shard in mine:
         problem = _check_local(ds.root, shard, verify)

@@ -31,7 +31,6 @@ import torch
 from streaming import MDSWriter
 from streaming.base.util import merge_index
 
-from encode.paths import upload_files
 from fastfetch import storage
 
 META_NAME = "latents.json"
@@ -46,9 +45,9 @@ def chunk_dirs(out: str) -> list[str]:
     if not os.path.isdir(out):
         return []
     return sorted(
-        os.path.join(out, d) for d in os.listdir(out)
-        if d.startswith("r") and "-c" in d and not d.endswith(TMP_SUFFIX)
-        and os.path.exists(os.path.join(out, d, "index.json"))
+        os.path.join(out, d)
+        for d in os.listdir(out)
+        if d.startswith("r") and "-c" in d and not d.endswith(TMP_SUFFIX) and os.path.exists(os.path.join(out, d, "index.json"))
     )
 
 
@@ -85,8 +84,7 @@ def own_columns(resolutions: Sequence[int]) -> dict[str, str]:
     return cols
 
 
-def copied_columns(inputs: Mapping[str, str], resolutions: Sequence[int], copy_all: bool,
-                   keep_images: bool) -> dict[str, str]:
+def copied_columns(inputs: Mapping[str, str], resolutions: Sequence[int], copy_all: bool, keep_images: bool) -> dict[str, str]:
     """The input columns written next to the latents, with their encodings: all of them with
     `--copy-columns` (so a reader of the input format, e.g. mosaicml's StreamingLAIONDataset,
     reads the output too), only `jpg` with `--keep-images`. A column the encoder writes itself
@@ -99,7 +97,7 @@ def copied_columns(inputs: Mapping[str, str], resolutions: Sequence[int], copy_a
 
 
 def _is_latents(name: str) -> bool:
-    return name.startswith("latents_") and name[len("latents_"):].isdigit()
+    return name.startswith("latents_") and name[len("latents_") :].isdigit()
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -121,8 +119,7 @@ class ChunkWriter:
     def __init__(self, out: str, rank: int, cols: dict[str, str], chunk_rows: int, remote: str | None = None):
         self.out, self.rank, self.cols, self.chunk_rows, self.remote = out, rank, cols, chunk_rows, remote
         prefix = f"r{rank:05d}-c"
-        taken = [int(os.path.basename(d)[len(prefix):]) for d in chunk_dirs(out)
-                 if os.path.basename(d).startswith(prefix)]
+        taken = [int(os.path.basename(d)[len(prefix) :]) for d in chunk_dirs(out) if os.path.basename(d).startswith(prefix)]
         self.next_chunk = max(taken, default=-1) + 1
         self.writer: MDSWriter | None = None
         self.keys: list[str] = []
@@ -158,7 +155,7 @@ class ChunkWriter:
         then free the local shards."""
         name = os.path.basename(chunk)
         shards = sorted(f for f in os.listdir(chunk) if f not in CHUNK_BOOKKEEPING)
-        upload_files(chunk, f"{self.remote}/{name}", shards + list(CHUNK_BOOKKEEPING))
+        storage.upload(chunk, f"{self.remote}/{name}", shards + list(CHUNK_BOOKKEEPING))
         for f in shards:
             os.remove(os.path.join(chunk, f))
 
@@ -174,7 +171,7 @@ class AsyncWriter:
     def __init__(self, chunks: ChunkWriter, stats: Counter, max_pending: int = 4):
         self.chunks, self.stats = chunks, stats
         for name in ("rows", "skipped_non_finite"):  # the thread only updates existing keys, so the
-            stats.setdefault(name, 0)                # main thread can copy `stats` while it runs
+            stats.setdefault(name, 0)  # main thread can copy `stats` while it runs
         self.queue: queue.Queue = queue.Queue(max_pending)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="latent-writer", daemon=True)

@@ -48,26 +48,29 @@ _BEFORE_HTML = _steps(
 
 # Between markup stripping and the ftfy/unescape step.
 _BEFORE_FIX = _steps(
-    (r"@[\w\d]+\b", ""),                                   # @handles
+    (r"@[\w\d]+\b", ""),  # @handles
     # CJK strokes .. unified ideographs (U+31C0-U+9FFF); the seed deletes these seven
     # adjacent blocks one by one, which deletes exactly the same characters.
     (r"[\u31c0-\u9fff]+", ""),
-    (r"[\u002D\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40"
-     r"\u301C\u3030\u30A0\uFE31\uFE32\uFE58\uFE63\uFF0D]+", "-"),  # every dash -> "-"
+    (
+        r"[\u002D\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40"
+        r"\u301C\u3030\u30A0\uFE31\uFE32\uFE58\uFE63\uFF0D]+",
+        "-",
+    ),  # every dash -> "-"
     (r"[`´«»“”¨]", '"'),
     (r"[‘’]", "'"),
     (r"&quot;?", ""),
     (r"&amp", ""),
-    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),          # IPv4 addresses
-    (r"\d:\d\d\s+$", ""),                                  # trailing article ids
-    (r"\\n", " "),                                         # a literal backslash-n
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IPv4 addresses
+    (r"\d:\d\d\s+$", ""),  # trailing article ids
+    (r"\\n", " "),  # a literal backslash-n
     (r"#\d{1,3}\b", ""),
     (r"#\d{5,}\b", ""),
     (r"\b\d{6,}\b", ""),
-    (r"[\S]+\." + _MEDIA, ""),                             # file names
+    (r"[\S]+\." + _MEDIA, ""),  # file names
     (r"[\"\']{2,}", '"'),
     (r"[\.]{2,}", " "),
-    (r"[#®•©™&@·º½¾¿¡§~\)\(\]\[\}\{\|\\\/\*]{1,}", " "),   # stray punctuation
+    (r"[#®•©™&@·º½¾¿¡§~\)\(\]\[\}\{\|\\\/\*]{1,}", " "),  # stray punctuation
     (r"\s+\.\s+", " "),
 )
 
@@ -75,20 +78,20 @@ _DASH_OR_UNDERSCORE = re.compile(r"[-_]")
 
 # After ftfy/unescape: product codes, shop boilerplate, sizes, then spacing and edge punctuation.
 _AFTER_FIX = _steps(
-    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),                    # jc6640
-    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),                    # jc6640vc
-    (r"\b\d+[a-zA-Z]+\d+\b", ""),                          # 6640vc231
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),  # jc6640
+    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),  # jc6640vc
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),  # 6640vc231
     (r"(worldwide\s+)?(free\s+)?shipping", ""),
     (r"(free\s)?download(\sfree)?", ""),
     (r"\bclick\b\s(?:for|on)\s\w+", ""),
     (r"\b" + _MEDIA + r"(\simage[s]?)?", ""),
     (r"\bpage\s+\d+\b", ""),
     (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),  # j2d1a2a
-    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),                  # 1920x1080 (Latin, Cyrillic x, ×)
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),  # 1920x1080 (Latin, Cyrillic x, ×)
     (r"\b\s+\:\s+", ": "),
     (r"(\D[,\./])\b", r"\1 "),
     (r"\s+", " "),
-    (r"^[\"\']([\w\W]+)[\"\']$", r"\1"),                   # one pair of enclosing quotes
+    (r"^[\"\']([\w\W]+)[\"\']$", r"\1"),  # one pair of enclosing quotes
     (r"^[\'\_,\-\:;]", ""),
     (r"[\'\_,\-\:\-\+]$", ""),
     (r"^\.\S+$", ""),
@@ -106,7 +109,7 @@ def _one_pass(text: str) -> str:
     text = _apply(_BEFORE_HTML, text)
     text = BeautifulSoup(text, features="html.parser").text
     text = _apply(_BEFORE_FIX, text)
-    if len(_DASH_OR_UNDERSCORE.findall(text)) > 3:       # this-is-my-cat, this_is_my_cat
+    if len(_DASH_OR_UNDERSCORE.findall(text)) > 3:  # this-is-my-cat, this_is_my_cat
         text = _DASH_OR_UNDERSCORE.sub(" ", text)
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _apply(_AFTER_FIX, text).strip()

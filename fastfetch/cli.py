@@ -35,38 +35,103 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--dataset", default="demo", choices=sorted(SOURCES),
+        "--dataset",
+        default="demo",
+        choices=sorted(SOURCES),
         help="what to fetch: " + "; ".join(f"{n}: {c.help}" for n, c in sorted(SOURCES.items())),
     )
-    parser.add_argument("--out", default=None, help="output folder (MDS under OUT/mds, OUT/stats.json, manifest), or an object-storage URL such as s3://bucket/prefix (then --local-cache is needed); default: data/<dataset>")
-    parser.add_argument("--local-cache", type=Path, default=None, help="with a remote --out: local folder for the manifest and shards in transit (shards are deleted once uploaded)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (MDS under OUT/mds, OUT/stats.json, manifest), or an object-storage URL such as s3://bucket/prefix (then --local-cache is needed); default: data/<dataset>",
+    )
+    parser.add_argument(
+        "--local-cache",
+        type=Path,
+        default=None,
+        help="with a remote --out: local folder for the manifest and shards in transit (shards are deleted once uploaded)",
+    )
     parser.add_argument("--version", action="version", version=f"fastfetch {__version__}")
 
     sel = parser.add_argument_group("what to fetch")
-    sel.add_argument("--subset", choices=("all", "small"), default="all", help="small = a deterministic ~1%% of the units (at least one), for trying things out")
-    sel.add_argument("--ids", type=int, nargs="+", default=None, help="explicit unit numbers to fetch (e.g. archive numbers); default: all")
-    sel.add_argument("--limit", type=int, default=None, help="only the first N rows of a URL list (for trying things out); default: all")
-    sel.add_argument("--retry-failed", action="store_true", help=f"refetch only the items that failed for transient reasons ({transient_names()}) in earlier runs, nothing else")
-    sel.add_argument("--unit-size", type=int, default=10_000, help="rows of a URL list per work unit (one MDS folder, committed as a whole)")
+    sel.add_argument(
+        "--subset",
+        choices=("all", "small"),
+        default="all",
+        help="small = a deterministic ~1%% of the units (at least one), for trying things out",
+    )
+    sel.add_argument(
+        "--ids", type=int, nargs="+", default=None, help="explicit unit numbers to fetch (e.g. archive numbers); default: all"
+    )
+    sel.add_argument(
+        "--limit", type=int, default=None, help="only the first N rows of a URL list (for trying things out); default: all"
+    )
+    sel.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help=f"refetch only the items that failed for transient reasons ({transient_names()}) in earlier runs, nothing else",
+    )
+    sel.add_argument(
+        "--unit-size", type=int, default=10_000, help="rows of a URL list per work unit (one MDS folder, committed as a whole)"
+    )
 
     img = parser.add_argument_group("images")
-    img.add_argument("--min-size", type=int, default=None, help="drop images whose short side is smaller (pixels); unset: 256, but 0 for --dataset coco, an evaluation set that keeps every image")
-    img.add_argument("--max-size", type=int, default=512, help="resize images whose short side is larger down to this (pixels, aspect ratio kept)")
-    img.add_argument("--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)")
-    img.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (untouched JPEGs keep their bytes)")
+    img.add_argument(
+        "--min-size",
+        type=int,
+        default=None,
+        help="drop images whose short side is smaller (pixels); unset: 256, but 0 for --dataset coco, an evaluation set that keeps every image",
+    )
+    img.add_argument(
+        "--max-size",
+        type=int,
+        default=512,
+        help="resize images whose short side is larger down to this (pixels, aspect ratio kept)",
+    )
+    img.add_argument(
+        "--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)"
+    )
+    img.add_argument(
+        "--quality", type=int, default=95, help="JPEG quality of re-encoded images (untouched JPEGs keep their bytes)"
+    )
     img.add_argument("--workers", type=int, default=default_workers(), help="resize processes (default: cores available)")
 
     net = parser.add_argument_group("network")
     net.add_argument("--concurrency", type=int, default=256, help="requests in flight at once")
     net.add_argument("--per-host", type=int, default=16, help="connections at once to one host")
-    net.add_argument("--timeout", type=float, default=20.0, help="seconds per attempt (connect + read), after which a request counts as timeout")
-    net.add_argument("--retries", type=int, default=2, help="extra attempts on timeouts, connection errors, 5xx and 429 (exponential backoff with jitter; Retry-After honoured)")
-    net.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024, help="largest response body accepted (bytes); larger counts as too_large")
-    net.add_argument("--max-inflight-mb", type=int, default=1024, help="memory for response bodies held at once (downloading or waiting to be resized), in MiB; bounds peak memory at any --concurrency")
-    net.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL")
-    net.add_argument("--ignore-robots", action="store_true", help="ignore X-Robots-Tag noai/noimageai/noindex/noimageindex opt-outs (honoured by default)")
     net.add_argument(
-        "--allow-private-networks", action="store_true",
+        "--timeout",
+        type=float,
+        default=20.0,
+        help="seconds per attempt (connect + read), after which a request counts as timeout",
+    )
+    net.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="extra attempts on timeouts, connection errors, 5xx and 429 (exponential backoff with jitter; Retry-After honoured)",
+    )
+    net.add_argument(
+        "--max-bytes",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="largest response body accepted (bytes); larger counts as too_large",
+    )
+    net.add_argument(
+        "--max-inflight-mb",
+        type=int,
+        default=1024,
+        help="memory for response bodies held at once (downloading or waiting to be resized), in MiB; bounds peak memory at any --concurrency",
+    )
+    net.add_argument("--max-redirects", type=int, default=5, help="redirects followed per URL")
+    net.add_argument(
+        "--ignore-robots",
+        action="store_true",
+        help="ignore X-Robots-Tag noai/noimageai/noindex/noimageindex opt-outs (honoured by default)",
+    )
+    net.add_argument(
+        "--allow-private-networks",
+        action="store_true",
         help="allow URLs whose host is or resolves to a loopback, private, link-local or reserved address "
         "(refused by default and counted as private_address, so a URL list cannot reach your own network)",
     )
@@ -75,17 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     out.add_argument(
-        "--format", choices=[f.value for f in OutputFormat], default=OutputFormat.FASTFETCH.value,
+        "--format",
+        choices=[f.value for f in OutputFormat],
+        default=OutputFormat.FASTFETCH.value,
         help="MDS layout: fastfetch (jpg as an MDS jpeg column, our columns) or mosaic (what mosaicml/diffusion's "
         "LAION pipeline writes and its StreamingLAIONDataset reads: jpg as bytes, its 16 columns, its "
         "resolution-bucket folders 0-64 … 1024-1048576)",
     )
-    out.add_argument("--buckets", default=None, help="comma-separated short-side bounds, e.g. 0,256,512,768,1024: each kept image goes to the MDS subtree of its original short side (OUT/mds/short-0512/…), each bucket with its own index; default: one dataset")
+    out.add_argument(
+        "--buckets",
+        default=None,
+        help="comma-separated short-side bounds, e.g. 0,256,512,768,1024: each kept image goes to the MDS subtree of its original short side (OUT/mds/short-0512/…), each bucket with its own index; default: one dataset",
+    )
 
     multi = parser.add_argument_group("several machines (see README: Scale-out)")
-    multi.add_argument("--node-rank", type=int, default=None, help="this machine's rank (default: RANK from torchrun, else SLURM_PROCID, else 0)")
-    multi.add_argument("--num-nodes", type=int, default=None, help="machines sharing the work (default: WORLD_SIZE from torchrun, else SLURM_NTASKS, else 1)")
-    multi.add_argument("--merge", action="store_true", help="only merge: build OUT/mds/index.json and OUT/stats.json from every node's finished units")
+    multi.add_argument(
+        "--node-rank", type=int, default=None, help="this machine's rank (default: RANK from torchrun, else SLURM_PROCID, else 0)"
+    )
+    multi.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="machines sharing the work (default: WORLD_SIZE from torchrun, else SLURM_NTASKS, else 1)",
+    )
+    multi.add_argument(
+        "--merge",
+        action="store_true",
+        help="only merge: build OUT/mds/index.json and OUT/stats.json from every node's finished units",
+    )
 
     groups = {name: parser.add_argument_group(f"--dataset {name}") for name in sorted(SOURCES)}
     for own_only in (True, False):
@@ -122,11 +204,18 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError("--workers and --retries must be ≥ 0 and --limit ≥ 1")
     output_format = OutputFormat(args.format)
     fetch = FetchConfig(
-        concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
-        connect_timeout=min(10.0, args.timeout), read_timeout=min(10.0, args.timeout), retries=args.retries,
-        max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_mb << 20, max_redirects=args.max_redirects,
+        concurrency=args.concurrency,
+        per_host=args.per_host,
+        timeout=args.timeout,
+        connect_timeout=min(10.0, args.timeout),
+        read_timeout=min(10.0, args.timeout),
+        retries=args.retries,
+        max_bytes=args.max_bytes,
+        max_inflight_bytes=args.max_inflight_mb << 20,
+        max_redirects=args.max_redirects,
         respect_robots=not args.ignore_robots,
-        allow_private_networks=args.allow_private_networks or source.serves_locally, user_agent=args.user_agent,
+        allow_private_networks=args.allow_private_networks or source.serves_locally,
+        user_agent=args.user_agent,
     )
     return RunConfig(
         dataset=args.dataset,

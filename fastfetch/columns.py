@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from fastfetch.errors import UsageError
 from fastfetch.arrow import pa, pc
+from fastfetch.errors import UsageError
 from fastfetch.lists import as_text
 
 NULL, BOOL, INT, FLOAT, STR, JSON = "null", "bool", "int", "float", "str", "json"
@@ -43,10 +43,15 @@ def kind_of(arrow_type: pa.DataType) -> str | None:
         return JSON if arrow_type == pa.uint64() else INT  # above int64: still exact in JSON
     if t.is_floating(arrow_type) or t.is_decimal(arrow_type):
         return FLOAT
-    if (t.is_string(arrow_type) or t.is_large_string(arrow_type) or t.is_binary(arrow_type)
-            or t.is_large_binary(arrow_type) or t.is_fixed_size_binary(arrow_type)
-            or getattr(t, "is_string_view", lambda _: False)(arrow_type)
-            or getattr(t, "is_binary_view", lambda _: False)(arrow_type)):
+    if (
+        t.is_string(arrow_type)
+        or t.is_large_string(arrow_type)
+        or t.is_binary(arrow_type)
+        or t.is_large_binary(arrow_type)
+        or t.is_fixed_size_binary(arrow_type)
+        or getattr(t, "is_string_view", lambda _: False)(arrow_type)
+        or getattr(t, "is_binary_view", lambda _: False)(arrow_type)
+    ):
         return STR  # csv/tsv columns arrive as bytes and are decoded
     if t.is_temporal(arrow_type) and not (t.is_duration(arrow_type) or t.is_interval(arrow_type)):
         return STR  # dates and times as ISO 8601 text

@@ -72,14 +72,20 @@ class RunConfig:
         return self.local_root / "_nodes" / self.node.name if self.node.name else self.local_root
 
     def layout(self) -> Layout:
-        return Layout(self.local_root / "mds", self.node.name, self.buckets,
-                      f"{self.output_url}/mds" if self.remote else None, self.format)
+        return Layout(
+            self.local_root / "mds", self.node.name, self.buckets, f"{self.output_url}/mds" if self.remote else None, self.format
+        )
 
     def source(self, fetcher: Fetcher) -> Source:
         """The run's source, not yet opened."""
         ctx = RunContext(
-            local_root=self.local_root, fetcher=fetcher, work_dir=self.state_dir / "_work" / self.dataset,
-            min_size=self.resize.min_size, unit_size=self.unit_size, limit=self.limit, format=self.format,
+            local_root=self.local_root,
+            fetcher=fetcher,
+            work_dir=self.state_dir / "_work" / self.dataset,
+            min_size=self.resize.min_size,
+            unit_size=self.unit_size,
+            limit=self.limit,
+            format=self.format,
         )
         return self.source_class(self.source_options, ctx)
 

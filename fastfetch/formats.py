@@ -34,10 +34,22 @@ class OutputFormat(str, Enum):
 
 
 MOSAIC_COLUMNS: dict[str, str] = {
-    "punsafe": "float64", "pwatermark": "float64", "similarity": "float64", "caption": "str",
-    "url": "str", "key": "str", "status": "str", "error_message": "str", "width": "int32",
-    "height": "int32", "original_width": "int32", "original_height": "int32", "exif": "str",
-    "jpg": "bytes", "hash": "int64", "aesthetic_score": "float64",
+    "punsafe": "float64",
+    "pwatermark": "float64",
+    "similarity": "float64",
+    "caption": "str",
+    "url": "str",
+    "key": "str",
+    "status": "str",
+    "error_message": "str",
+    "width": "int32",
+    "height": "int32",
+    "original_width": "int32",
+    "original_height": "int32",
+    "exif": "str",
+    "jpg": "bytes",
+    "hash": "int64",
+    "aesthetic_score": "float64",
 }
 MOSAIC_BUCKETS = (0, 64, 128, 256, 512, 768, 1024)
 MOSAIC_TOP = 1 << 20  # the upper bound of mosaic's last bucket
@@ -63,10 +75,15 @@ def to_mosaic(row: dict[str, Any], listed: dict[str, Any]) -> dict[str, Any]:
     scores = [_float(listed.get(k)) for k in AESTHETIC_SOURCES]
     out = {k: v for k, v in row.items() if k not in CONSUMED}
     out.update(
-        punsafe=_float(listed.get("punsafe")), pwatermark=_float(listed.get("pwatermark")),
-        similarity=_float(listed.get("similarity")), hash=_int(listed.get("hash")),
+        punsafe=_float(listed.get("punsafe")),
+        pwatermark=_float(listed.get("pwatermark")),
+        similarity=_float(listed.get("similarity")),
+        hash=_int(listed.get("hash")),
         aesthetic_score=next((v for v in scores if not math.isnan(v)), 0.0),
-        status="success", error_message="", exif="", url=row.get("url") or "",
+        status="success",
+        error_message="",
+        exif="",
+        url=row.get("url") or "",
     )
     return out
 

@@ -31,12 +31,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from fastfetch.errors import Reason as R, http_status
 from fastfetch import __version__
+from fastfetch.errors import Reason as R
+from fastfetch.errors import http_status
 
-USER_AGENT = (
-    f"fastfetch/{__version__} (image-caption dataset builder; honours X-Robots-Tag noai/noimageai)"
-)
+USER_AGENT = f"fastfetch/{__version__} (image-caption dataset builder; honours X-Robots-Tag noai/noimageai)"
 _OPTOUT_TOKENS = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -259,7 +258,6 @@ def parse_retry_after(value: str | None, cap: float) -> float | None:
     return min(max(seconds, 0.0), cap)
 
 
-
 class Fetcher:
     """The run's one HTTP client (``request``) and its image downloads with bounded concurrency
     (``fetch``); use as an async context manager."""
@@ -277,9 +275,11 @@ class Fetcher:
         # With trust_env aiohttp looks up the proxy environment and ~/.netrc in a thread for
         # every request (~10% of the event loop's CPU): only pay that where a proxy is set.
         self._proxied = any(k in ("http", "https") for k in urllib.request.getproxies())  # NO_PROXY alone: no
-        proxies = frozenset(
-            (info.proxy.host or "").lower() for info in aiohttp.helpers.proxies_from_env().values()
-        ) if self._proxied else frozenset()
+        proxies = (
+            frozenset((info.proxy.host or "").lower() for info in aiohttp.helpers.proxies_from_env().values())
+            if self._proxied
+            else frozenset()
+        )
         self._resolver = None if self.cfg.allow_private_networks else GuardedResolver(proxies)
         connector = aiohttp.TCPConnector(
             limit=self.cfg.concurrency,
@@ -308,7 +308,10 @@ class Fetcher:
 
     @contextlib.asynccontextmanager
     async def request(
-        self, url: str, headers: dict[str, str] | None = None, timeout: aiohttp.ClientTimeout | None = None,
+        self,
+        url: str,
+        headers: dict[str, str] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
         read_bufsize: int | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET ``url`` through the guard, following redirects by hand (each hop checked, at

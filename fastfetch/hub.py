@@ -111,13 +111,15 @@ async def list_files(
         ) from exc
 
     from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
 
     def _list() -> list[HubFile]:
         api = HfApi(library_name="fastfetch", library_version=__version__)
         found = []
-        for entry in api.list_repo_tree(repo, path_in_repo=folder or None, repo_type="dataset", revision=revision, recursive=True):
+        for entry in api.list_repo_tree(
+            repo, path_in_repo=folder or None, repo_type="dataset", revision=revision, recursive=True
+        ):
             if not isinstance(entry, RepoFile):
                 continue  # a folder
             name = entry.path.rsplit("/", 1)[-1]

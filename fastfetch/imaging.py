@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fastfetch.errors import Reason as R
 from fastfetch.body import Body
+from fastfetch.errors import Reason as R
 
 # Truncated files are rejected, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

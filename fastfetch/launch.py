@@ -33,5 +33,7 @@ def use_project_python(needs: tuple[str, ...]) -> None:
     if not inside and not os.environ.get(_REEXECUTED) and os.access(VENV_PYTHON, os.X_OK):
         os.environ[_REEXECUTED] = "1"
         os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
-    sys.exit(f"error: {sys.executable} has no module {', '.join(map(repr, missing))}: run `make setup` in {ROOT} "
-             "(it installs every dependency into .venv, which this script then uses)")
+    sys.exit(
+        f"error: {sys.executable} has no module {', '.join(map(repr, missing))}: run `make setup` in {ROOT} "
+        "(it installs every dependency into .venv, which this script then uses)"
+    )

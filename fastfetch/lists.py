@@ -16,10 +16,8 @@ from typing import Any
 
 import orjson
 
-from fastfetch.errors import UsageError
-
-
 from fastfetch.arrow import pa, pacsv, pc, pq
+from fastfetch.errors import UsageError
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 BATCH_ROWS = 65_536
@@ -47,13 +45,12 @@ def expand_paths(paths: list[Path], skip: tuple[Path, ...] = ()) -> list[Path]:
             raise UsageError(f"URL list {path} does not exist; pass an existing file or folder to --urls")
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*")
+                p
+                for p in path.rglob("*")
                 if p.is_file() and list_format(p) and not any(p.resolve().is_relative_to(s) for s in skipped)
             )
             if not found:
-                raise UsageError(
-                    f"folder {path} holds no URL list (looked for {', '.join(FORMATS)}, optionally .gz)"
-                )
+                raise UsageError(f"folder {path} holds no URL list (looked for {', '.join(FORMATS)}, optionally .gz)")
             files.extend(found)
         elif list_format(path) is None:
             raise UsageError(
@@ -65,9 +62,7 @@ def expand_paths(paths: list[Path], skip: tuple[Path, ...] = ()) -> list[Path]:
     return files
 
 
-def read_batches(
-    path: Path, columns: list[str] | None = None, skipped: Counter[str] | None = None
-) -> Iterator[pa.RecordBatch]:
+def read_batches(path: Path, columns: list[str] | None = None, skipped: Counter[str] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream a list file as record batches of strings/numbers.
 
     ``columns`` restricts what is read (parquet reads only those column chunks). For ``txt``

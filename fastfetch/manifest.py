@@ -132,8 +132,10 @@ class Manifest:
                     self.db.execute("UPDATE units SET spec=? WHERE id=?", (spec, unit.id))
                 elif known[unit.id] != spec:
                     changed.append(unit.id)
-                    retries = [r[0] for r in self.db.execute(
-                        f"SELECT id FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ?", (unit.id,))]
+                    retries = [
+                        r[0]
+                        for r in self.db.execute(f"SELECT id FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ?", (unit.id,))
+                    ]
                     changed.extend(retries)
                     self.db.executemany("DELETE FROM units WHERE id=?", [(r,) for r in retries])
                     self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit.id,))
@@ -170,8 +172,9 @@ class Manifest:
             (RUNNING, time.time(), unit_id),
         )
 
-    def finish(self, unit_id: str, counts: dict[str, int], bytes_in: int, bytes_out: int, dirs: list[str],
-               failed: list[FailedRow]) -> None:
+    def finish(
+        self, unit_id: str, counts: dict[str, int], bytes_in: int, bytes_out: int, dirs: list[str], failed: list[FailedRow]
+    ) -> None:
         """Mark a unit done: its counts, its published MDS folders, and the items that failed for
         transient reasons (for --retry-failed)."""
         with self._tx():
@@ -183,9 +186,7 @@ class Manifest:
 
     def _replace_failed(self, unit_id: str, failed: list[FailedRow]) -> None:
         self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit_id,))
-        self.db.executemany(
-            "INSERT INTO failed_keys(unit, key, reason) VALUES(?,?,?)", [(unit_id, k, r) for k, r in failed]
-        )
+        self.db.executemany("INSERT INTO failed_keys(unit, key, reason) VALUES(?,?,?)", [(unit_id, k, r) for k, r in failed])
 
     # -- --retry-failed ---------------------------------------------------------------------
     def retry_units(self) -> list[Unit]:
@@ -193,13 +194,17 @@ class Manifest:
         with self._tx():
             rows = self.db.execute(
                 "SELECT f.unit, COUNT(*) FROM failed_keys f JOIN units u ON u.id = f.unit "
-                "WHERE u.state = ? GROUP BY f.unit ORDER BY u.ord", (DONE,)
+                "WHERE u.state = ? GROUP BY f.unit ORDER BY u.ord",
+                (DONE,),
             ).fetchall()
             units = []
             for original, count in rows:
-                attempt = 1 + self.db.execute(
-                    f"SELECT COUNT(*) FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ? AND state = ?", (original, DONE)
-                ).fetchone()[0]
+                attempt = (
+                    1
+                    + self.db.execute(
+                        f"SELECT COUNT(*) FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ? AND state = ?", (original, DONE)
+                    ).fetchone()[0]
+                )
                 unit = Unit.retry(original, attempt, count)
                 self.db.execute(
                     "INSERT OR IGNORE INTO units(id, ord, spec, rows, updated) VALUES(?, (SELECT COALESCE(MAX(ord), 0) + 1 FROM units), ?, ?, ?)",
@@ -212,13 +217,23 @@ class Manifest:
         """Keys of the unit's items that failed for transient reasons."""
         return {r[0] for r in self.db.execute("SELECT key FROM failed_keys WHERE unit=?", (unit_id,))}
 
-    def finish_retry(self, retry_id: str, original: str, counts: dict[str, int], bytes_in: int, bytes_out: int,
-                     dirs: list[str], failed: list[FailedRow]) -> None:
+    def finish_retry(
+        self,
+        retry_id: str,
+        original: str,
+        counts: dict[str, int],
+        bytes_in: int,
+        bytes_out: int,
+        dirs: list[str],
+        failed: list[FailedRow],
+    ) -> None:
         """Commit a retry unit: its outcomes replace the original unit's transient failures."""
         with self._tx():
             (spec_counts,) = self.db.execute("SELECT counts FROM units WHERE id=?", (original,)).fetchone()
             merged = Counter(orjson.loads(spec_counts))
-            for (reason, n) in self.db.execute("SELECT reason, COUNT(*) FROM failed_keys WHERE unit=? GROUP BY reason", (original,)):
+            for reason, n in self.db.execute(
+                "SELECT reason, COUNT(*) FROM failed_keys WHERE unit=? GROUP BY reason", (original,)
+            ):
                 merged[reason] -= n
             merged.update(counts)
             self.db.execute(
@@ -232,9 +247,7 @@ class Manifest:
             self._replace_failed(original, failed)
 
     def fail(self, unit_id: str, error: str) -> None:
-        self.db.execute(
-            "UPDATE units SET state=?, error=?, updated=? WHERE id=?", (FAILED, error, time.time(), unit_id)
-        )
+        self.db.execute("UPDATE units SET state=?, error=?, updated=? WHERE id=?", (FAILED, error, time.time(), unit_id))
 
     def reset(self, unit_id: str) -> None:
         """Back to pending (an interrupted unit, rolled back)."""

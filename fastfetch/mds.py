@@ -94,7 +94,7 @@ class UnitWriter:
         writer = self._writers.get(bucket)
         if writer is None:
             writer = self._writers[bucket] = MDSWriter(
-                str(self.tmp / (bucket or "all")), self.columns, hashes=["xxh64"], size_limit=SHARD_BYTES
+                str(self.tmp / (bucket or "all")), self.columns, hashes=["xxh64"], size_limit=SHARD_BYTES, background=True
             )
         writer.write(sample)
         self.rows += 1

@@ -10,6 +10,10 @@ sizes of its variable-size columns followed by the column bytes in column-name o
 ``index.json`` is version 2. ``tests/test_mdswriter.py`` checks the files byte for byte against
 streaming's own writer, and everything is read back with streaming. Reading, remote upload and
 downloading stay with streaming.
+
+With ``background=True`` a full shard is written and hashed by a thread of the writer's own (one
+at a time, in order) while the caller goes on appending samples: a 64 MB shard costs tens of
+milliseconds, which on the fetch's event loop would stall every download in flight.
 """
 
 from __future__ import annotations
@@ -17,14 +21,26 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import xxhash
 
 from fastfetch.body import Body, body_len, body_pieces
 
-_FIXED = {"int8": "<b", "int16": "<h", "int32": "<i", "int64": "<q", "uint8": "<B", "uint16": "<H", "uint32": "<I",
-          "uint64": "<Q", "float16": "<e", "float32": "<f", "float64": "<d"}
+_FIXED = {
+    "int8": "<b",
+    "int16": "<h",
+    "int32": "<i",
+    "int64": "<q",
+    "uint8": "<B",
+    "uint16": "<H",
+    "uint32": "<I",
+    "uint64": "<Q",
+    "float16": "<e",
+    "float32": "<f",
+    "float64": "<d",
+}
 _VARIABLE = ("bytes", "str", "json", "jpeg", "png", "pil")
 _BINARY = ("bytes", "jpeg", "png", "pil")  # the encodings whose values may come in pieces
 
@@ -39,7 +55,14 @@ class MDSWriter:
     JSON value (for ``json``).
     """
 
-    def __init__(self, out: str, columns: dict[str, str], hashes: list[str] | None = None, size_limit: int = 1 << 26) -> None:
+    def __init__(
+        self,
+        out: str,
+        columns: dict[str, str],
+        hashes: list[str] | None = None,
+        size_limit: int = 1 << 26,
+        background: bool = False,
+    ) -> None:
         unknown = sorted({e for e in columns.values() if e not in _FIXED and e not in _VARIABLE})
         if unknown:
             raise ValueError(f"MDS encodings {unknown} are not supported by fastfetch's writer")
@@ -51,14 +74,22 @@ class MDSWriter:
         self.encodings = [columns[n] for n in self.names]
         self.sizes = [struct.calcsize(_FIXED[e]) if e in _FIXED else None for e in self.encodings]
         self.config = {
-            "version": 2, "format": "mds", "compression": None, "hashes": self.hashes, "size_limit": size_limit,
-            "column_names": self.names, "column_encodings": self.encodings, "column_sizes": self.sizes,
+            "version": 2,
+            "format": "mds",
+            "compression": None,
+            "hashes": self.hashes,
+            "size_limit": size_limit,
+            "column_names": self.names,
+            "column_encodings": self.encodings,
+            "column_sizes": self.sizes,
         }
         # streaming serialises the config with json.dumps(sort_keys=True): same separators here
         self._config_bytes = _json(self.config)
         self.shards: list[dict[str, Any]] = []
         self._samples: list[bytes] = []
         self._size = 8 + len(self._config_bytes)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mds-shard") if background else None
+        self._pending: Future[None] | None = None  # the shard the thread is writing (at most one)
 
     def write(self, sample: dict[str, Any]) -> None:
         sizes: list[int] = []
@@ -75,18 +106,39 @@ class MDSWriter:
         self._size += len(data) + 4
 
     def finish(self) -> None:
-        if self._samples:
-            self._flush()
+        try:
+            if self._samples:
+                self._flush()
+            self._wait()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
         with open(os.path.join(self.out, "index.json"), "wb") as f:
             f.write(_json({"version": 2, "shards": self.shards}))
 
     def _flush(self) -> None:
-        n = len(self._samples)
+        samples = self._samples
+        self._samples = []
+        self._size = 8 + len(self._config_bytes)
+        self._wait()  # at most one shard in the thread (memory stays at two shards); shards in order
+        if self._thread is None:
+            self._write_shard(samples, len(self.shards))
+        else:
+            self._pending = self._thread.submit(self._write_shard, samples, len(self.shards))
+
+    def _wait(self) -> None:
+        """Let the shard in the thread finish (and raise what it raised: a full disk)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_shard(self, samples: list[bytes], index: int) -> None:
+        n = len(samples)
         offsets = [4 + 4 * (n + 1) + len(self._config_bytes)]
-        for sample in self._samples:
+        for sample in samples:
             offsets.append(offsets[-1] + len(sample))
-        pieces = [struct.pack(f"<I{n + 1}I", n, *offsets), self._config_bytes, *self._samples]
-        basename = f"shard.{len(self.shards):05}.mds"
+        pieces = [struct.pack(f"<I{n + 1}I", n, *offsets), self._config_bytes, *samples]
+        basename = f"shard.{index:05}.mds"
         with open(os.path.join(self.out, basename), "wb") as f:
             f.writelines(pieces)  # the shard is never joined into one more copy
         hashers = [(a, hasher(a)) for a in self.hashes]
@@ -95,8 +147,6 @@ class MDSWriter:
                 h.update(piece)
         info = {"basename": basename, "bytes": sum(map(len, pieces)), "hashes": {a: h.hexdigest() for a, h in hashers}}
         self.shards.append({"samples": n, "raw_data": info, "zip_data": None, **self.config})
-        self._samples = []
-        self._size = 8 + len(self._config_bytes)
 
 
 def _encode(encoding: str, value: Any) -> Body:

@@ -19,10 +19,10 @@ from typing import Any
 import orjson
 
 from fastfetch import storage
+from fastfetch.errors import UsageError
 from fastfetch.formats import OutputFormat
 from fastfetch.mds import Layout, merge_index
 from fastfetch.storage import is_remote
-from fastfetch.errors import UsageError
 
 SUMMARY = "summary.json"
 
@@ -50,17 +50,27 @@ def detect(node_rank: int | None = None, num_nodes: int | None = None) -> Node:
     else:
         return Node()
     if count < 1 or not 0 <= rank < count:
-        raise UsageError(f"node rank {rank} is not in 0..{count - 1} (from --node-rank/--num-nodes, RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
+        raise UsageError(
+            f"node rank {rank} is not in 0..{count - 1} (from --node-rank/--num-nodes, RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)"
+        )
     return Node(rank, count)
 
 
-def write_summary(out: str, state_dir: Path, node: Node, dirs: list[str], totals: dict[str, Any], complete: bool,
-                  settings: dict[str, Any]) -> None:
+def write_summary(
+    out: str, state_dir: Path, node: Node, dirs: list[str], totals: dict[str, Any], complete: bool, settings: dict[str, Any]
+) -> None:
     """Record what this node contributed and with which settings (in its state folder, and on
     the remote output)."""
     path = state_dir / SUMMARY
-    payload = {"node": node.name, "rank": node.rank, "count": node.count, "complete": complete, "dirs": dirs,
-               "totals": totals, "settings": settings}
+    payload = {
+        "node": node.name,
+        "rank": node.rank,
+        "count": node.count,
+        "complete": complete,
+        "dirs": dirs,
+        "totals": totals,
+        "settings": settings,
+    }
     storage.write_atomically(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     if is_remote(out):
         storage.upload(state_dir, f"{out}/_nodes/{node.name}", [SUMMARY])
@@ -68,15 +78,11 @@ def write_summary(out: str, state_dir: Path, node: Node, dirs: list[str], totals
 
 def read_summaries(out: str, cache: Path) -> list[dict[str, Any]]:
     """Every node's summary under the output (downloaded into ``cache`` when remote)."""
-    if not is_remote(out):
-        return [orjson.loads(p.read_bytes()) for p in sorted(Path(out).glob(f"_nodes/*/{SUMMARY}"))]
-    summaries = []
-    for rel in storage.relative_names(out, "_nodes/"):
-        if rel.endswith(f"/{SUMMARY}"):
-            local = cache / rel
-            storage.download(f"{out}/{rel}", local)
-            summaries.append(orjson.loads(local.read_bytes()))
-    return summaries
+    if is_remote(out):
+        paths = storage.pull(out, cache, lambda rel: rel.endswith(f"/{SUMMARY}"), prefix="_nodes/")
+    else:
+        paths = sorted(Path(out).glob(f"_nodes/*/{SUMMARY}"))
+    return [orjson.loads(p.read_bytes()) for p in paths]
 
 
 def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
@@ -91,8 +97,11 @@ def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
     _check_agreement(out, summaries)
     settings = {k: v for k, v in (summaries[0].get("settings") or {}).items() if k != "plan"}
     if settings:
-        layout = dataclasses.replace(layout, buckets=tuple(settings.get("buckets", ())),
-                                     format=OutputFormat(settings.get("format", OutputFormat.FASTFETCH.value)))
+        layout = dataclasses.replace(
+            layout,
+            buckets=tuple(settings.get("buckets", ())),
+            format=OutputFormat(settings.get("format", OutputFormat.FASTFETCH.value)),
+        )
     rows = merge_index(layout, [rel for s in summaries for rel in s["dirs"]])
     rejected: Counter[str] = Counter()
     stats: dict[str, Any] = {"items": 0, "kept": 0, "bytes_downloaded": 0, "bytes_written": 0}
@@ -105,7 +114,9 @@ def merge_nodes(out: str, layout: Layout, cache: Path) -> dict[str, Any]:
     stats.update(
         rejected=dict(rejected.most_common()),
         rows_in_index=rows,
-        nodes={s["node"]: {"complete": s["complete"], "units": len(s["dirs"]), "kept": s["totals"].get("kept", 0)} for s in summaries},
+        nodes={
+            s["node"]: {"complete": s["complete"], "units": len(s["dirs"]), "kept": s["totals"].get("kept", 0)} for s in summaries
+        },
         incomplete_nodes=[s["node"] for s in summaries if not s["complete"]] + [Node(r, expected).name for r in missing],
         status="merged",
         settings=settings,  # what a single-node stats.json records too (encode/run.py reads "dataset")

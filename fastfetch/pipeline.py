@@ -89,8 +89,7 @@ def _selected(units: list[Unit], selection: Selection) -> list[Unit]:
 
 def plan_digest(units: list[Unit]) -> str:
     """What identifies a plan: its units and their specs (nodes must plan the same units)."""
-    return hashlib.blake2b(orjson.dumps([[u.id, u.spec] for u in units], option=orjson.OPT_SORT_KEYS),
-                           digest_size=16).hexdigest()
+    return hashlib.blake2b(orjson.dumps([[u.id, u.spec] for u in units], option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
 
 
 def node_of(unit_id: str, node_count: int) -> int:
@@ -164,8 +163,11 @@ class Pipeline:
                     names += [s["raw_data"]["basename"] for s in orjson.loads(local.read_bytes())["shards"]]
                 missing = [n for n in names if f"{rel}/{n}" not in present]
                 if missing:
-                    print(f"unit {record.id}: {len(missing)} of its objects are missing from {self.layout.remote}/{rel}; "
-                          "redoing it", file=sys.stderr)
+                    print(
+                        f"unit {record.id}: {len(missing)} of its objects are missing from {self.layout.remote}/{rel}; "
+                        "redoing it",
+                        file=sys.stderr,
+                    )
                     self.manifest.reset(record.retry_of or record.id)  # a retry's rows are its unit's
                     self.manifest.reset(record.id)
                     break
@@ -185,7 +187,8 @@ class Pipeline:
         if have_done_units and previous is not None and previous != columns:
             diff = ", ".join(
                 f"{k}: {previous.get(k, 'absent')} → {columns.get(k, 'absent')}"
-                for k in sorted(set(previous) | set(columns)) if previous.get(k) != columns.get(k)
+                for k in sorted(set(previous) | set(columns))
+                if previous.get(k) != columns.get(k)
             )
             raise UsageError(
                 f"the input's columns changed since the finished units were written ({diff}); rerun with the "

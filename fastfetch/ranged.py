@@ -211,9 +211,7 @@ async def download_file(client: Fetcher, url: str, dest: Path, headers: dict[str
     return dest
 
 
-async def probe(
-    client: Fetcher, url: str, headers: dict[str, str] | None = None, attempts: int = 3
-) -> tuple[Validator, bool]:
+async def probe(client: Fetcher, url: str, headers: dict[str, str] | None = None, attempts: int = 3) -> tuple[Validator, bool]:
     """The validator (ETag, Last-Modified, length) of ``url`` and whether it serves ranges.
 
     A one-byte ranged GET rather than a HEAD: some CDNs answer HEAD differently (or not at

@@ -38,8 +38,8 @@ from fastfetch.resize_worker import RESULT, TASK
 from fastfetch.stats import peak_rss_mb
 
 #: tasks queued per worker: enough that a worker never waits for the loop even on a run of
-#: small images (with 4, each worker waited ~0.5 s of a 10 s web-size archive run; with 8,
-#: 0.1 s), few enough that the last images of a run are shared evenly between the workers
+#: small images, few enough that the last images of a run are shared evenly between the
+#: workers (the measurements behind 8: benchmarks/PROFILING.md, "Resize pool queue depth")
 DEPTH = 8
 _BUFFER = 4 << 20  # socket buffers: a few bodies in flight without waking the other side
 _START_ATTEMPTS = 3  # workers in a row exiting before their first answer: they cannot start
@@ -149,8 +149,8 @@ class ResizePool:
 
     async def _send(self, worker: _Worker, future: asyncio.Future[Processed], data: Body) -> None:
         # Counted while it waits: a burst of tasks at the start of a run (a whole first
-        # archive chunk's images) must not all go to the worker that looks idle because its
-        # socket is not connected yet; that left the other worker idle for ~70 ms.
+        # archive chunk's images) must not all go to the worker that looks idle only because
+        # its socket is not connected yet, leaving the other workers idle.
         worker.waiting += 1
         try:
             transport = await worker.connecting
@@ -215,8 +215,15 @@ class ResizePool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
         # -P: the current directory is not put on sys.path, so a worker runs the package this
         # process runs (PYTHONPATH above), never a ``fastfetch`` folder where the user stands.
-        cmd = [sys.executable, "-P", "-m", "fastfetch.resize_worker", str(child.fileno()), str(os.getpid()),
-               json.dumps(dataclasses.asdict(self.cfg))]
+        cmd = [
+            sys.executable,
+            "-P",
+            "-m",
+            "fastfetch.resize_worker",
+            str(child.fileno()),
+            str(os.getpid()),
+            json.dumps(dataclasses.asdict(self.cfg)),
+        ]
         proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()
         worker = _Worker(proc, parent)

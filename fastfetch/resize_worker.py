@@ -53,8 +53,12 @@ def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
         reason = (out.reason or "").encode()
         data = out.data
         assert data is None or isinstance(data, bytes)  # process() encodes into one bytes object
-        frame = RESULT.pack(len(reason), out.width, out.height, out.original_width, out.original_height,
-                            -1 if data is None else len(data)) + reason
+        frame = (
+            RESULT.pack(
+                len(reason), out.width, out.height, out.original_width, out.original_height, -1 if data is None else len(data)
+            )
+            + reason
+        )
         _send(sock, frame, data)
 
 

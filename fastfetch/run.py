@@ -107,7 +107,9 @@ async def _run(cfg: RunConfig) -> int:
 
 def _check_output(cfg: RunConfig) -> None:
     if cfg.remote and cfg.local_cache is None:
-        raise UsageError(f"--out {cfg.output} is remote: also pass --local-cache DIR (a local folder for the manifest and shards in transit)")
+        raise UsageError(
+            f"--out {cfg.output} is remote: also pass --local-cache DIR (a local folder for the manifest and shards in transit)"
+        )
     if cfg.remote:
         try:
             storage.check(cfg.output_url)
@@ -180,8 +182,7 @@ def _exit_at_once(signum: int, frame: Any) -> None:
     os._exit(EXIT_SIGNAL[signal.Signals(signum)])
 
 
-async def _fetch_units(cfg: RunConfig, resizer: ResizePool, manifest: Manifest, counters: RunCounters,
-                       outcome: Outcome) -> None:
+async def _fetch_units(cfg: RunConfig, resizer: ResizePool, manifest: Manifest, counters: RunCounters, outcome: Outcome) -> None:
     async with Fetcher(cfg.fetch) as fetcher:
         source = cfg.source(fetcher)
         await source.open()
@@ -204,12 +205,12 @@ def _check_settings(manifest: Manifest, settings: dict[str, Any], out: Path) -> 
     if previous is None or previous == settings:
         return
     diff = ", ".join(
-        f"{k}: {previous.get(k)!r} → {settings.get(k)!r}" for k in sorted(set(previous) | set(settings))
+        f"{k}: {previous.get(k)!r} → {settings.get(k)!r}"
+        for k in sorted(set(previous) | set(settings))
         if previous.get(k) != settings.get(k)
     )
     raise UsageError(
-        f"{out} was built with other settings ({diff}); rerun with the original flags to resume, "
-        "or choose a new --out"
+        f"{out} was built with other settings ({diff}); rerun with the original flags to resume, or choose a new --out"
     )
 
 
@@ -219,8 +220,11 @@ def _publish_safely(cfg: RunConfig, manifest: Manifest, counters: RunCounters, o
     try:
         _publish(cfg, outcome.pipeline, manifest, counters, outcome)
     except Exception as exc:  # a full disk, an unreachable bucket: the manifest is what matters
-        print(f"fetch: could not publish the index or stats.json: {redact(f'{type(exc).__name__}: {exc}')}; "
-              "rerun the same command to retry", file=sys.stderr)
+        print(
+            f"fetch: could not publish the index or stats.json: {redact(f'{type(exc).__name__}: {exc}')}; "
+            "rerun the same command to retry",
+            file=sys.stderr,
+        )
         outcome.fatal = outcome.fatal or "the run's results were not published"
 
 
@@ -239,24 +243,38 @@ def _publish(cfg: RunConfig, pipeline: Pipeline, manifest: Manifest, counters: R
             storage.upload(cfg.state_dir, out, ["stats.json"])
         return
     complete = outcome.status == "done" and not counters.units_failed
-    write_summary(out, cfg.state_dir, node, pipeline.done_dirs(), dataset_totals(manifest), complete,
-                  {**outcome.settings, "plan": pipeline.plan_digest})
+    write_summary(
+        out,
+        cfg.state_dir,
+        node,
+        pipeline.done_dirs(),
+        dataset_totals(manifest),
+        complete,
+        {**outcome.settings, "plan": pipeline.plan_digest},
+    )
     if node.rank == 0 and all_complete(out, cfg.local_root, node.count):
         merged = merge_nodes(out, pipeline.layout, cfg.local_root)
         print(f"merged {len(merged['nodes'])} nodes: {merged['rows_in_index']:,} rows in {out}/mds/index.json", file=sys.stderr)
     else:
-        print(f"node {node.name} finished; once every node is done, run: bin/fetch --merge --out {out}"
-              f"{' --local-cache ' + str(cfg.local_root) if cfg.remote else ''}", file=sys.stderr)
+        print(
+            f"node {node.name} finished; once every node is done, run: bin/fetch --merge --out {out}"
+            f"{' --local-cache ' + str(cfg.local_root) if cfg.remote else ''}",
+            file=sys.stderr,
+        )
 
 
 def _merge_only(cfg: RunConfig) -> int:
     """``--merge``: the global index and stats.json over every node's summary."""
     merged = merge_nodes(cfg.output_url, dataclasses.replace(cfg.layout(), node=""), cfg.local_root)
-    print(f"merged {len(merged['nodes'])} node(s): {merged['rows_in_index']:,} rows in {cfg.output_url}/mds/index.json",
-          file=sys.stderr)
+    print(
+        f"merged {len(merged['nodes'])} node(s): {merged['rows_in_index']:,} rows in {cfg.output_url}/mds/index.json",
+        file=sys.stderr,
+    )
     if merged["incomplete_nodes"]:
-        print(f"fetch: not every node is complete: {', '.join(merged['incomplete_nodes'])}; rerun them, then --merge again",
-              file=sys.stderr)
+        print(
+            f"fetch: not every node is complete: {', '.join(merged['incomplete_nodes'])}; rerun them, then --merge again",
+            file=sys.stderr,
+        )
         return EXIT_FAILED_UNITS
     return EXIT_OK
 

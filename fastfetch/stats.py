@@ -50,8 +50,13 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total, unit="img", dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
-                file=sys.stderr, desc="fetch",
+                total=total,
+                unit="img",
+                dynamic_ncols=True,
+                smoothing=0.1,
+                mininterval=0.5,
+                file=sys.stderr,
+                desc="fetch",
             )
         self._last = 0.0
 
@@ -72,8 +77,10 @@ class Progress:
     def _set_counts(self) -> None:
         c = self.counters
         self.bar.set_postfix(
-            kept=c.kept, rejected=sum(c.rejected.values()),
-            MBps=f"{c.bytes_in / 1e6 / max(c.seconds, 1e-9):.1f}", refresh=False,
+            kept=c.kept,
+            rejected=sum(c.rejected.values()),
+            MBps=f"{c.bytes_in / 1e6 / max(c.seconds, 1e-9):.1f}",
+            refresh=False,
         )
 
 

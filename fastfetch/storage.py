@@ -18,14 +18,16 @@ imported on first use only: it imports torch, seconds that a local run never pay
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from fastfetch.redact import redact
 
 REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "dbfs:/", "sftp://")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SCRATCH = "fastfetch-storage"  # streaming's uploaders want a local side even to list
 
 
@@ -60,8 +62,11 @@ def write_atomically(path: str | Path, data: bytes) -> None:
     replace_durably(tmp, path)
 
 
-def is_remote(path: str) -> bool:
-    return str(path).startswith(REMOTE_SCHEMES)
+def is_remote(path: str | Path) -> bool:
+    """An object-storage or web URL (``s3://``, ``gs://``, ``hf://``, ``https://``, …) rather than a
+    local path. Streaming reads every such URL; writing needs a storage scheme (``check`` says so)."""
+    text = str(path)
+    return text.startswith(REMOTE_SCHEMES) or (_URL.match(text) is not None and not text.startswith("file://"))
 
 
 def upload(local_dir: str | Path, remote_dir: str, names: Iterable[str]) -> None:
@@ -92,7 +97,21 @@ def list_keys(remote: str, prefix: str = "") -> list[str]:
 def relative_names(remote: str, prefix: str = "") -> list[str]:
     """The objects below ``remote`` as paths relative to it."""
     root = urllib.parse.urlparse(remote).path.strip("/")
-    return sorted(key[len(root):].lstrip("/") if root else key for key in list_keys(remote, prefix))
+    return sorted(key[len(root) :].lstrip("/") if root else key for key in list_keys(remote, prefix))
+
+
+def pull(remote: str, local: str | Path, want: Callable[[str], bool], prefix: str = "", refresh: bool = True) -> list[Path]:
+    """Download every object below ``remote`` (and ``prefix`` under it) whose relative name
+    ``want`` accepts into ``local/<name>``; with ``refresh`` off, a file already there is kept.
+    Returns the local paths of every accepted object, in name order."""
+    pulled = []
+    for rel in relative_names(remote, prefix):
+        if want(rel):
+            dest = Path(local) / rel
+            if refresh or not dest.exists():
+                download(f"{remote.rstrip('/')}/{rel}", dest)
+            pulled.append(dest)
+    return pulled
 
 
 def check(remote: str) -> None:

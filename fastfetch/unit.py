@@ -14,13 +14,13 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastfetch import formats
 from fastfetch.body import Body, body_len
 from fastfetch.config import RunConfig
-from fastfetch.errors import TRANSIENT, Reason as R
+from fastfetch.errors import TRANSIENT
+from fastfetch.errors import Reason as R
 from fastfetch.formats import OutputFormat
 from fastfetch.http import Fetcher
 from fastfetch.imaging import Processed
@@ -99,8 +99,15 @@ class UnitWork:
     """Runs units through fetch → resize → write, sharing the run's fetcher, resize pool and
     item slots (which bound the items in flight over every open unit)."""
 
-    def __init__(self, layout: Layout, columns: dict[str, str], fetcher: Fetcher, resizer: ResizePool,
-                 slots: asyncio.Semaphore, on_item: OnItem) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        columns: dict[str, str],
+        fetcher: Fetcher,
+        resizer: ResizePool,
+        slots: asyncio.Semaphore,
+        on_item: OnItem,
+    ) -> None:
         self.layout = layout
         self.columns = columns
         self.fetcher = fetcher
@@ -108,8 +115,13 @@ class UnitWork:
         self.slots = slots
         self.on_item = on_item
 
-    async def run(self, unit: Unit, items: AsyncIterator[Item], handed_out: asyncio.Event,
-                  on_published: Callable[[UnitResult], None] | None = None) -> UnitResult:
+    async def run(
+        self,
+        unit: Unit,
+        items: AsyncIterator[Item],
+        handed_out: asyncio.Event,
+        on_published: Callable[[UnitResult], None] | None = None,
+    ) -> UnitResult:
         """Run one unit; ``handed_out`` is set once its last item is in flight (the next unit
         may start). The unit's folder is published when every item is accounted for, and
         ``on_published`` records it: a cancellation arriving during the publish waits for both,
@@ -208,7 +220,9 @@ class UnitWork:
         """Write the kept image: (None, bytes written), or (the rejection reason, 0)."""
         if processed.reason is not None:
             return processed.reason, 0
-        row: dict[str, Any] = {k: _null_value(self.columns[k]) if v is None else v for k, v in item.extra.items() if k in self.columns}
+        row: dict[str, Any] = {
+            k: _null_value(self.columns[k]) if v is None else v for k, v in item.extra.items() if k in self.columns
+        }
         if row.get("url"):
             row["url"] = public_url(row["url"])  # no userinfo or signature is ever stored
         row.update(

@@ -9,9 +9,9 @@ import io
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
-import socket
 import tempfile
 import threading
 import time
@@ -274,6 +274,7 @@ class TcpProxy:
             self.up = False
             for w in self.conns:
                 w.transport.abort()
+
         self.loop.call_soon_threadsafe(close)
 
     def restore(self) -> None:
@@ -292,8 +293,12 @@ def s3() -> Iterator[dict[str, str]]:
     port = _free_port()
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -304,8 +309,13 @@ def s3() -> Iterator[dict[str, str]]:
             time.sleep(0.2)
     import boto3
 
-    boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="data")
+    boto3.client(
+        "s3",
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="data")
     yield env
     proc.terminate()
     proc.wait(10)

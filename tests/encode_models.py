@@ -31,8 +31,15 @@ if REPO not in sys.path:  # `import encode` without installing, whichever way py
 PYTHON = sys.executable
 TORCHRUN = os.path.join(os.path.dirname(PYTHON), "torchrun")
 RUN = os.path.join(REPO, "encode", "run.py")
-IMAGE_COLUMNS = {"jpg": "jpeg", "caption": "str", "width": "int32", "height": "int32",
-                 "original_width": "int32", "original_height": "int32", "key": "str"}
+IMAGE_COLUMNS = {
+    "jpg": "jpeg",
+    "caption": "str",
+    "width": "int32",
+    "height": "int32",
+    "original_width": "int32",
+    "original_height": "int32",
+    "key": "str",
+}
 WORDS = "a photo of red blue green cat dog house tree car sky river mountain painting small large old new".split()
 
 
@@ -53,8 +60,7 @@ def caption(rng: np.random.Generator) -> str:
 def jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
     """A smooth random image (gradients + blobs + a little noise): JPEG-friendly, not constant."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([np.sin(xx / rng.uniform(8, 60) + rng.uniform(0, 6)) + np.cos(yy / rng.uniform(8, 60))
-                    for _ in range(3)], -1)
+    img = np.stack([np.sin(xx / rng.uniform(8, 60) + rng.uniform(0, 6)) + np.cos(yy / rng.uniform(8, 60)) for _ in range(3)], -1)
     img = (img - img.min()) / (np.ptp(img) + 1e-6) * 220 + rng.normal(0, 8, img.shape)
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
@@ -79,9 +85,17 @@ def make_image_mds(out: str, n: int, seed: int = 0, units: int = 2, prefix: str 
                 long = int(short * rng.choice([1.0, 1.0, 1.33, 1.5, 2.0]))
                 width, height = (long, short) if rng.random() < 0.5 else (short, long)
                 key = f"{prefix}-{i:06d}"
-                w.write({"jpg": jpeg(rng, width, height), "caption": caption(rng), "width": width,
-                         "height": height, "original_width": width * 2, "original_height": height * 2,
-                         "key": key})
+                w.write(
+                    {
+                        "jpg": jpeg(rng, width, height),
+                        "caption": caption(rng),
+                        "width": width,
+                        "height": height,
+                        "original_width": width * 2,
+                        "original_height": height * 2,
+                        "key": key,
+                    }
+                )
                 keys.append(key)
         indexes.append(os.path.join(unit_dir, "index.json"))
     merge_index(indexes, out)
@@ -111,14 +125,27 @@ def sd_repo() -> str:
     path = os.path.join(root(), "sd-tiny")
     torch.manual_seed(0)
     AutoencoderKL(
-        block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, sample_size=64, scaling_factor=0.13025,
+        block_out_channels=[8, 16, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
     ).save_pretrained(os.path.join(path, "vae"))
     clip_tokenizer(os.path.join(path, "tokenizer"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
-                  ).save_pretrained(os.path.join(path, "text_encoder"))
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    ).save_pretrained(os.path.join(path, "text_encoder"))
     return path
 
 
@@ -148,8 +175,9 @@ def clip_tokenizer(path: str) -> None:
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
-                  pad_token="<|endoftext|>", model_max_length=77).save_pretrained(path)  # as SD's tokenizers
+    CLIPTokenizer(
+        os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    ).save_pretrained(path)  # as SD's tokenizers
 
 
 def t5_repo(d_model: int = 32) -> str:
@@ -172,13 +200,25 @@ def _t5_repo(d_model: int) -> str:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     rng = np.random.default_rng(1)
-    tok.train_from_iterator([caption(rng) for _ in range(500)], trainers.UnigramTrainer(
-        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.train_from_iterator(
+        [caption(rng) for _ in range(500)],
+        trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"),
+    )
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     T5TokenizerFast(tokenizer_object=tok, extra_ids=0).save_pretrained(path)
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=tok.get_vocab_size(), d_model=d_model, d_ff=64, d_kv=16, num_layers=2,
-                            num_heads=2, pad_token_id=0, eos_token_id=1)).save_pretrained(path)
+    T5EncoderModel(
+        T5Config(
+            vocab_size=tok.get_vocab_size(),
+            d_model=d_model,
+            d_ff=64,
+            d_kv=16,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -190,15 +230,16 @@ def openclip_dir() -> str:
 
     path = os.path.join(root(), "openclip-tiny")
     os.makedirs(path, exist_ok=True)
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                                           "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2},
+    }
     with open(os.path.join(path, "open_clip_config.json"), "w") as f:
         json.dump({"model_cfg": cfg, "preprocess_cfg": {}}, f)
     torch.manual_seed(0)
     model = open_clip.CLIP(**cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(path, "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "open_clip_model.safetensors"))
     return path
 
 
@@ -219,17 +260,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cmd(data: str, out: str, *extra: str, nproc: int = 1, text: str = "openclip",
-            resolutions: tuple[int, ...] | None = (64, 128)) -> list[str]:
+def run_cmd(
+    data: str, out: str, *extra: str, nproc: int = 1, text: str = "openclip", resolutions: tuple[int, ...] | None = (64, 128)
+) -> list[str]:
     """The encode/run.py command line (torchrun with gloo on 127.0.0.1 when nproc > 1);
     `resolutions=None` leaves --resolutions at its default (256 512)."""
-    launcher = [PYTHON] if nproc == 1 else [
-        TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port())]
-    return [*launcher, RUN, "--data", data, "--out", out, "--vae", sd_repo(),
-            "--text-encoder", TEXT_ENCODERS[text](),
-            *(["--resolutions", *map(str, resolutions)] if resolutions is not None else []),
-            "--batch-size", "4", "--num-workers", "1", "--device", "cpu", *extra]
+    launcher = (
+        [PYTHON]
+        if nproc == 1
+        else [TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    )
+    return [
+        *launcher,
+        RUN,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--vae",
+        sd_repo(),
+        "--text-encoder",
+        TEXT_ENCODERS[text](),
+        *(["--resolutions", *map(str, resolutions)] if resolutions is not None else []),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def env() -> dict[str, str]:

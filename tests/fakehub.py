@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-
 from conftest import LoopbackServer
 
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -53,7 +52,9 @@ def file_handler(f: ServedFile, token: str | None = None) -> object:
         if token is not None:
             auth = request.headers.get("Authorization", "")
             if not auth:
-                return web.Response(status=401, text="Access to this dataset is restricted", headers={"X-Error-Code": "GatedRepo"})
+                return web.Response(
+                    status=401, text="Access to this dataset is restricted", headers={"X-Error-Code": "GatedRepo"}
+                )
             if auth != f"Bearer {token}":
                 return web.Response(status=403, text="You must accept the conditions", headers={"X-Error-Code": "GatedRepo"})
         data, total = f.data, len(f.data)
@@ -72,7 +73,9 @@ def file_handler(f: ServedFile, token: str | None = None) -> object:
                     return web.Response(status=416, headers={"Content-Range": f"bytes */{total}"})
                 status = 206
         headers = {
-            "ETag": f.etag, "Last-Modified": LAST_MODIFIED, "Accept-Ranges": "bytes" if f.ranges else "none",
+            "ETag": f.etag,
+            "Last-Modified": LAST_MODIFIED,
+            "Accept-Ranges": "bytes" if f.ranges else "none",
             "Content-Type": "application/octet-stream",
         }
         if status == 206:
@@ -164,13 +167,18 @@ class FakeHub:
             prefix = f"{folder}/" if folder else ""
             listing = []
             for path, served in sorted(files.items()):
-                if not path.startswith(prefix) or (not recursive and "/" in path[len(prefix):]):
+                if not path.startswith(prefix) or (not recursive and "/" in path[len(prefix) :]):
                     continue
                 sha = hashlib.sha256(served.data).hexdigest()
-                listing.append({
-                    "type": "file", "oid": hashlib.sha1(served.data).hexdigest(), "size": len(served.data), "path": path,
-                    "lfs": {"oid": sha, "size": len(served.data), "pointerSize": 134},
-                })
+                listing.append(
+                    {
+                        "type": "file",
+                        "oid": hashlib.sha1(served.data).hexdigest(),
+                        "size": len(served.data),
+                        "path": path,
+                        "lfs": {"oid": sha, "size": len(served.data), "pointerSize": 134},
+                    }
+                )
             return web.json_response(listing)
 
         return handle

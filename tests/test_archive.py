@@ -13,8 +13,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from fakehub import ServedFile, file_handler, make_tar, make_zip
+
 from fastfetch.archive import ArchiveError, safe_name
 from fastfetch.archive.tarstream import _regular_header, iter_tar, iter_tar_groups
 from fastfetch.archive.ziprange import iter_zip, zip_entries
@@ -38,10 +38,12 @@ async def members(data: bytes, size: int = 7) -> dict[str, bytes]:
 def tricky_tar(fmt: int) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+
         def add(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
             info = tarfile.TarInfo(name)
             info.size, info.type, info.linkname = len(data), kind, link
             tar.addfile(info, io.BytesIO(data) if data else None)
+
         add("dir", kind=tarfile.DIRTYPE)
         add("./dir/" + "long" * 40 + ".jpg", b"L" * 1000)
         add("dir/ünï.txt", "héllo".encode())
@@ -102,7 +104,9 @@ def test_truncated_tar_is_an_error_and_groups_follow_keys() -> None:
         return [g async for g in iter_tar_groups(chunked(data, 100), lambda ext: ext in ("jpg", "txt"))]
 
     assert asyncio.run(groups()) == [
-        {"__key__": b"k1", "jpg": b"a" * 2000, "txt": b"cap"}, {"__key__": b"k2", "jpg": b"b"}, {"__key__": b"k3", "txt": b"x"},
+        {"__key__": b"k1", "jpg": b"a" * 2000, "txt": b"cap"},
+        {"__key__": b"k2", "jpg": b"b"},
+        {"__key__": b"k3", "txt": b"x"},
     ]
 
 
@@ -156,6 +160,7 @@ def test_zip64_central_directory() -> None:
 
 def run_with_session(coro_fn):  # type: ignore[no-untyped-def]
     """Run ``coro_fn(client)`` with the run's guarded client (loopback allowed: the test server)."""
+
     async def main():  # type: ignore[no-untyped-def]
         async with Fetcher(FetchConfig(allow_private_networks=True)) as client:
             return await coro_fn(client)
@@ -199,7 +204,9 @@ def test_download_file_resumes_a_part_file_and_ranged_reads(server, tmp_path: Pa
     server.routes["/x.parquet"] = file_handler(served)  # type: ignore[assignment]
     dest = tmp_path / "x.parquet"
     (tmp_path / "x.parquet.part").write_bytes(data[:1234])
-    (tmp_path / "x.parquet.part.json").write_bytes(orjson.dumps({"etag": served.etag, "last_modified": None, "length": len(data)}))
+    (tmp_path / "x.parquet.part.json").write_bytes(
+        orjson.dumps({"etag": served.etag, "last_modified": None, "length": len(data)})
+    )
 
     async def go(session: Fetcher) -> bytes:
         await download_file(session, server.url("/x.parquet"), dest)

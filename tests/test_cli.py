@@ -87,7 +87,9 @@ def test_unknown_column(tmp_path: Path) -> None:
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o")
     assert proc.returncode == 2
     assert "no URL column 'url'" in proc.stderr and "'link'" in proc.stderr and "--url-col" in proc.stderr
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--url-col", "link", "--caption-col", "text", "--out", tmp_path / "o2")
+    proc = run_fetch(
+        "--dataset", "urls", "--urls", listing, "--url-col", "link", "--caption-col", "text", "--out", tmp_path / "o2"
+    )
     assert proc.returncode == 2 and "no caption column 'text'" in proc.stderr
 
 
@@ -119,7 +121,19 @@ def test_changed_settings_are_refused(tmp_path: Path, server: LoopbackServer) ->
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, server: LoopbackServer) -> None:
     listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/s", 60, delay=0.2))
     out = tmp_path / "o"
-    args = ("--dataset", "urls", "--urls", listing, "--out", out, "--allow-private-networks", "--unit-size", "10", "--concurrency", "4")
+    args = (
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        out,
+        "--allow-private-networks",
+        "--unit-size",
+        "10",
+        "--concurrency",
+        "4",
+    )
     proc = start_fetch(*args)
     deadline = time.monotonic() + 60
     while sum(server.hits.values()) < 15:

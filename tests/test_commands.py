@@ -82,22 +82,31 @@ def test_every_readme_fetch_command_parses() -> None:
 
 def test_fetch_runs_as_printed_without_the_venv_on_path(tmp_path: Path) -> None:
     env = fresh_shell_env()
-    shell = subprocess.run(["sh", "-c", "command -v python3; python3 -c 'import sys; print(sys.prefix)'"],
-                           capture_output=True, text=True, env=env)
+    shell = subprocess.run(
+        ["sh", "-c", "command -v python3; python3 -c 'import sys; print(sys.prefix)'"], capture_output=True, text=True, env=env
+    )
     assert str(VENV) not in shell.stdout  # the shell's python3 is not the venv's
     helped = subprocess.run(["bin/fetch", "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: fetch")
-    demo = subprocess.run(["bin/fetch", "--dataset", "demo", "--out", str(tmp_path / "demo"), "--no-progress"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    demo = subprocess.run(
+        ["bin/fetch", "--dataset", "demo", "--out", str(tmp_path / "demo"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert demo.returncode == 0, demo.stderr
     assert len(read_mds(tmp_path / "demo" / "mds")) > 40
 
 
 def test_encoder_runs_as_printed_without_the_venv_on_path() -> None:
     env = fresh_shell_env()
-    for cmd in (["python3", "encode/run.py", "--help"],
-                [".venv/bin/torchrun", "--nproc_per_node", "1", "encode/run.py", "--help"]):
+    for cmd in (
+        ["python3", "encode/run.py", "--help"],
+        [".venv/bin/torchrun", "--nproc_per_node", "1", "encode/run.py", "--help"],
+    ):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, (cmd, proc.stderr[-2000:])
         assert "--text-encoder" in proc.stdout, cmd
@@ -111,14 +120,21 @@ def test_launcher_hazards(tmp_path: Path) -> None:
     link.symlink_to(ROOT / "bin" / "fetch")
     proc = subprocess.run([str(link), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: fetch"), proc.stderr
-    imported = subprocess.run(["python3", "-c", "import sys; sys.path.insert(0, '.'); import encode.run"],
-                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    imported = subprocess.run(
+        ["python3", "-c", "import sys; sys.path.insert(0, '.'); import encode.run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert "Argument expected" not in imported.stderr  # not re-executed as `python -c` without its code
     partial = tmp_path / "partial"  # aiohttp alone, as an apt-installed python3-aiohttp gives
     partial.mkdir()
     import aiohttp
 
     (partial / "aiohttp").symlink_to(Path(aiohttp.__file__).parent)
-    proc = subprocess.run(["bin/fetch", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**env, "PYTHONPATH": str(partial)})
+    proc = subprocess.run(
+        ["bin/fetch", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120, env={**env, "PYTHONPATH": str(partial)}
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: fetch"), proc.stderr

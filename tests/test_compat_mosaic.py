@@ -30,8 +30,9 @@ MOSAIC_BUCKET_FOLDERS = ["0-64", "64-128", "128-256", "256-512", "512-768", "768
 
 def mosaic_reader(local: str, image_size: int | None = None) -> MosaicStreamingLAIONDataset:
     # an SD-style repo with tokenizer/, standing in for stabilityai/stable-diffusion-2-base
-    return MosaicStreamingLAIONDataset(streams=[Stream(local=local)], tokenizer_name_or_path=em.sd_repo(),
-                                       batch_size=1, image_size=image_size)
+    return MosaicStreamingLAIONDataset(
+        streams=[Stream(local=local)], tokenizer_name_or_path=em.sd_repo(), batch_size=1, image_size=image_size
+    )
 
 
 # (width, height) served → the bucket mosaic files the image under (its original short side)
@@ -43,9 +44,17 @@ def laion_rows(server: LoopbackServer) -> list[dict[str, Any]]:
     rows = []
     for i, (name, (w, h)) in enumerate(SIZES.items()):
         server.routes[f"/{name}.jpg"] = make_image(w, h, seed=i)
-        row = {"URL": server.url(f"/{name}.jpg"), "TEXT": f"photo {name}", "WIDTH": w, "HEIGHT": h,
-               "similarity": 0.3 + i / 100, "punsafe": 0.01 * i, "pwatermark": 0.1 * i, "hash": -(10**18) + i,
-               "AESTHETIC_SCORE": 5.0 + i}
+        row = {
+            "URL": server.url(f"/{name}.jpg"),
+            "TEXT": f"photo {name}",
+            "WIDTH": w,
+            "HEIGHT": h,
+            "similarity": 0.3 + i / 100,
+            "punsafe": 0.01 * i,
+            "pwatermark": 0.1 * i,
+            "hash": -(10**18) + i,
+            "AESTHETIC_SCORE": 5.0 + i,
+        }
         if name == "e":  # a row with its scores missing
             row.update(punsafe=None, AESTHETIC_SCORE=None, hash=None)
         rows.append(row)
@@ -78,8 +87,12 @@ def test_mosaic_format_reads_in_mosaics_own_loader(tmp_path: Path, server: Loopb
             sample, row = dataset[i], raw[i]
             listed = by_caption[row["caption"]]
             name = row["caption"].split()[-1]
-            assert sample["captions"].tolist() == dataset.tokenizer(
-                row["caption"], padding="max_length", max_length=dataset.tokenizer.model_max_length, truncation=True)["input_ids"]
+            assert (
+                sample["captions"].tolist()
+                == dataset.tokenizer(
+                    row["caption"], padding="max_length", max_length=dataset.tokenizer.model_max_length, truncation=True
+                )["input_ids"]
+            )
             assert folder == BUCKET[name]
             w, h = SIZES[name]
             scale = 512 / min(w, h) if min(w, h) > 512 else 1.0  # --max-size 512 by default
@@ -124,7 +137,9 @@ def test_mosaic_format_encoded_with_copy_columns_reads_in_mosaics_loader(tmp_pat
             assert sample["caption_latents"].shape == (77, 1024) and sample["image_latents"].shape == (4, side, side)
             fetched = images[row["key"]]
             assert row["jpg"] == fetched["jpg"] and row["caption"] == fetched["caption"]
-            assert {k: row[k] for k in ("url", "width", "height", "status")} == {k: fetched[k] for k in ("url", "width", "height", "status")}
+            assert {k: row[k] for k in ("url", "width", "height", "status")} == {
+                k: fetched[k] for k in ("url", "width", "height", "status")
+            }
             assert sample["image"].size == (fetched["width"], fetched["height"])
 
 
@@ -134,8 +149,23 @@ def test_mosaic_format_on_two_nodes_merged_by_hand_without_its_flags(tmp_path: P
     listing = write_list(tmp_path / "laion.parquet", laion_rows(server))
     out = tmp_path / "nodes"
     for rank in ("1", "0"):
-        proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", out, "--format", "mosaic", "--unit-size", "2",
-                         "--node-rank", rank, "--num-nodes", "2", *NET)
+        proc = run_fetch(
+            "--dataset",
+            "laion",
+            "--urls",
+            listing,
+            "--out",
+            out,
+            "--format",
+            "mosaic",
+            "--unit-size",
+            "2",
+            "--node-rank",
+            rank,
+            "--num-nodes",
+            "2",
+            *NET,
+        )
         assert proc.returncode == 0, proc.stderr
     for index in (out / "mds").rglob("index.json"):
         if index.parent.parent == out / "mds" or index.parent == out / "mds":
@@ -156,6 +186,7 @@ def test_mosaic_format_on_two_nodes_merged_by_hand_without_its_flags(tmp_path: P
 def test_mosaic_format_refuses_list_columns_under_the_names_it_fills(tmp_path: Path, server: LoopbackServer) -> None:
     listing = write_list(tmp_path / "laion.parquet", laion_rows(server))
     for name in ("status", "exif:error_message"):
-        proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", tmp_path / "o", "--format", "mosaic",
-                         "--keep-cols", name, *NET)
+        proc = run_fetch(
+            "--dataset", "laion", "--urls", listing, "--out", tmp_path / "o", "--format", "mosaic", "--keep-cols", name, *NET
+        )
         assert proc.returncode == 2 and "writes itself" in proc.stderr, proc.stderr

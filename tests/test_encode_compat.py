@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import encode_models as em  # noqa: E402
+from peers import (  # noqa: E402
+    MOSAIC_COLUMNS,
+    MosaicStreamingLAIONDataset,
+    seed_build_streaming_latents_dataloader,
+)
 
 from encode import data, writer  # noqa: E402
 from encode.loader import build_streaming_latents_dataloader  # noqa: E402
-from peers import (  # noqa: E402
-    MOSAIC_COLUMNS, MosaicStreamingLAIONDataset, seed_build_streaming_latents_dataloader,
-)
-
 
 # --------------------------------------------------------------------------- the micro-budget loader
 
@@ -50,9 +51,11 @@ def write_seed_latents(out: str, rows: int, caption=(1, 77, 1024), shapes=None, 
     written = []
     with MDSWriter(out=out, columns=columns, compression=None, size_limit=256 * (2**20)) as w:
         for i in range(rows):
-            row = {"caption": f"seed caption {i}",
-                   "caption_latents": rng.standard_normal(caption).astype(np.float16),
-                   **{k: rng.standard_normal(s).astype(np.float16) for k, s in shapes.items()}}
+            row = {
+                "caption": f"seed caption {i}",
+                "caption_latents": rng.standard_normal(caption).astype(np.float16),
+                **{k: rng.standard_normal(s).astype(np.float16) for k, s in shapes.items()},
+            }
             written.append(row)
             w.write({k: np.reshape(v, -1).tobytes() if isinstance(v, np.ndarray) else v for k, v in row.items()})
     return written
@@ -61,8 +64,10 @@ def write_seed_latents(out: str, rows: int, caption=(1, 77, 1024), shapes=None, 
 def drain(loader: DataLoader) -> dict[str, Any]:
     """Every batch of `loader` concatenated per key."""
     batches = list(loader)
-    return {k: torch.cat([b[k] for b in batches]) if isinstance(batches[0][k], torch.Tensor)
-            else [x for b in batches for x in b[k]] for k in batches[0]}
+    return {
+        k: torch.cat([b[k] for b in batches]) if isinstance(batches[0][k], torch.Tensor) else [x for b in batches for x in b[k]]
+        for k in batches[0]
+    }
 
 
 @functools.cache
@@ -80,8 +85,9 @@ def test_default_resolutions_are_256_and_512():
     from encode.run import parse_args
 
     images, _ = em.image_mds(6, seed=2)
-    args = parse_args(["--data", images, "--out", os.path.join(em.root(), "unused"), "--vae", "x",
-                       "--text-encoder", "openclip:x"])
+    args = parse_args(
+        ["--data", images, "--out", os.path.join(em.root(), "unused"), "--vae", "x", "--text-encoder", "openclip:x"]
+    )
     assert args.resolutions == [256, 512] and args.text_dtype == "fp32" and args.dtype == "bf16"
     with open(os.path.join(default_latents()[0], "latents.json")) as f:
         meta = json.load(f)
@@ -94,8 +100,7 @@ def test_the_seed_loader_reads_our_output_unchanged(size, side):
     """The micro-budget loader with its default arguments (cap_seq_size 77, cap_emb_dim 1024)
     over our default output: both resolutions, the right shapes, the same tensors as ours."""
     out, keys = default_latents()
-    theirs = drain(seed_build_streaming_latents_dataloader(out, batch_size=4, image_size=size, shuffle=False,
-                                                           drop_last=False))
+    theirs = drain(seed_build_streaming_latents_dataloader(out, batch_size=4, image_size=size, shuffle=False, drop_last=False))
     ours = drain(build_streaming_latents_dataloader(out, 4, size, 77, 1024, shuffle=False, drop_last=False))
     assert set(theirs) == {"drop_caption_mask", "caption_latents", "image_latents"}
     assert theirs["image_latents"].shape == (len(keys), 4, side, side)
@@ -194,12 +199,24 @@ def write_mosaic_images(out: str, n: int) -> list[dict]:
                 buf = io.BytesIO()
                 Image.open(io.BytesIO(jpg)).convert("P").save(buf, format="PNG")
                 jpg = buf.getvalue()
-            row = {'punsafe': float("nan") if i == 2 else float(rng.random()), 'pwatermark': float(rng.random()),
-                   'similarity': float(rng.random()), 'caption': em.caption(rng), 'url': f"http://127.0.0.1:9/{i}.jpg",
-                   'key': f"{i // 4:05d}{i % 4:04d}", 'status': 'success', 'error_message': '', 'width': width,
-                   'height': height, 'original_width': width * 2, 'original_height': height * 2,
-                   'exif': json.dumps({"Image Make": "cam"}) if i % 2 else '', 'jpg': jpg,
-                   'hash': int(rng.integers(-2**62, 2**62)), 'aesthetic_score': float(rng.uniform(4, 7))}
+            row = {
+                "punsafe": float("nan") if i == 2 else float(rng.random()),
+                "pwatermark": float(rng.random()),
+                "similarity": float(rng.random()),
+                "caption": em.caption(rng),
+                "url": f"http://127.0.0.1:9/{i}.jpg",
+                "key": f"{i // 4:05d}{i % 4:04d}",
+                "status": "success",
+                "error_message": "",
+                "width": width,
+                "height": height,
+                "original_width": width * 2,
+                "original_height": height * 2,
+                "exif": json.dumps({"Image Make": "cam"}) if i % 2 else "",
+                "jpg": jpg,
+                "hash": int(rng.integers(-(2**62), 2**62)),
+                "aesthetic_score": float(rng.uniform(4, 7)),
+            }
             rows.append(row)
             w.write(row)
     return rows
@@ -229,22 +246,23 @@ def test_mosaic_laion_input_and_copy_columns_for_its_reader(tmp_path):
             assert _same(by_key[row["key"]][col], row[col]), col
 
     tokenizer_repo = em.sd_repo()  # an SD-style repo with tokenizer/, as stabilityai/stable-diffusion-2-base
-    ours = {size: drain(build_streaming_latents_dataloader(out, 3, size, shuffle=False, drop_last=False))
-            for size in (256, 512)}
+    ours = {size: drain(build_streaming_latents_dataloader(out, 3, size, shuffle=False, drop_last=False)) for size in (256, 512)}
     for size, side in ((256, 32), (512, 64)):
-        dataset = MosaicStreamingLAIONDataset(streams=[Stream(local=out)], tokenizer_name_or_path=tokenizer_repo,
-                                              batch_size=3, image_size=size)
+        dataset = MosaicStreamingLAIONDataset(
+            streams=[Stream(local=out)], tokenizer_name_or_path=tokenizer_repo, batch_size=3, image_size=size
+        )
         samples = [dataset[i] for i in range(dataset.num_samples)]
         assert len(samples) == 6
         for i, s in enumerate(samples):
-            assert s['caption_latents'].shape == (77, 1024) and s['image_latents'].shape == (4, side, side)
-            assert torch.equal(s['caption_latents'], ours[size]["caption_latents"][i, 0])
-            assert torch.equal(s['image_latents'], ours[size]["image_latents"][i])
-            expected_ids = dataset.tokenizer(ours[size]["caption"][i], padding='max_length', max_length=77,
-                                             truncation=True)['input_ids']
-            assert s['captions'].tolist() == expected_ids
-            row = next(r for r in written if r['caption'] == ours[size]["caption"][i])
-            assert s['image'].size == (row['width'], row['height']) and s['image'].mode == 'RGB'
+            assert s["caption_latents"].shape == (77, 1024) and s["image_latents"].shape == (4, side, side)
+            assert torch.equal(s["caption_latents"], ours[size]["caption_latents"][i, 0])
+            assert torch.equal(s["image_latents"], ours[size]["image_latents"][i])
+            expected_ids = dataset.tokenizer(ours[size]["caption"][i], padding="max_length", max_length=77, truncation=True)[
+                "input_ids"
+            ]
+            assert s["captions"].tolist() == expected_ids
+            row = next(r for r in written if r["caption"] == ours[size]["caption"][i])
+            assert s["image"].size == (row["width"], row["height"]) and s["image"].mode == "RGB"
         del dataset
 
 
@@ -257,8 +275,9 @@ def test_rows_without_a_key_column_get_their_global_index(tmp_path):
     rng = np.random.default_rng(0)
     captions, indexes = [], []
     for unit in range(2):
-        with MDSWriter(out=os.path.join(root, f"{unit:05d}"), columns={"jpg": "bytes", "caption": "str", "url": "str"},
-                       size_limit=1 << 14) as w:  # several shards per unit
+        with MDSWriter(
+            out=os.path.join(root, f"{unit:05d}"), columns={"jpg": "bytes", "caption": "str", "url": "str"}, size_limit=1 << 14
+        ) as w:  # several shards per unit
             for i in range(5):
                 captions.append(f"caption {unit}-{i}")
                 w.write({"jpg": em.jpeg(rng, 300, 260), "caption": captions[-1], "url": "https://example.com/same.jpg"})
@@ -280,8 +299,11 @@ def test_rows_without_a_key_column_get_their_global_index(tmp_path):
 
 
 def test_input_columns_and_what_is_copied():
-    shard = {"format": "mds", "column_names": list(MOSAIC_COLUMNS) + ["caption_latents", "latents_256", "latents_1024"],
-             "column_encodings": list(MOSAIC_COLUMNS.values()) + ["bytes"] * 3}
+    shard = {
+        "format": "mds",
+        "column_names": list(MOSAIC_COLUMNS) + ["caption_latents", "latents_256", "latents_1024"],
+        "column_encodings": list(MOSAIC_COLUMNS.values()) + ["bytes"] * 3,
+    }
     inputs = data.input_columns([shard, shard], uniform=True)
     copied = writer.copied_columns(inputs, [256, 512], copy_all=True, keep_images=False)
     assert set(copied) == set(MOSAIC_COLUMNS) - {"key", "caption"}  # ours replace those; no other model's latents
@@ -315,16 +337,18 @@ def test_a_remote_seed_folder_is_read_too(tmp_path, s3, monkeypatch):
     folder = str(tmp_path / "seed")
     written = write_seed_latents(folder, 5, shapes={"latents_256": (4, 32, 32)})
     _upload(folder, s3, "data", "seed/latents")
-    got = drain(build_streaming_latents_dataloader("s3://data/seed/latents", 2, 256, shuffle=False, drop_last=False,
-                                                   cache_dir=str(tmp_path / "cache")))
+    got = drain(
+        build_streaming_latents_dataloader(
+            "s3://data/seed/latents", 2, 256, shuffle=False, drop_last=False, cache_dir=str(tmp_path / "cache")
+        )
+    )
     assert torch.equal(got["image_latents"], torch.from_numpy(np.stack([r["latents_256"] for r in written])))
     assert got["caption_latents"].shape == (5, 1, 77, 1024)
 
 
 # --------------------------------------------------------------------------- the seed's CC12M caption cleaning
 
-DIRTY = ["<b>A Photo</b> of a cat &amp; dog http://127.0.0.1:9/x.jpg", "@someone Check   THIS out!!! #12345",
-         "a plain caption"]
+DIRTY = ["<b>A Photo</b> of a cat &amp; dog http://127.0.0.1:9/x.jpg", "@someone Check   THIS out!!! #12345", "a plain caption"]
 
 
 def _dirty_mds(root: str, dataset: str | None) -> str:
@@ -334,8 +358,17 @@ def _dirty_mds(root: str, dataset: str | None) -> str:
     mds = os.path.join(root, "mds")
     with MDSWriter(out=mds, columns=em.IMAGE_COLUMNS, hashes=["xxh64"]) as w:
         for i, text in enumerate(DIRTY):
-            w.write({"jpg": em.jpeg(rng, 300, 256), "caption": text, "width": 300, "height": 256,
-                     "original_width": 300, "original_height": 256, "key": f"k{i}"})
+            w.write(
+                {
+                    "jpg": em.jpeg(rng, 300, 256),
+                    "caption": text,
+                    "width": 300,
+                    "height": 256,
+                    "original_width": 300,
+                    "original_height": 256,
+                    "key": f"k{i}",
+                }
+            )
     if dataset is not None:
         with open(os.path.join(root, "stats.json"), "w") as f:
             json.dump({"settings": {"dataset": dataset}}, f)
@@ -348,8 +381,13 @@ def test_cc12m_captions_are_cleaned_as_the_seed_does(tmp_path):
     cleaned = {f"k{i}": clean_caption(t) for i, t in enumerate(DIRTY)}
     raw = {f"k{i}": t for i, t in enumerate(DIRTY)}
     assert cleaned != raw
-    cases = [("cc12m", (), cleaned), ("laion", (), raw), (None, (), raw),  # auto: cc12m only
-             ("laion", ("--clean-captions", "on"), cleaned), ("cc12m", ("--clean-captions", "off"), raw)]
+    cases = [
+        ("cc12m", (), cleaned),
+        ("laion", (), raw),
+        (None, (), raw),  # auto: cc12m only
+        ("laion", ("--clean-captions", "on"), cleaned),
+        ("cc12m", ("--clean-captions", "off"), raw),
+    ]
     embeddings: dict[str, dict[str, bytes]] = {}
     for n, (dataset, flags, expected) in enumerate(cases):
         out = str(tmp_path / f"latents{n}")
@@ -384,10 +422,17 @@ def test_the_fetch_dataset_is_found_from_the_mds_root_or_a_part_of_it(tmp_path):
 def test_a_compressed_folder_without_latents_json_reads_with_every_shape_given(tmp_path):
     out = str(tmp_path / "zstd")
     rng = np.random.default_rng(1)
-    rows = [{"caption": f"c{i}", "caption_latents": rng.standard_normal((1, 77, 16)).astype(np.float16),
-             "latents_256": rng.standard_normal((4, 32, 32)).astype(np.float16)} for i in range(4)]
-    with MDSWriter(out=out, columns={"caption": "str", "caption_latents": "bytes", "latents_256": "bytes"},
-                   compression="zstd") as w:
+    rows = [
+        {
+            "caption": f"c{i}",
+            "caption_latents": rng.standard_normal((1, 77, 16)).astype(np.float16),
+            "latents_256": rng.standard_normal((4, 32, 32)).astype(np.float16),
+        }
+        for i in range(4)
+    ]
+    with MDSWriter(
+        out=out, columns={"caption": "str", "caption_latents": "bytes", "latents_256": "bytes"}, compression="zstd"
+    ) as w:
         for r in rows:
             w.write({k: v.tobytes() if isinstance(v, np.ndarray) else v for k, v in r.items()})
     with pytest.raises(ValueError, match="cap_seq_size, cap_emb_dim and latent_channels"):

@@ -65,8 +65,13 @@ def test_rows_decode_jpegs_at_reduced_scale_and_match_a_full_decode():
 
 
 def test_collate_counts_failures_and_stacks_the_rest():
-    good = {"key": "a", "caption": "c", "images": {64: torch.zeros(3, 64, 64, dtype=torch.uint8)},
-            "ids": torch.zeros(77, dtype=torch.long), "mask": torch.ones(77, dtype=torch.long)}
+    good = {
+        "key": "a",
+        "caption": "c",
+        "images": {64: torch.zeros(3, 64, 64, dtype=torch.uint8)},
+        "ids": torch.zeros(77, dtype=torch.long),
+        "mask": torch.ones(77, dtype=torch.long),
+    }
     batch = data.collate([good, {"error": "decode_error:OSError"}, dict(good, key="b")])
     assert batch["key"] == ["a", "b"] and batch["errors"] == {"decode_error:OSError": 1}
     assert batch["images"][64].shape == (2, 3, 64, 64)

@@ -36,8 +36,7 @@ def test_drop_last_and_no_shuffle_cover_every_row():
 def test_mixes_two_datasets():
     a, b = em.latents_dataset(), em.latents_dataset(20, 1)
     captions = {r["caption"] for r in em.read_rows(b)}
-    seen = [c for batch in build_streaming_latents_dataloader([a, b], batch_size=4, drop_last=False)
-            for c in batch["caption"]]
+    seen = [c for batch in build_streaming_latents_dataloader([a, b], batch_size=4, drop_last=False) for c in batch["caption"]]
     assert len(seen) == 57
     assert captions <= set(seen)
 
@@ -45,8 +44,12 @@ def test_mixes_two_datasets():
 def test_caption_drop():
     out = em.latents_dataset()
     for p, expect in ((0.0, {1.0}), (1.0, {0.0}), (0.5, {0.0, 1.0})):
-        masks = torch.cat([b["drop_caption_mask"] for b in build_streaming_latents_dataloader(
-            out, batch_size=37, cap_drop_prob=p, drop_last=False)])
+        masks = torch.cat(
+            [
+                b["drop_caption_mask"]
+                for b in build_streaming_latents_dataloader(out, batch_size=37, cap_drop_prob=p, drop_last=False)
+            ]
+        )
         assert set(masks.tolist()) == expect
 
 

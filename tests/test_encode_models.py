@@ -26,7 +26,8 @@ def test_vae_from_repo_subfolder_root_or_explicit_subfolder():
 
 def test_text_spec_parsing():
     assert models.TextSpec.parse("openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378") == models.TextSpec(
-        "openclip", "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")
+        "openclip", "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
+    )
     for bad in ("bert:x", "openclip:", "t5"):
         with pytest.raises(ValueError):
             models.TextSpec.parse(bad)
@@ -66,7 +67,8 @@ def test_t5_uses_max_length_and_mask():
     out = text.module(ids[None], mask[None])
     # With the mask, padding does not change the real tokens' features.
     ids2, mask2 = models.load_text_encoder(models.TextSpec("t5", em.t5_repo()), 48, torch.float32).tokenize(
-        "a photo of a red cat")
+        "a photo of a red cat"
+    )
     out2 = text.module(ids2[None], mask2[None])
     n = int(mask.sum())
     torch.testing.assert_close(out[0, :n], out2[0, :n], rtol=1e-4, atol=1e-5)

@@ -43,8 +43,9 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def test_batched_matches_per_image_fp32(tmp_path, dtype, tol):
     data_dir, keys = em.image_mds(37)
     out = str(tmp_path / dtype)
-    proc = em.run_encode(data_dir, out, "--latent-mode", "mean", "--dtype", dtype, "--num-workers", "0",
-                         "--batch-size", "8", resolutions=(128,))
+    proc = em.run_encode(
+        data_dir, out, "--latent-mode", "mean", "--dtype", dtype, "--num-workers", "0", "--batch-size", "8", resolutions=(128,)
+    )
     assert proc.returncode == 0, proc.stderr
     ref = reference_latents(128)
     rows = em.read_rows(out)
@@ -88,15 +89,18 @@ def text_precision(kind: str, captions: int = 256, batch: int = 32, repeats: int
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                out = torch.cat([models.encode_text(text.module, ids[i:i + batch], mask[i:i + batch], compute)
-                                 for i in range(0, captions, batch)])
+                out = torch.cat(
+                    [
+                        models.encode_text(text.module, ids[i : i + batch], mask[i : i + batch], compute)
+                        for i in range(0, captions, batch)
+                    ]
+                )
                 best = min(best, time.perf_counter() - start)
             outs[name] = out.float()
             results[name] = {"seconds": best}
             if name == "fp32":
                 with torch.inference_mode():
-                    raw = torch.cat([text.module(ids[i:i + batch], mask[i:i + batch])
-                                     for i in range(0, captions, batch)])
+                    raw = torch.cat([text.module(ids[i : i + batch], mask[i : i + batch]) for i in range(0, captions, batch)])
     finally:
         torch.set_num_threads(threads)
     ref = outs["fp32"]
@@ -106,9 +110,13 @@ def text_precision(kind: str, captions: int = 256, batch: int = 32, repeats: int
         if name == "fp32":
             continue
         diff = (out - ref).abs()
-        results.setdefault(name, {}).update(max_abs=float(diff.max()), mean_abs=float(diff.mean()), std=std,
-                                            max_over_std=float(diff.max()) / std,
-                                            mean_over_std=float(diff.mean()) / std)
+        results.setdefault(name, {}).update(
+            max_abs=float(diff.max()),
+            mean_abs=float(diff.mean()),
+            std=std,
+            max_over_std=float(diff.max()) / std,
+            mean_over_std=float(diff.mean()) / std,
+        )
     return results
 
 
@@ -161,6 +169,8 @@ if __name__ == "__main__":  # the figures in the README: python tests/test_encod
     print("|---|---|---|---|---|---|---|---|")
     for kind in ("openclip", "hf-clip", "t5"):
         for name, f in text_precision(kind).items():
-            cells = [f"{f[k]:.4g}" if k in f else "–" for k in
-                     ("max_abs", "mean_abs", "std", "max_over_std", "mean_over_std", "seconds")]
+            cells = [
+                f"{f[k]:.4g}" if k in f else "–"
+                for k in ("max_abs", "mean_abs", "std", "max_over_std", "mean_over_std", "seconds")
+            ]
             print(f"| {kind} | {name} | " + " | ".join(cells) + " |")

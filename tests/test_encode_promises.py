@@ -107,17 +107,24 @@ def test_a_remote_out_resumes_on_another_machine_after_a_crash(tmp_path: Path, s
     data, keys = em.image_mds(37)
     _upload(data, s3, "data", "crash/images")
     out = "s3://data/crash/latents"
-    client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
 
     def uploaded_chunks() -> int:
         listed = client.list_objects_v2(Bucket="data", Prefix="crash/latents/").get("Contents", [])
         return sum(1 for o in listed if o["Key"].endswith("/keys.json"))
 
-    cmd = em.run_cmd("s3://data/crash/images", out, "--cache-dir", str(tmp_path / "cache-a"), "--chunk-rows", "2",
-                     "--batch-size", "2", nproc=2)
-    proc = subprocess.Popen(cmd, env={**em.env(), **s3}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = em.run_cmd(
+        "s3://data/crash/images", out, "--cache-dir", str(tmp_path / "cache-a"), "--chunk-rows", "2", "--batch-size", "2", nproc=2
+    )
+    proc = subprocess.Popen(
+        cmd, env={**em.env(), **s3}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while uploaded_chunks() < 3:
@@ -128,8 +135,9 @@ def test_a_remote_out_resumes_on_another_machine_after_a_crash(tmp_path: Path, s
         em.kill_tree(proc.pid)
         proc.wait()
     done_before = uploaded_chunks()
-    cmd = em.run_cmd("s3://data/crash/images", out, "--cache-dir", str(tmp_path / "cache-b"), "--chunk-rows", "2",
-                     "--batch-size", "2", nproc=2)
+    cmd = em.run_cmd(
+        "s3://data/crash/images", out, "--cache-dir", str(tmp_path / "cache-b"), "--chunk-rows", "2", "--batch-size", "2", nproc=2
+    )
     rerun = subprocess.run(cmd, env={**em.env(), **s3}, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"encoded {37 - 2 * done_before} rows" in rerun.stdout, rerun.stdout  # the finished chunks not redone

@@ -15,8 +15,13 @@ import tests.encode_models as em
 
 
 def _upload(folder: str, s3: dict[str, str], bucket: str, prefix: str) -> None:
-    client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
@@ -46,8 +51,14 @@ def test_remote_data_to_remote_latents_and_loader(tmp_path: Path, s3: dict[str, 
         "    n += len(b['caption']); shapes.add(tuple(b['image_latents'].shape[1:]))\n"
         "print(json.dumps({'rows': n, 'shapes': sorted(shapes)}))\n"
     )
-    read = subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "read")], env={**em.env(), **s3},
-                          capture_output=True, text=True, timeout=300, cwd=em.REPO)
+    read = subprocess.run(
+        [sys.executable, "-c", code, out, str(tmp_path / "read")],
+        env={**em.env(), **s3},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=em.REPO,
+    )
     assert read.returncode == 0, read.stderr[-3000:]
     result = json.loads(read.stdout.strip().splitlines()[-1])
     assert result == {"rows": 37, "shapes": [[4, 8, 8]]}
@@ -56,7 +67,6 @@ def test_remote_data_to_remote_latents_and_loader(tmp_path: Path, s3: dict[str, 
     again = _run("s3://data/enc/images", out, tmp_path / "cache-b", s3)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "encoded 0 rows" in again.stdout and "37 rows" in again.stdout
-
 
 
 def test_rerun_after_a_killed_run_left_its_shared_memory_behind(tmp_path: Path, s3: dict[str, str]) -> None:
@@ -70,15 +80,25 @@ def test_rerun_after_a_killed_run_left_its_shared_memory_behind(tmp_path: Path, 
     from encode.paths import stream_location
 
     remote, local = stream_location("s3://data/kill/images", str(cache))
-    finished = ("from streaming import StreamingDataset\n"
-                "StreamingDataset(remote=sys.argv[1], local=sys.argv[2] + '-other', batch_size=1)\n")
-    killed = ("from streaming import StreamingDataset\n"
-              "StreamingDataset(remote=sys.argv[1], local=sys.argv[2], batch_size=1)\n"
-              "os.killpg(0, signal.SIGKILL)\n")  # and its resource tracker, which would unlink the memory
+    finished = (
+        "from streaming import StreamingDataset\n"
+        "StreamingDataset(remote=sys.argv[1], local=sys.argv[2] + '-other', batch_size=1)\n"
+    )
+    killed = (
+        "from streaming import StreamingDataset\n"
+        "StreamingDataset(remote=sys.argv[1], local=sys.argv[2], batch_size=1)\n"
+        "os.killpg(0, signal.SIGKILL)\n"
+    )  # and its resource tracker, which would unlink the memory
     for code in (finished, killed):
-        ran = subprocess.run([sys.executable, "-c", "import os, signal, sys\n" + code, remote, local],
-                             env={**em.env(), **s3}, capture_output=True, text=True, timeout=300, cwd=em.REPO,
-                             start_new_session=True)
+        ran = subprocess.run(
+            [sys.executable, "-c", "import os, signal, sys\n" + code, remote, local],
+            env={**em.env(), **s3},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=em.REPO,
+            start_new_session=True,
+        )
         assert ran.returncode in (0, -9), ran.stderr[-2000:]
     from tests.conftest import _dataset_dirs, _streaming_prefixes
 

@@ -70,8 +70,7 @@ def test_resume_after_sigkill(tmp_path):
     data, keys = em.image_mds(37)
     out = str(tmp_path / "latents")
     cmd = em.run_cmd(data, out, "--chunk-rows", "2", "--batch-size", "2", nproc=2)
-    proc = subprocess.Popen(cmd, env=em.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=em.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not os.path.exists(os.path.join(out, "r00000-c00001", "keys.json")):
@@ -101,14 +100,17 @@ def test_rerun_after_success_writes_nothing(tmp_path):
     assert json.load(open(os.path.join(out, "stats.json")))["rows_this_run"] == 0
 
 
-@pytest.mark.parametrize("change,needle", [
-    (["--data", "/nonexistent/mds"], "/nonexistent/mds"),
-    (["--vae", "/nonexistent/vae"], "/nonexistent/vae"),
-    (["--text-encoder", "bert:foo"], "--text-encoder"),
-    (["--text-encoder", "t5:/nonexistent/t5"], "/nonexistent/t5"),
-    (["--text-encoder", "openclip:ViT-H-14-378-quickgelu"], "@<tag>"),
-    (["--resolutions", "100"], "resolution"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (["--data", "/nonexistent/mds"], "/nonexistent/mds"),
+        (["--vae", "/nonexistent/vae"], "/nonexistent/vae"),
+        (["--text-encoder", "bert:foo"], "--text-encoder"),
+        (["--text-encoder", "t5:/nonexistent/t5"], "/nonexistent/t5"),
+        (["--text-encoder", "openclip:ViT-H-14-378-quickgelu"], "@<tag>"),
+        (["--resolutions", "100"], "resolution"),
+    ],
+)
 def test_bad_arguments_exit_2(tmp_path, change, needle):
     data, _ = em.image_mds(37)
     cmd = em.run_cmd(data, str(tmp_path / "latents")) + change  # argparse: the last value wins
@@ -146,8 +148,17 @@ def test_resume_of_an_output_from_before_text_dtype(tmp_path):
 def test_help_lists_defaults():
     proc = subprocess.run([em.PYTHON, em.RUN, "--help"], capture_output=True, text=True, env=em.env(), timeout=60)
     assert proc.returncode == 0
-    for flag in ("--latent-mode", "--dtype", "--text-dtype", "--compile", "--num-workers", "--prefetch-factor",
-                 "--chunk-rows", "--copy-columns", "--keep-images"):
+    for flag in (
+        "--latent-mode",
+        "--dtype",
+        "--text-dtype",
+        "--compile",
+        "--num-workers",
+        "--prefetch-factor",
+        "--chunk-rows",
+        "--copy-columns",
+        "--keep-images",
+    ):
         assert flag in proc.stdout
     assert "(default: bf16)" in proc.stdout and "(default: fp32)" in proc.stdout
     assert "(default: [256, 512])" in " ".join(proc.stdout.split())
@@ -176,8 +187,17 @@ def test_bad_images_are_counted_not_fatal(tmp_path):
     payloads = {"good-0": good, "good-1": good, "garbage": b"not a jpeg at all", "truncated": good[: len(good) // 3]}
     with MDSWriter(out=data, columns=em.IMAGE_COLUMNS) as w:
         for key, jpg in payloads.items():
-            w.write({"jpg": jpg, "caption": "a cat", "width": 300, "height": 260, "original_width": 300,
-                     "original_height": 260, "key": key})
+            w.write(
+                {
+                    "jpg": jpg,
+                    "caption": "a cat",
+                    "width": 300,
+                    "height": 260,
+                    "original_width": 300,
+                    "original_height": 260,
+                    "key": key,
+                }
+            )
     out = str(tmp_path / "latents")
     for run in range(2):  # the rerun skips the good rows and counts the bad ones again
         proc = em.run_encode(data, out, "--num-workers", "0")

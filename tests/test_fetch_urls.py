@@ -51,10 +51,19 @@ def write_list(path: Path, rows: list[dict]) -> Path:
 def corpus(server: LoopbackServer) -> dict[str, tuple[str, bool]]:
     """Mixed images on the server: url → (caption, should be kept)."""
     specs = [
-        (640, 480, "JPEG", "RGB", {}), (300, 300, "JPEG", "RGB", {}), (2000, 1200, "JPEG", "RGB", {}),
-        (512, 900, "JPEG", "RGB", {"progressive": True}), (1000, 700, "JPEG", "CMYK", {}), (700, 300, "JPEG", "L", {}),
-        (800, 800, "PNG", "RGBA", {}), (600, 400, "PNG", "P", {}), (900, 500, "WEBP", "RGB", {}),
-        (256, 256, "JPEG", "RGB", {}), (255, 900, "JPEG", "RGB", {}), (100, 80, "PNG", "RGB", {}), (1200, 200, "WEBP", "RGB", {}),
+        (640, 480, "JPEG", "RGB", {}),
+        (300, 300, "JPEG", "RGB", {}),
+        (2000, 1200, "JPEG", "RGB", {}),
+        (512, 900, "JPEG", "RGB", {"progressive": True}),
+        (1000, 700, "JPEG", "CMYK", {}),
+        (700, 300, "JPEG", "L", {}),
+        (800, 800, "PNG", "RGBA", {}),
+        (600, 400, "PNG", "P", {}),
+        (900, 500, "WEBP", "RGB", {}),
+        (256, 256, "JPEG", "RGB", {}),
+        (255, 900, "JPEG", "RGB", {}),
+        (100, 80, "PNG", "RGB", {}),
+        (1200, 200, "WEBP", "RGB", {}),
     ]
     expected: dict[str, tuple[str, bool]] = {}
     for i, (w, h, fmt, mode, kw) in enumerate(specs):
@@ -134,16 +143,69 @@ def test_folder_of_lists_and_keep_cols(tmp_path: Path, server: LoopbackServer, c
 def test_laion_preset_filters_before_download(tmp_path: Path, server: LoopbackServer) -> None:
     server.routes["/a.jpg"] = make_image(600, 400)
     rows = [
-        {"URL": server.url("/a.jpg"), "TEXT": "kept", "WIDTH": 600, "HEIGHT": 400, "punsafe": 0.1, "pwatermark": 0.2, "AESTHETIC_SCORE": 6.0},
-        {"URL": server.url("/unsafe.jpg"), "TEXT": "x", "WIDTH": 600, "HEIGHT": 400, "punsafe": 0.9, "pwatermark": 0.2, "AESTHETIC_SCORE": 6.0},
-        {"URL": server.url("/wm.jpg"), "TEXT": "x", "WIDTH": 600, "HEIGHT": 400, "punsafe": 0.1, "pwatermark": 0.9, "AESTHETIC_SCORE": 6.0},
-        {"URL": server.url("/ugly.jpg"), "TEXT": "x", "WIDTH": 600, "HEIGHT": 400, "punsafe": 0.1, "pwatermark": 0.1, "AESTHETIC_SCORE": 3.0},
-        {"URL": server.url("/tiny.jpg"), "TEXT": "x", "WIDTH": 600, "HEIGHT": 100, "punsafe": 0.1, "pwatermark": 0.1, "AESTHETIC_SCORE": 6.0},
+        {
+            "URL": server.url("/a.jpg"),
+            "TEXT": "kept",
+            "WIDTH": 600,
+            "HEIGHT": 400,
+            "punsafe": 0.1,
+            "pwatermark": 0.2,
+            "AESTHETIC_SCORE": 6.0,
+        },
+        {
+            "URL": server.url("/unsafe.jpg"),
+            "TEXT": "x",
+            "WIDTH": 600,
+            "HEIGHT": 400,
+            "punsafe": 0.9,
+            "pwatermark": 0.2,
+            "AESTHETIC_SCORE": 6.0,
+        },
+        {
+            "URL": server.url("/wm.jpg"),
+            "TEXT": "x",
+            "WIDTH": 600,
+            "HEIGHT": 400,
+            "punsafe": 0.1,
+            "pwatermark": 0.9,
+            "AESTHETIC_SCORE": 6.0,
+        },
+        {
+            "URL": server.url("/ugly.jpg"),
+            "TEXT": "x",
+            "WIDTH": 600,
+            "HEIGHT": 400,
+            "punsafe": 0.1,
+            "pwatermark": 0.1,
+            "AESTHETIC_SCORE": 3.0,
+        },
+        {
+            "URL": server.url("/tiny.jpg"),
+            "TEXT": "x",
+            "WIDTH": 600,
+            "HEIGHT": 100,
+            "punsafe": 0.1,
+            "pwatermark": 0.1,
+            "AESTHETIC_SCORE": 6.0,
+        },
     ]
     listing = write_list(tmp_path / "laion.parquet", rows)
     out = tmp_path / "out"
-    proc = run_fetch("--dataset", "laion", "--urls", listing, "--out", out, "--max-punsafe", "0.5",
-                     "--max-pwatermark", "0.5", "--min-aesthetic", "5", *NET)
+    proc = run_fetch(
+        "--dataset",
+        "laion",
+        "--urls",
+        listing,
+        "--out",
+        out,
+        "--max-punsafe",
+        "0.5",
+        "--max-pwatermark",
+        "0.5",
+        "--min-aesthetic",
+        "5",
+        *NET,
+    )
     assert proc.returncode == 0, proc.stderr
     stats = stats_of(out)
     assert stats["kept"] == 1
@@ -170,18 +232,21 @@ async def _slow(request: web.Request) -> web.Response:
 def _redirect_to(target: str):
     async def handler(request: web.Request) -> web.Response:
         raise web.HTTPFound(target)
+
     return handler
 
 
 def _status(code: int, **headers: str):
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=code, headers=headers)
+
     return handler
 
 
 def _with_headers(body: bytes, **headers: str):
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=body, headers=headers, content_type="image/jpeg")
+
     return handler
 
 
@@ -190,34 +255,74 @@ def test_every_rejection_reason_is_counted(tmp_path: Path, server: LoopbackServe
     png = make_image(300, 300, "PNG")
     ihdr = b"IHDR" + (30000).to_bytes(4, "big") * 2 + png[24:29]
     bomb = png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]
-    server.routes.update({
-        "/good.jpg": good,
-        "/e500": _status(500), "/slow": _slow, "/reset": _reset, "/small.jpg": make_image(200, 100),
-        "/page": _with_headers(b"<html>hello</html>"), "/big.jpg": make_image(3000, 3000, quality=100),
-        "/optout.jpg": _with_headers(good, **{"X-Robots-Tag": "noai"}),
-        "/other-bot.jpg": _with_headers(good, **{"X-Robots-Tag": "otherbot: noindex"}),
-        "/trunc.jpg": good[: len(good) // 2], "/loop": _redirect_to("/loop"), "/bomb.png": bomb,
-        "/to-ftp": _redirect_to("ftp://127.0.0.1/x.jpg"), "/hop": _redirect_to("/good.jpg"), "/e403": _status(403),
-    })
+    server.routes.update(
+        {
+            "/good.jpg": good,
+            "/e500": _status(500),
+            "/slow": _slow,
+            "/reset": _reset,
+            "/small.jpg": make_image(200, 100),
+            "/page": _with_headers(b"<html>hello</html>"),
+            "/big.jpg": make_image(3000, 3000, quality=100),
+            "/optout.jpg": _with_headers(good, **{"X-Robots-Tag": "noai"}),
+            "/other-bot.jpg": _with_headers(good, **{"X-Robots-Tag": "otherbot: noindex"}),
+            "/trunc.jpg": good[: len(good) // 2],
+            "/loop": _redirect_to("/loop"),
+            "/bomb.png": bomb,
+            "/to-ftp": _redirect_to("ftp://127.0.0.1/x.jpg"),
+            "/hop": _redirect_to("/good.jpg"),
+            "/e403": _status(403),
+        }
+    )
     u = server.url
     rows = [
-        (u("/good.jpg"), "ok"), (u("/hop"), "redirected once"), (u("/other-bot.jpg"), "opt-out for another bot"),
-        (u("/missing.jpg"), "x"), (u("/e500"), "x"), (u("/slow"), "x"), (u("/reset"), "x"), (u("/small.jpg"), "x"),
-        (u("/page"), "x"), (u("/big.jpg"), "x"), (u("/optout.jpg"), "x"), (u("/trunc.jpg"), "x"), (u("/loop"), "x"),
-        (u("/bomb.png"), "x"), (u("/to-ftp"), "x"), ("ftp://127.0.0.1/a.jpg", "x"), ("http://", "x"), ("", "x"),
-        (u("/good.jpg"), "duplicate"), (u("/e403"), "x"), (u("/other.jpg"), ""),
+        (u("/good.jpg"), "ok"),
+        (u("/hop"), "redirected once"),
+        (u("/other-bot.jpg"), "opt-out for another bot"),
+        (u("/missing.jpg"), "x"),
+        (u("/e500"), "x"),
+        (u("/slow"), "x"),
+        (u("/reset"), "x"),
+        (u("/small.jpg"), "x"),
+        (u("/page"), "x"),
+        (u("/big.jpg"), "x"),
+        (u("/optout.jpg"), "x"),
+        (u("/trunc.jpg"), "x"),
+        (u("/loop"), "x"),
+        (u("/bomb.png"), "x"),
+        (u("/to-ftp"), "x"),
+        ("ftp://127.0.0.1/a.jpg", "x"),
+        ("http://", "x"),
+        ("", "x"),
+        (u("/good.jpg"), "duplicate"),
+        (u("/e403"), "x"),
+        (u("/other.jpg"), ""),
     ]
     listing = write_list(tmp_path / "list.jsonl", [{"url": a, "caption": c} for a, c in rows])
     out = tmp_path / "out"
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--timeout", "1.5", "--retries", "1",
-                     "--max-bytes", "300000", *NET)
+    proc = run_fetch(
+        "--dataset", "urls", "--urls", listing, "--out", out, "--timeout", "1.5", "--retries", "1", "--max-bytes", "300000", *NET
+    )
     assert proc.returncode == 0, proc.stderr
     stats = stats_of(out)
     assert stats["kept"] == 3
     assert stats["rejected"] == {
-        "http_404": 1, "http_5xx": 1, "timeout": 1, "connection": 1, "too_small": 1, "not_an_image": 1,
-        "too_large": 1, "robots_optout": 1, "decode_error": 1, "too_many_redirects": 1, "decompression_bomb": 1,
-        "bad_scheme": 2, "invalid_url": 2, "duplicate_url": 1, "http_403": 1, "no_caption": 1,
+        "http_404": 1,
+        "http_5xx": 1,
+        "timeout": 1,
+        "connection": 1,
+        "too_small": 1,
+        "not_an_image": 1,
+        "too_large": 1,
+        "robots_optout": 1,
+        "decode_error": 1,
+        "too_many_redirects": 1,
+        "decompression_bomb": 1,
+        "bad_scheme": 2,
+        "invalid_url": 2,
+        "duplicate_url": 1,
+        "http_403": 1,
+        "no_caption": 1,
     }
     assert server.hits["/other.jpg"] == 0  # no caption: never downloaded
     assert server.hits["/e500"] == 2 and server.hits["/e403"] == 1  # 5xx retried, 4xx not
@@ -234,8 +339,11 @@ def test_ignore_robots_flag(tmp_path: Path, server: LoopbackServer) -> None:
 
 def test_private_addresses_refused_by_default(tmp_path: Path, server: LoopbackServer) -> None:
     server.routes["/a.jpg"] = make_image(400, 300)
-    rows = [{"url": server.url("/a.jpg"), "caption": "c"}, {"url": f"http://localhost:{server.port}/a.jpg", "caption": "c"},
-            {"url": f"http://[::1]:{server.port}/a.jpg", "caption": "c"}]
+    rows = [
+        {"url": server.url("/a.jpg"), "caption": "c"},
+        {"url": f"http://localhost:{server.port}/a.jpg", "caption": "c"},
+        {"url": f"http://[::1]:{server.port}/a.jpg", "caption": "c"},
+    ]
     listing = write_list(tmp_path / "list.jsonl", rows)
     out = tmp_path / "out"
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--workers", "1")
@@ -331,14 +439,30 @@ def test_hf_and_http_list_locations(tmp_path: Path, server: LoopbackServer, corp
         hub.add("org/lists", f"data/part-{i}.parquet", buf.getvalue().to_pybytes())
     hub.add("org/lists", "README.md", b"not a list")
     out = tmp_path / "hf"
-    proc = run_fetch("--dataset", "urls", "--urls", "hf://datasets/org/lists/data/*.parquet", "--out", out, *NET,
-                     env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    proc = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        "hf://datasets/org/lists/data/*.parquet",
+        "--out",
+        out,
+        *NET,
+        env=fetch_env(HF_ENDPOINT=hub.endpoint),
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(read_mds(out / "mds")) == 10
 
     hub.gate("org/lists", "hf_right_token_0123456789abcdef")
-    denied = run_fetch("--dataset", "urls", "--urls", "hf://datasets/org/lists/data/*.parquet", "--out", tmp_path / "denied",
-                       *NET, env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    denied = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        "hf://datasets/org/lists/data/*.parquet",
+        "--out",
+        tmp_path / "denied",
+        *NET,
+        env=fetch_env(HF_ENDPOINT=hub.endpoint),
+    )
     assert denied.returncode == 2 and "huggingface-cli login" in denied.stderr
 
     server.routes["/lists/list.jsonl"] = b"\n".join(orjson.dumps({"url": u, "caption": c}) for u, (c, _) in items)

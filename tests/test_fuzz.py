@@ -20,8 +20,13 @@ from tests.conftest import make_image
 
 CFG = ResizeConfig()
 REASONS = {None, "too_small", "not_an_image", "decode_error", "decompression_bomb"}
-SEEDS = [make_image(300, 260), make_image(700, 520, progressive=True), make_image(600, 600, "PNG", "RGBA"),
-         make_image(640, 480, "WEBP"), make_image(300, 300, "GIF", "P")]
+SEEDS = [
+    make_image(300, 260),
+    make_image(700, 520, progressive=True),
+    make_image(600, 600, "PNG", "RGBA"),
+    make_image(640, 480, "WEBP"),
+    make_image(300, 300, "GIF", "P"),
+]
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 

@@ -37,8 +37,9 @@ def test_file_urls_are_the_libraries(repo: str, path: str, revision: str) -> Non
         ({"HF_TOKEN": "hf_env"}, "hf_file", True),  # HF_HUB_DISABLE_IMPLICIT_TOKEN: nothing is sent
     ],
 )
-def test_tokens_are_the_libraries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str],
-                                  file: str | None, disabled: bool) -> None:
+def test_tokens_are_the_libraries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], file: str | None, disabled: bool
+) -> None:
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():

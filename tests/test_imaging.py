@@ -77,9 +77,15 @@ def test_exif_orientation_gives_the_picture_as_displayed(orientation: int) -> No
     each EXIF orientation, comes out with the red quarter at its top left again."""
     shown = Image.new("RGB", (300, 400), (20, 40, 200))
     shown.paste((230, 20, 20), (0, 0, 150, 200))
-    undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_270}[orientation]  # stored = shown with the orientation's inverse applied
+    undo = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }[orientation]  # stored = shown with the orientation's inverse applied
     exif = Image.Exif()
     exif[0x0112] = orientation
     buf = io.BytesIO()
@@ -103,8 +109,16 @@ def test_rgba_is_composited_on_white() -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "mode", "kw"),
-    [("JPEG", "CMYK", {}), ("JPEG", "L", {}), ("PNG", "P", {}), ("PNG", "LA", {}), ("WEBP", "RGB", {}), ("PNG", "I;16", {}),
-     ("JPEG", "RGB", {"progressive": True}), ("GIF", "P", {})],
+    [
+        ("JPEG", "CMYK", {}),
+        ("JPEG", "L", {}),
+        ("PNG", "P", {}),
+        ("PNG", "LA", {}),
+        ("WEBP", "RGB", {}),
+        ("PNG", "I;16", {}),
+        ("JPEG", "RGB", {"progressive": True}),
+        ("GIF", "P", {}),
+    ],
 )
 def test_any_mode_becomes_rgb_jpeg(fmt: str, mode: str, kw: dict) -> None:
     out = process(make_image(1200, 800, fmt, mode, **kw), CFG)

@@ -19,18 +19,29 @@ COLUMNS = {**BASE_COLUMNS, "url": "str", "score": "float64", "captions": "json",
 def _samples(n: int) -> list[dict]:
     images = [make_image(300 + 20 * i, 280, seed=i) for i in range(5)]
     return [
-        {"jpg": images[i % 5], "caption": f"caption {i} ünïcode", "width": 300 + i, "height": 280, "original_width": 900,
-         "original_height": 840, "key": f"{i:06d}", "url": f"http://example.com/{i}.jpg",
-         "score": math.nan if i % 7 == 0 else i / 3, "captions": ["a", {"b": i}], "n": -i}
+        {
+            "jpg": images[i % 5],
+            "caption": f"caption {i} ünïcode",
+            "width": 300 + i,
+            "height": 280,
+            "original_width": 900,
+            "original_height": 840,
+            "key": f"{i:06d}",
+            "url": f"http://example.com/{i}.jpg",
+            "score": math.nan if i % 7 == 0 else i / 3,
+            "captions": ["a", {"b": i}],
+            "n": -i,
+        }
         for i in range(n)
     ]
 
 
+@pytest.mark.parametrize("background", [False, True])  # shards written by the caller; by the writer's thread
 @pytest.mark.parametrize("size_limit", [1 << 26, 40_000])  # one shard; many shards
-def test_byte_identical_to_streaming(tmp_path: Path, size_limit: int) -> None:
+def test_byte_identical_to_streaming(tmp_path: Path, size_limit: int, background: bool) -> None:
     samples = _samples(60)
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    writer = MDSWriter(str(ours), COLUMNS, hashes=["sha1", "xxh64"], size_limit=size_limit)
+    writer = MDSWriter(str(ours), COLUMNS, hashes=["sha1", "xxh64"], size_limit=size_limit, background=background)
     with StreamingWriter(out=str(theirs), columns=COLUMNS, hashes=["sha1", "xxh64"], size_limit=size_limit) as reference:
         for sample in samples:
             writer.write(sample)
@@ -69,3 +80,14 @@ def test_a_tuple_in_a_json_column_is_json_not_pieces(tmp_path: Path) -> None:
 def test_unsupported_encoding_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not supported"):
         MDSWriter(str(tmp_path), {"x": "pkl"})
+
+
+def test_a_shard_the_thread_cannot_write_fails_the_writer(tmp_path: Path) -> None:
+    """A full disk in the writer's thread reaches the caller (at the next shard or at finish),
+    never a silently missing shard."""
+    writer = MDSWriter(str(tmp_path / "w"), COLUMNS, size_limit=40_000, background=True)
+    (tmp_path / "w").rmdir()  # the folder is gone: every shard write fails
+    with pytest.raises(FileNotFoundError):
+        for sample in _samples(60):
+            writer.write(sample)
+        writer.finish()

@@ -31,7 +31,8 @@ def test_a_growing_limit_and_subset_fetch_only_what_is_new(tmp_path: Path, serve
         assert run_fetch(*base, "--out", tmp_path / "limit", "--limit", limit).returncode == 0
     twice = {"/g/3.jpg", "/g/12.jpg"}  # unit 00001 held row 3 alone under --limit 4, unit 00004 row 12 under 13
     assert {p: c for p, c in server.hits.items() if p.startswith("/g")} == {
-        f"/g/{i}.jpg": 2 if f"/g/{i}.jpg" in twice else 1 for i in range(30)}
+        f"/g/{i}.jpg": 2 if f"/g/{i}.jpg" in twice else 1 for i in range(30)
+    }
     assert sorted(r["caption"] for r in read_mds(tmp_path / "limit" / "mds")) == sorted(f"c{i}" for i in range(30))
 
     server.hits.clear()
@@ -42,11 +43,17 @@ def test_a_growing_limit_and_subset_fetch_only_what_is_new(tmp_path: Path, serve
     _fetched_once(server, "/g", 30)
 
 
-@pytest.mark.parametrize(("flag", "value", "says"), [("--quality", "90", "quality: 95 → 90"),
-                                                     ("--resize-filter", "lanczos", "resize_filter: 'bicubic' → 'lanczos'"),
-                                                     ("--min-size", "300", "min_size: 256 → 300")])
-def test_settings_that_change_a_unit_are_refused(tmp_path: Path, server: LoopbackServer, flag: str, value: str,
-                                                 says: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--quality", "90", "quality: 95 → 90"),
+        ("--resize-filter", "lanczos", "resize_filter: 'bicubic' → 'lanczos'"),
+        ("--min-size", "300", "min_size: 256 → 300"),
+    ],
+)
+def test_settings_that_change_a_unit_are_refused(
+    tmp_path: Path, server: LoopbackServer, flag: str, value: str, says: str
+) -> None:
     listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/q", 2))
     args = ("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o", *NET)
     assert run_fetch(*args).returncode == 0
@@ -58,6 +65,7 @@ def test_settings_that_change_a_unit_are_refused(tmp_path: Path, server: Loopbac
 def _redirect(target: str):
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": target})
+
     return handler
 
 
@@ -129,8 +137,15 @@ def test_a_name_that_resolves_inside_is_refused_through_the_fetcher(server: Loop
 
 # -- buckets, splits, nodes -----------------------------------------------------------------------
 def test_bucket_bounds_are_the_short_sides_given(tmp_path: Path, server: LoopbackServer) -> None:
-    sides = {255: None, 256: "short-0256", 300: "short-0256", 511: "short-0256", 512: "short-0512", 513: "short-0512",
-             1200: "short-0512"}
+    sides = {
+        255: None,
+        256: "short-0256",
+        300: "short-0256",
+        511: "short-0256",
+        512: "short-0512",
+        513: "short-0512",
+        1200: "short-0512",
+    }
     rows = []
     for short, _ in sides.items():
         server.routes[f"/b/{short}.png"] = make_image(short + 40, short, "PNG", seed=short)
@@ -145,15 +160,30 @@ def test_bucket_bounds_are_the_short_sides_given(tmp_path: Path, server: Loopbac
 
 
 def test_textcaps_test_split_rows_count_as_no_caption(tmp_path: Path, server: LoopbackServer) -> None:
-    rows = [{"image": {"bytes": make_image(300, 280, seed=i), "path": f"t{i}.jpg"}, "image_id": f"t{i}",
-             "reference_strs": None, "caption_str": None} for i in range(3)]
+    rows = [
+        {
+            "image": {"bytes": make_image(300, 280, seed=i), "path": f"t{i}.jpg"},
+            "image_id": f"t{i}",
+            "reference_strs": None,
+            "caption_str": None,
+        }
+        for i in range(3)
+    ]
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     hub = FakeHub(server)
     hub.add("lmms-lab/TextCaps", "data/test-00000-of-00001.parquet", sink.getvalue().to_pybytes())
     out = tmp_path / "o"
-    proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "test", "--out", out,
-                     env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "textcaps",
+        "--split",
+        "test",
+        "--out",
+        out,
+        env=fetch_env(HF_ENDPOINT=hub.endpoint),
+    )
     assert proc.returncode == 0, proc.stderr
     assert stats_of(out)["kept"] == 0 and stats_of(out)["rejected"] == {"no_caption": 3}
 
@@ -162,25 +192,41 @@ def test_hf_revision_reads_the_pinned_revision(tmp_path: Path, server: LoopbackS
     """--hf-revision: the listing and every download come from the pinned tag, not from main."""
     hub = FakeHub(server)
     for revision, caption in (("main", "from main"), ("v1.0", "from the tag")):
-        hub.add("pixparse/cc12m-wds", "cc12m-train-0000.tar",
-                make_tar([("k.jpg", make_image(300, 280)), ("k.txt", caption.encode())]), revision=revision)
+        hub.add(
+            "pixparse/cc12m-wds",
+            "cc12m-train-0000.tar",
+            make_tar([("k.jpg", make_image(300, 280)), ("k.txt", caption.encode())]),
+            revision=revision,
+        )
     out = tmp_path / "o"
-    proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, "--hf-revision", "v1.0",
-                     env=fetch_env(HF_ENDPOINT=hub.endpoint))
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "cc12m",
+        "--out",
+        out,
+        "--hf-revision",
+        "v1.0",
+        env=fetch_env(HF_ENDPOINT=hub.endpoint),
+    )
     assert proc.returncode == 0, proc.stderr
     assert [r["caption"] for r in read_mds(out / "mds")] == ["from the tag"]
     assert server.hits[hub.resolve_path("pixparse/cc12m-wds", "cc12m-train-0000.tar", "v1.0")] == 1
     assert server.hits[hub.resolve_path("pixparse/cc12m-wds", "cc12m-train-0000.tar")] == 0
 
 
-@pytest.mark.parametrize(("env", "flags", "expected"), [
-    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, {}, (2, 4)),
-    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "RANK": "1", "WORLD_SIZE": "3"}, {}, (1, 3)),  # torchrun first
-    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "RANK": "1", "WORLD_SIZE": "3"}, {"node_rank": 0, "num_nodes": 2}, (0, 2)),
-    ({}, {}, (0, 1)),
-])
-def test_node_detection_and_its_precedence(monkeypatch: pytest.MonkeyPatch, env: dict, flags: dict,
-                                          expected: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("env", "flags", "expected"),
+    [
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, {}, (2, 4)),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "RANK": "1", "WORLD_SIZE": "3"}, {}, (1, 3)),  # torchrun first
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "RANK": "1", "WORLD_SIZE": "3"}, {"node_rank": 0, "num_nodes": 2}, (0, 2)),
+        ({}, {}, (0, 1)),
+    ],
+)
+def test_node_detection_and_its_precedence(
+    monkeypatch: pytest.MonkeyPatch, env: dict, flags: dict, expected: tuple[int, int]
+) -> None:
     from fastfetch.nodes import detect
 
     for name in ("SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
@@ -195,9 +241,11 @@ def test_node_detection_and_its_precedence(monkeypatch: pytest.MonkeyPatch, env:
 def test_an_archive_that_changes_upstream_fails_its_unit_then_is_redone_whole(tmp_path: Path, server: LoopbackServer) -> None:
     """The download breaks halfway; before it resumes the file is replaced upstream (new ETag):
     the unit fails (nothing of it is kept), and the next run does it whole, from the new file."""
+
     def shard(edition: str) -> bytes:
-        return make_tar([m for i in range(4) for m in ((f"k{i}.jpg", make_image(300, 280, seed=i)),
-                                                       (f"k{i}.txt", f"{edition} {i}".encode()))])
+        return make_tar(
+            [m for i in range(4) for m in ((f"k{i}.jpg", make_image(300, 280, seed=i)), (f"k{i}.txt", f"{edition} {i}".encode()))]
+        )
 
     old, new = shard("old"), shard("new")
     hub = FakeHub(server)
@@ -228,8 +276,15 @@ def test_at_most_four_archives_are_spooled_at_once(tmp_path: Path, server: Loopb
 
     hub = FakeHub(server)
     for n in range(7):
-        rows = [{"image": {"bytes": make_image(300, 280, seed=n * 10 + i), "path": f"{n}-{i}.jpg"}, "image_id": f"{n}-{i}",
-                 "reference_strs": [f"caption {n} {i}"], "caption_str": None} for i in range(3)]
+        rows = [
+            {
+                "image": {"bytes": make_image(300, 280, seed=n * 10 + i), "path": f"{n}-{i}.jpg"},
+                "image_id": f"{n}-{i}",
+                "reference_strs": [f"caption {n} {i}"],
+                "caption_str": None,
+            }
+            for i in range(3)
+        ]
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows), sink)
         hub.add("lmms-lab/TextCaps", f"data/train-{n:05d}-of-00007.parquet", sink.getvalue().to_pybytes(), throttle=0.05)
@@ -246,8 +301,16 @@ def test_at_most_four_archives_are_spooled_at_once(tmp_path: Path, server: Loopb
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "train", "--out", out,
-                         env=fetch_env(HF_ENDPOINT=hub.endpoint))
+        proc = run_fetch(
+            "--allow-private-networks",
+            "--dataset",
+            "textcaps",
+            "--split",
+            "train",
+            "--out",
+            out,
+            env=fetch_env(HF_ENDPOINT=hub.endpoint),
+        )
     finally:
         stop.set()
         watcher.join()
@@ -257,8 +320,9 @@ def test_at_most_four_archives_are_spooled_at_once(tmp_path: Path, server: Loopb
     assert not list(spool.rglob("*")) if spool.exists() else True
 
 
-def test_remote_units_upload_their_index_last_and_count_only_once_uploaded(tmp_path: Path, server: LoopbackServer,
-                                                                           s3: dict[str, str]) -> None:
+def test_remote_units_upload_their_index_last_and_count_only_once_uploaded(
+    tmp_path: Path, server: LoopbackServer, s3: dict[str, str]
+) -> None:
     """The order of the PUTs an S3 server receives: every unit's shards, then its index.json,
     and the merged index after all of them."""
     from tests.conftest import TcpProxy
@@ -266,8 +330,20 @@ def test_remote_units_upload_their_index_last_and_count_only_once_uploaded(tmp_p
     proxy = TcpProxy(int(s3["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
     listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/u", 9))
     env = fetch_env(**{**s3, "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", "s3://data/order", "--local-cache", tmp_path / "c",
-                     "--unit-size", "3", *NET, env=env)
+    proc = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        "s3://data/order",
+        "--local-cache",
+        tmp_path / "c",
+        "--unit-size",
+        "3",
+        *NET,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     keys = [r.split("/data/order/", 1)[1] for r in proxy.requests if r.startswith("PUT /data/order/")]
     for unit in ("00000", "00001", "00002"):

@@ -36,6 +36,7 @@ def _stream(chunks: list[bytes], delay: float, headers: dict[str, str] | None = 
         if close and request.transport is not None:
             request.transport.close()
         return resp
+
     return handler
 
 
@@ -56,7 +57,12 @@ def _sequence(*responses: web.Response | bytes):
         i = min(calls["n"], len(responses) - 1)
         calls["n"] += 1
         r = responses[i]
-        return web.Response(body=r, content_type="image/jpeg") if isinstance(r, bytes) else web.Response(status=r.status, headers=r.headers)
+        return (
+            web.Response(body=r, content_type="image/jpeg")
+            if isinstance(r, bytes)
+            else web.Response(status=r.status, headers=r.headers)
+        )
+
     return handler
 
 
@@ -64,39 +70,71 @@ def test_chaos_server(tmp_path: Path, server: LoopbackServer) -> None:
     good = make_image(500, 400, seed=1)
     u = server.url
     gzip_bomb = gzip.compress(b"\0" * (64 << 20))
-    server.routes.update({
-        "/good.jpg": good,
-        "/trickle": _stream([good[i:i + 100] for i in range(0, 2000, 100)], 0.4),  # slow-loris: beats the total timeout
-        "/stall": _stream([good[:1000]], 10),  # stalls past the read timeout
-        "/burst": _sequence(web.Response(status=503), web.Response(status=502), web.Response(status=500), good),
-        "/busy": _sequence(web.Response(status=429), good),  # 429 without Retry-After: backoff
-        "/busy-ra": _sequence(web.Response(status=429, headers={"Retry-After": "1"}), good),
-        "/r1": _redirect("/r2"), "/r2": _redirect("/r3"), "/r3": _redirect("/good.jpg"),  # a chain that ends well
-        "/loop-a": _redirect("/loop-b"), "/loop-b": _redirect("/loop-a"),
-        "/to-file": _redirect("file:///etc/passwd"), "/to-js": _redirect("javascript:alert(1)"),
-        "/long-cl": _stream([good[:3000]], 0, {"Content-Length": str(len(good) + 5000)}, close=True),
-        "/short-cl": _stream([good], 0, {"Content-Length": "3000"}),
-        "/gzip-bomb": _stream([gzip_bomb], 0, {"Content-Encoding": "gzip", "Content-Length": str(len(gzip_bomb))}),
-        "/endless": _endless,
-        "/html": _stream([b"<!doctype html><html>" + b"x" * 5000], 0),
-        "/trunc.jpg": good[:-2000],
-        "/huge.png": _bomb_png(),
-        "/cmyk.jpg": make_image(600, 500, "JPEG", "CMYK"), "/i16.png": make_image(600, 500, "PNG", "I;16"),
-        "/pa.png": make_image(600, 500, "PNG", "P", transparency=0), "/anim.gif": _animated(),
-    })
+    server.routes.update(
+        {
+            "/good.jpg": good,
+            "/trickle": _stream([good[i : i + 100] for i in range(0, 2000, 100)], 0.4),  # slow-loris: beats the total timeout
+            "/stall": _stream([good[:1000]], 10),  # stalls past the read timeout
+            "/burst": _sequence(web.Response(status=503), web.Response(status=502), web.Response(status=500), good),
+            "/busy": _sequence(web.Response(status=429), good),  # 429 without Retry-After: backoff
+            "/busy-ra": _sequence(web.Response(status=429, headers={"Retry-After": "1"}), good),
+            "/r1": _redirect("/r2"),
+            "/r2": _redirect("/r3"),
+            "/r3": _redirect("/good.jpg"),  # a chain that ends well
+            "/loop-a": _redirect("/loop-b"),
+            "/loop-b": _redirect("/loop-a"),
+            "/to-file": _redirect("file:///etc/passwd"),
+            "/to-js": _redirect("javascript:alert(1)"),
+            "/long-cl": _stream([good[:3000]], 0, {"Content-Length": str(len(good) + 5000)}, close=True),
+            "/short-cl": _stream([good], 0, {"Content-Length": "3000"}),
+            "/gzip-bomb": _stream([gzip_bomb], 0, {"Content-Encoding": "gzip", "Content-Length": str(len(gzip_bomb))}),
+            "/endless": _endless,
+            "/html": _stream([b"<!doctype html><html>" + b"x" * 5000], 0),
+            "/trunc.jpg": good[:-2000],
+            "/huge.png": _bomb_png(),
+            "/cmyk.jpg": make_image(600, 500, "JPEG", "CMYK"),
+            "/i16.png": make_image(600, 500, "PNG", "I;16"),
+            "/pa.png": make_image(600, 500, "PNG", "P", transparency=0),
+            "/anim.gif": _animated(),
+        }
+    )
     good_rows = ["/good.jpg", "/burst", "/busy", "/busy-ra", "/r1", "/cmyk.jpg", "/i16.png", "/pa.png", "/anim.gif"]
     rows = [{"url": u(p), "caption": f"good {p}"} for p in good_rows]
     rows.append({"url": u("/good.jpg") + "?long", "caption": "é" * 1_000_000})  # megabyte caption
-    bad = {"/trickle": "timeout", "/stall": "timeout", "/loop-a": "too_many_redirects", "/to-file": "bad_scheme",
-           "/to-js": "bad_scheme", "/long-cl": "connection", "/short-cl": "decode_error", "/gzip-bomb": "too_large",
-           "/endless": "too_large", "/html": "not_an_image", "/trunc.jpg": "decode_error", "/huge.png": "decompression_bomb"}
+    bad = {
+        "/trickle": "timeout",
+        "/stall": "timeout",
+        "/loop-a": "too_many_redirects",
+        "/to-file": "bad_scheme",
+        "/to-js": "bad_scheme",
+        "/long-cl": "connection",
+        "/short-cl": "decode_error",
+        "/gzip-bomb": "too_large",
+        "/endless": "too_large",
+        "/html": "not_an_image",
+        "/trunc.jpg": "decode_error",
+        "/huge.png": "decompression_bomb",
+    }
     rows += [{"url": u(p), "caption": "bad"} for p in bad]
     listing = tmp_path / "list.jsonl"
     lines = [orjson.dumps(r) for r in rows] + [b"{not json", b'["a list"]', orjson.dumps(rows[0])]
     listing.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--timeout", "3", "--retries", "3",
-                     "--max-bytes", str(4 << 20), *NET)
+    proc = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        out,
+        "--timeout",
+        "3",
+        "--retries",
+        "3",
+        "--max-bytes",
+        str(4 << 20),
+        *NET,
+    )
     assert proc.returncode == 0, proc.stderr
     stats = stats_of(out)
     expected: dict[str, int] = {"malformed_row": 2, "duplicate_url": 1}
@@ -112,6 +150,7 @@ def test_chaos_server(tmp_path: Path, server: LoopbackServer) -> None:
 def _redirect(target: str):
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": target})
+
     return handler
 
 
@@ -140,7 +179,7 @@ def test_non_utf8_and_odd_csv_rows(tmp_path: Path, server: LoopbackServer) -> No
     listing = tmp_path / "list.csv"
     listing.write_bytes(
         b"url,caption\n"
-        + f'{server.url("/a.jpg")},caf\xe9 latin-1\n'.encode("latin-1")
+        + f"{server.url('/a.jpg')},caf\xe9 latin-1\n".encode("latin-1")
         + f'"{server.url("/b.jpg")}","a caption, with a comma\nand a newline"\n'.encode()
         + b"not a url,caption\n,\n"
     )
@@ -155,10 +194,26 @@ def test_non_utf8_and_odd_csv_rows(tmp_path: Path, server: LoopbackServer) -> No
 # -- SSRF ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("address", "public"),
-    [("8.8.8.8", True), ("2606:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False),
-     ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False), ("224.0.0.1", False), ("0.0.0.0", False),
-     ("240.0.0.1", False), ("::1", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
-     ("::ffff:8.8.8.8", True), ("ff02::1", False), ("fe80::1%eth0", False)],
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("224.0.0.1", False),
+        ("0.0.0.0", False),
+        ("240.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:8.8.8.8", True),
+        ("ff02::1", False),
+        ("fe80::1%eth0", False),
+    ],
 )
 def test_address_classification(address: str, public: bool) -> None:
     assert is_public_address(address) is public
@@ -206,6 +261,7 @@ def test_redirect_to_private_address_is_refused(server: LoopbackServer, monkeypa
 # -- bounded resources --------------------------------------------------------------------------
 def _tree_rss_mb(pid: int) -> tuple[float, float]:
     """(RSS of the process, largest RSS of one of its children) in MB, read from /proc."""
+
     def rss(p: int) -> float:
         try:
             with open(f"/proc/{p}/status") as f:
@@ -237,17 +293,35 @@ def test_memory_and_sockets_stay_bounded(tmp_path: Path, server: LoopbackServer)
                 return await handler(request)
             finally:
                 in_flight["now"] -= 1
+
         return wrapped
 
-    slow = _stream([good[i:i + 4096] for i in range(0, len(good), 4096)], 0.3)
+    slow = _stream([good[i : i + 4096] for i in range(0, len(good), 4096)], 0.3)
     for i in range(150):
         server.routes[f"/e{i}"] = counted(_endless)
         server.routes[f"/s{i}"] = counted(slow)
     rows = [{"url": server.url(f"/{k}{i}"), "caption": "c"} for i in range(150) for k in ("e", "s")]
     listing = write_list(tmp_path / "list.parquet", rows)
     out = tmp_path / "out"
-    proc = start_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--concurrency", "256", "--per-host", "256",
-                       "--max-bytes", str(16 << 20), "--max-inflight-mb", "256", "--timeout", "60", *NET)
+    proc = start_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        out,
+        "--concurrency",
+        "256",
+        "--per-host",
+        "256",
+        "--max-bytes",
+        str(16 << 20),
+        "--max-inflight-mb",
+        "256",
+        "--timeout",
+        "60",
+        *NET,
+    )
     peak_fds, peak_rss, peak_worker = 0, 0.0, 0.0
     while proc.poll() is None:
         try:
@@ -298,10 +372,25 @@ def test_sigterm_exits_143_and_second_ctrl_c_exits_at_once(tmp_path: Path, serve
     heavy = make_image(4000, 4000, "PNG")
     for i in range(20):
         server.routes[f"/heavy/{i}.png"] = heavy
-    heavy_list = write_list(tmp_path / "heavy.jsonl", [{"url": server.url(f"/heavy/{i}.png"), "caption": f"h{i}"} for i in range(20)])
+    heavy_list = write_list(
+        tmp_path / "heavy.jsonl", [{"url": server.url(f"/heavy/{i}.png"), "caption": f"h{i}"} for i in range(20)]
+    )
     out = tmp_path / "o2"
-    heavy_args = ("--dataset", "urls", "--urls", heavy_list, "--out", out, "--unit-size", "10", "--concurrency", "4",
-                  "--allow-private-networks", "--workers", "1")
+    heavy_args = (
+        "--dataset",
+        "urls",
+        "--urls",
+        heavy_list,
+        "--out",
+        out,
+        "--unit-size",
+        "10",
+        "--concurrency",
+        "4",
+        "--allow-private-networks",
+        "--workers",
+        "1",
+    )
     proc = start_fetch(*heavy_args)
     _wait_hits(server, proc, sum(server.hits.values()) + 6)
     proc.send_signal(signal.SIGINT)
@@ -454,11 +543,39 @@ def test_disk_full_stops_clearly_and_resumes_after_space_is_freed(tmp_path: Path
     mount = tmp_path / "small"
     mount.mkdir()
     out = mount / "out"
-    fetch = [sys.executable, str(FETCH), "--no-progress", "--dataset", "urls", "--urls", str(listing), "--out", str(out),
-             "--unit-size", "5", *NET]
-    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", _FULL_DISK,
-                           str(mount), str(out), str(tmp_path / "kept"), *fetch],
-                          capture_output=True, text=True, env=fetch_env(), timeout=300)
+    fetch = [
+        sys.executable,
+        str(FETCH),
+        "--no-progress",
+        "--dataset",
+        "urls",
+        "--urls",
+        str(listing),
+        "--out",
+        str(out),
+        "--unit-size",
+        "5",
+        *NET,
+    ]
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            sys.executable,
+            "-c",
+            _FULL_DISK,
+            str(mount),
+            str(out),
+            str(tmp_path / "kept"),
+            *fetch,
+        ],
+        capture_output=True,
+        text=True,
+        env=fetch_env(),
+        timeout=300,
+    )
     if proc.returncode != 0 and "unshare" in proc.stderr and os.geteuid() != 0 and not os.environ.get("CI"):
         pytest.skip(f"no user namespaces here to mount a small tmpfs in: {proc.stderr.strip()}")  # never in CI
     assert proc.returncode == 0, proc.stderr
@@ -496,7 +613,9 @@ def test_retry_failed_refetches_only_transient_failures(tmp_path: Path, server: 
     assert changed == {f"/flaky/{i}.jpg" for i in range(4)}
     stats = stats_of(out)
     assert stats["kept"] == 16 and stats["rejected"] == {"http_404": 1}
-    assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted([f"ok{i}" for i in range(12)] + [f"flaky{i}" for i in range(4)])
+    assert sorted(r["caption"] for r in read_mds(out / "mds")) == sorted(
+        [f"ok{i}" for i in range(12)] + [f"flaky{i}" for i in range(4)]
+    )
     # Nothing left to retry: a second --retry-failed fetches nothing.
     before = dict(server.hits)
     assert run_fetch(*args, "--retry-failed").returncode == 0
@@ -523,8 +642,16 @@ def test_tokens_never_reach_logs_stats_or_manifest(tmp_path: Path, server: Loopb
     server.routes["/list.txt"] = echo
     server.routes["/a.jpg"] = echo
     out = tmp_path / "o"
-    proc = run_fetch("--dataset", "urls", "--urls", server.url("/list.txt") + f"?sig={token}&X-Amz-Signature={aws}",
-                     "--out", out, *NET, env=env)
+    proc = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        server.url("/list.txt") + f"?sig={token}&X-Amz-Signature={aws}",
+        "--out",
+        out,
+        *NET,
+        env=env,
+    )
     assert proc.returncode == 2 and "cannot download the URL list" in proc.stderr
     listing = write_list(tmp_path / "l.jsonl", [{"url": server.url("/a.jpg") + f"?token={token}&k={aws}", "caption": "c"}])
     proc2 = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--retries", "0", *NET, env=env)
@@ -533,8 +660,14 @@ def test_tokens_never_reach_logs_stats_or_manifest(tmp_path: Path, server: Loopb
     hub = FakeHub(server)
     hub.add("pixparse/cc12m-wds", "cc12m-train-0000.tar", make_tar([("k.jpg", b"x")]))
     hub.gate("pixparse/cc12m-wds", "hf_another_token_that_is_wrong_0000")  # our token is refused: 403
-    proc3 = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", tmp_path / "hub",
-                      env=fetch_env(HF_TOKEN=token, HF_ENDPOINT=hub.endpoint))
+    proc3 = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "cc12m",
+        "--out",
+        tmp_path / "hub",
+        env=fetch_env(HF_TOKEN=token, HF_ENDPOINT=hub.endpoint),
+    )
     assert proc3.returncode == 2 and "no access to the Hugging Face dataset" in proc3.stderr
     assert any(h.get("Authorization") == f"Bearer {token}" for _, h in server.requests)  # the bearer path ran
 

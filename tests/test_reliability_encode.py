@@ -32,8 +32,13 @@ def test_sigkill_at_random_moments_converges(tmp_path) -> None:
     finished: list[set[str]] = []  # finished chunks after each kill: kept, and more of them each time
     while kills < 6:
         before = len(writer.chunk_dirs(out))
-        proc = subprocess.Popen(em.run_cmd(data, out, *ARGS, nproc=2), env=em.env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            em.run_cmd(data, out, *ARGS, nproc=2),
+            env=em.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         if kills % 2:  # as soon as this run has finished a chunk of its own: mid-chunk, the models loaded
             deadline = time.monotonic() + whole * 2
             while len(writer.chunk_dirs(out)) <= before and proc.poll() is None and time.monotonic() < deadline:

@@ -12,8 +12,8 @@ import pytest
 
 from fastfetch.body import body_bytes
 from fastfetch.imaging import Processed, ResizeConfig, process
-from fastfetch.resize_worker import RESULT
 from fastfetch.resize_pool import ResizePool, _Results
+from fastfetch.resize_worker import RESULT
 from tests.conftest import make_image
 
 
@@ -64,8 +64,11 @@ def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
         RESULT.pack(len(reason), w, h, ow, oh, -1 if data is None else len(data)) + reason + (data or b"")
         for reason, w, h, ow, oh, data in frames
     )
-    expected = [Processed(None, jpeg, 600, 400, 900, 600), Processed("too_small", None, 0, 0, 100, 80),
-                Processed(None, b"", 512, 512, 512, 512)]
+    expected = [
+        Processed(None, jpeg, 600, 400, 900, 600),
+        Processed("too_small", None, 0, 0, 100, 80),
+        Processed(None, b"", 512, 512, 512, 512),
+    ]
 
     async def receive(read_size: int) -> list[Processed]:
         loop = asyncio.get_running_loop()

@@ -30,7 +30,9 @@ def _remote_rows(env: dict[str, str], remote: str, cache: Path) -> list[dict]:
         "rows = [{k: (v.item() if hasattr(v, 'item') else v) for k, v in ds[i].items() if k != 'jpg'} for i in range(len(ds))]\n"
         "sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, remote, str(cache)], capture_output=True, env={**os.environ, **env}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, remote, str(cache)], capture_output=True, env={**os.environ, **env}, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return orjson.loads(proc.stdout)
 
@@ -39,16 +41,33 @@ def test_fetch_to_s3_and_read_back(tmp_path: Path, server: LoopbackServer, s3: d
     rows = _corpus(server, 30)
     listing = write_list(tmp_path / "l.parquet", rows)
     cache = tmp_path / "cache"
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", "s3://data/plain", "--local-cache", cache,
-                     "--unit-size", "8", *NET, env=fetch_env(**s3))
+    proc = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        "s3://data/plain",
+        "--local-cache",
+        cache,
+        "--unit-size",
+        "8",
+        *NET,
+        env=fetch_env(**s3),
+    )
     assert proc.returncode == 0, proc.stderr
     got = _remote_rows(s3, "s3://data/plain/mds", tmp_path / "read")
     assert sorted(r["caption"] for r in got) == sorted(r["caption"] for r in rows)
     assert not list((cache / "mds").rglob("*.mds"))  # shards left the local cache once uploaded
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     stats = orjson.loads(client.get_object(Bucket="data", Key="plain/stats.json")["Body"].read())
     assert stats["kept"] == 30
 
@@ -57,8 +76,21 @@ def test_remote_fetch_resumes_after_sigkill(tmp_path: Path, server: LoopbackServ
     rows = _corpus(server, 80, delay=0.05)
     listing = write_list(tmp_path / "l.parquet", rows)
     cache = tmp_path / "cache"
-    args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/resumed", "--local-cache", cache,
-            "--unit-size", "8", "--concurrency", "4", *NET)
+    args = (
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        "s3://data/resumed",
+        "--local-cache",
+        cache,
+        "--unit-size",
+        "8",
+        "--concurrency",
+        "4",
+        *NET,
+    )
     proc = start_fetch(*args, env=fetch_env(**s3))
     deadline = time.monotonic() + 120
     while True:
@@ -117,8 +149,24 @@ def test_two_nodes_merge_to_the_single_node_dataset(tmp_path: Path, server: Loop
 def test_merge_reports_incomplete_nodes(tmp_path: Path, server: LoopbackServer) -> None:
     listing = write_list(tmp_path / "l.jsonl", _corpus(server, 12))
     shared = tmp_path / "shared"
-    assert run_fetch("--dataset", "urls", "--urls", listing, "--unit-size", "4", "--out", shared, "--node-rank", "1",
-                     "--num-nodes", "2", *NET).returncode == 0
+    assert (
+        run_fetch(
+            "--dataset",
+            "urls",
+            "--urls",
+            listing,
+            "--unit-size",
+            "4",
+            "--out",
+            shared,
+            "--node-rank",
+            "1",
+            "--num-nodes",
+            "2",
+            *NET,
+        ).returncode
+        == 0
+    )
     merged = run_fetch("--merge", "--out", shared)
     assert merged.returncode == 1 and "node-00-of-02" in merged.stderr
 
@@ -149,15 +197,21 @@ def test_two_nodes_into_s3_then_merge_by_hand(tmp_path: Path, server: LoopbackSe
     listing = write_list(tmp_path / "l.jsonl", rows)
     base = ("--dataset", "urls", "--urls", listing, "--unit-size", "5", "--out", "s3://data/nodes", *NET)
     for rank in (1, 0):  # rank 0 last: it sees both summaries complete and merges by itself
-        proc = run_fetch(*base, "--local-cache", tmp_path / f"cache-{rank}", "--node-rank", str(rank), "--num-nodes", "2",
-                         env=fetch_env(**s3))
+        proc = run_fetch(
+            *base, "--local-cache", tmp_path / f"cache-{rank}", "--node-rank", str(rank), "--num-nodes", "2", env=fetch_env(**s3)
+        )
         assert proc.returncode == 0, proc.stderr
     assert "merged 2 nodes" in proc.stderr
     # a third machine merges by hand, from what is on S3 alone: the index rank 0 wrote goes first
     import boto3
 
-    bucket = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    bucket = boto3.client(
+        "s3",
+        endpoint_url=s3["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     assert bucket.head_object(Bucket="data", Key="nodes/mds/index.json")
     bucket.delete_object(Bucket="data", Key="nodes/mds/index.json")
     merged = run_fetch("--merge", "--out", "s3://data/nodes", "--local-cache", tmp_path / "cache-merge", env=fetch_env(**s3))

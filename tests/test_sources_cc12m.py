@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 import orjson
-
 from conftest import fetch_env, make_image, read_mds, run_fetch
 from fakehub import DiskWatcher, FakeHub, make_tar
 
@@ -78,14 +77,23 @@ def test_cc12m_resumes_a_broken_archive_with_range(server, tmp_path: Path) -> No
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     with DiskWatcher(out, tmp) as disk:
-        proc = run_fetch("--allow-private-networks", "--dataset", "cc12m", "--out", out, env=fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp)))
+        proc = run_fetch(
+            "--allow-private-networks",
+            "--dataset",
+            "cc12m",
+            "--out",
+            out,
+            env=fetch_env(HF_ENDPOINT=hub.endpoint, TMPDIR=str(tmp)),
+        )
     assert proc.returncode == 0, proc.stderr
     assert disk.largest < len(tars[0]) // 4 and not disk.spooled, ("a streamed tar must not touch the disk", disk.largest_name)
     path = hub.resolve_path(REPO, "cc12m-train-0000.tar")
     ranges = [h.get("Range") for p, h in server.requests if p == path]
     cut = len(tars[0]) // 2
     assert f"bytes={cut}-" in ranges, ranges
-    assert [h.get("If-Range") for p, h in server.requests if p == path and h.get("Range")] == [hub.files[REPO]["cc12m-train-0000.tar"].etag]
+    assert [h.get("If-Range") for p, h in server.requests if p == path and h.get("Range")] == [
+        hub.files[REPO]["cc12m-train-0000.tar"].etag
+    ]
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == captions
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-
 from conftest import fetch_env, make_image, read_mds, run_fetch
 from fakehub import ServedFile, file_handler, make_zip
 
@@ -26,10 +25,18 @@ def build() -> tuple[bytes, bytes, dict[str, list[str]]]:
     images_zip = make_zip(members, compress=False)
     captions = orjson.dumps({"info": {}, "images": images, "annotations": annotations})
     big = b"x" * (2 << 20)  # instances_*.json: must never be fetched
-    train = {"images": [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"}],
-             "annotations": [{"id": 1, "image_id": 9, "caption": "a train caption"}]}
-    anno_zip = make_zip([("annotations/instances_val2014.json", big), ("annotations/captions_val2014.json", captions),
-                         ("annotations/captions_train2014.json", orjson.dumps(train))], compress=False)
+    train = {
+        "images": [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"}],
+        "annotations": [{"id": 1, "image_id": 9, "caption": "a train caption"}],
+    }
+    anno_zip = make_zip(
+        [
+            ("annotations/instances_val2014.json", big),
+            ("annotations/captions_val2014.json", captions),
+            ("annotations/captions_train2014.json", orjson.dumps(train)),
+        ],
+        compress=False,
+    )
     return images_zip, anno_zip, kept
 
 
@@ -40,7 +47,9 @@ def test_coco_val_captions_and_zip_resume(server, tmp_path: Path) -> None:
     server.routes["/mirror/zips/val2014.zip"] = file_handler(images)  # type: ignore[assignment]
     server.routes["/mirror/annotations/annotations_trainval2014.zip"] = file_handler(ServedFile(anno_zip))  # type: ignore[assignment]
     out = tmp_path / "coco2014"
-    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), env=fetch_env())
+    proc = run_fetch(
+        "--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), env=fetch_env()
+    )
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v[0] for k, v in kept.items()}
@@ -63,12 +72,32 @@ def test_coco_val_captions_and_zip_resume(server, tmp_path: Path) -> None:
     assert not list(out.rglob("*.zip")) and not list(out.rglob("*.part"))
 
     # the unit is numbered by its year
-    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"), "--ids", "2014", env=fetch_env())
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "coco",
+        "--out",
+        out,
+        "--coco-base-url",
+        server.url("/mirror"),
+        "--ids",
+        "2014",
+        env=fetch_env(),
+    )
     assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr
 
 
 def test_coco_wrong_mirror_is_a_usage_error(server, tmp_path: Path) -> None:
-    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", tmp_path / "c", "--coco-base-url", server.url("/nowhere"), env=fetch_env())
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "coco",
+        "--out",
+        tmp_path / "c",
+        "--coco-base-url",
+        server.url("/nowhere"),
+        env=fetch_env(),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "/nowhere/zips/val2014.zip" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -80,8 +109,21 @@ def test_coco_both_splits_in_one_run_and_min_size_still_applies(server, tmp_path
     server.routes["/mirror/zips/train2014.zip"] = file_handler(ServedFile(train_zip))  # type: ignore[assignment]
     server.routes["/mirror/annotations/annotations_trainval2014.zip"] = file_handler(ServedFile(anno_zip))  # type: ignore[assignment]
     out = tmp_path / "both"
-    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--out", out, "--coco-base-url", server.url("/mirror"),
-                     "--split", "train", "val", "--min-size", "256", env=fetch_env())
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "coco",
+        "--out",
+        out,
+        "--coco-base-url",
+        server.url("/mirror"),
+        "--split",
+        "train",
+        "val",
+        "--min-size",
+        "256",
+        env=fetch_env(),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     expected = {k: v[0] for k, v in kept.items() if "000000000077" not in k}  # the 200x150 one: --min-size 256

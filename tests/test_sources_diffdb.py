@@ -7,7 +7,6 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from conftest import fetch_env, make_image, read_mds, run_fetch
 from fakehub import DiskWatcher, FakeHub, make_zip
 
@@ -23,7 +22,9 @@ def part_zip(part: int, meta: list[dict]) -> tuple[bytes, dict[str, str]]:
     for i in range(7):
         name = f"{part:06d}-{i:02d}-aaaa-bbbb.webp"
         small = i == 3
-        members.append((name, make_image(120 if small else 300, 100 if small else 270, fmt="WEBP", seed=part * 10 + i, lossless=True)))
+        members.append(
+            (name, make_image(120 if small else 300, 100 if small else 270, fmt="WEBP", seed=part * 10 + i, lossless=True))
+        )
         prompt = "" if i == 4 else f"a render of thing {part}.{i}, trending on artstation"
         prompts[name] = {"p": f"the part's own json, not the caption {i}", "se": i, "c": 7.0, "st": 50, "sa": 8}
         image_nsfw, prompt_nsfw = (0.9 if i == 5 else 0.1), (0.5 if i == 6 else 0.05)
@@ -59,13 +60,17 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     hub, kept, zips = setup(server)
     env = fetch_env(HF_ENDPOINT=hub.endpoint)
     out = tmp_path / "diffdb"
-    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--subset", "small", "--max-nsfw", "0.2", env=env)
+    proc = run_fetch(
+        "--allow-private-networks", "--dataset", "diffdb", "--out", out, "--subset", "small", "--max-nsfw", "0.2", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     rows = read_mds(out / "mds")
     assert {r["key"]: r["caption"] for r in rows} == {k: v for k, v in kept.items() if k.startswith("000001")}
     assert all(0 <= r["image_nsfw"] <= 0.2 and 0 <= r["prompt_nsfw"] <= 0.2 for r in rows)
     stats = orjson.loads((out / "stats.json").read_bytes())
-    assert stats["rejected"] == {"nsfw": 2, "no_caption": 1, "too_small": 1, "zip_bomb": 1, "unlisted": 1} and stats["kept"] == len(rows), stats
+    assert stats["rejected"] == {"nsfw": 2, "no_caption": 1, "too_small": 1, "zip_bomb": 1, "unlisted": 1} and stats[
+        "kept"
+    ] == len(rows), stats
 
     proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "1", "10001", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -86,7 +91,9 @@ def test_diffdb_ranged_zips_nsfw_selection(server, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "max_nsfw" in proc.stderr
 
     # --max-nsfw none keeps the nsfw images, never what the metadata does not list
-    proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", tmp_path / "all", "--ids", "1", "--max-nsfw", "none", env=env)
+    proc = run_fetch(
+        "--allow-private-networks", "--dataset", "diffdb", "--out", tmp_path / "all", "--ids", "1", "--max-nsfw", "none", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(r["key"].split("-")[1] for r in read_mds(tmp_path / "all" / "mds")) == ["00", "01", "02", "05", "06"]
     stats = orjson.loads((tmp_path / "all" / "stats.json").read_bytes())
@@ -106,7 +113,9 @@ def test_diffdb_spools_without_ranges_and_cleans_up(server, tmp_path: Path) -> N
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by a SIGKILLed run")
     with DiskWatcher(out, tmp) as disk:
-        proc = run_fetch("--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "2", "--max-nsfw", "0.2", env=env)
+        proc = run_fetch(
+            "--allow-private-networks", "--dataset", "diffdb", "--out", out, "--ids", "2", "--max-nsfw", "0.2", env=env
+        )
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(out / "mds")} == {k: v for k, v in kept.items() if k.startswith("000002")}
     assert disk.largest <= len(zips[2]), (disk.largest, disk.largest_name)

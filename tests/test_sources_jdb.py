@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-
 from conftest import fetch_env, make_image, read_mds, run_fetch
 from fakehub import FakeHub, make_tar
 
@@ -60,7 +59,18 @@ def test_jdb_gated_prompts_splits(server, tmp_path: Path) -> None:
     # another split into the same --out is refused; into its own --out it works
     proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", out, "--split", "valid", env=env)
     assert proc.returncode == 2 and "split" in proc.stderr
-    proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", tmp_path / "valid", "--split", "valid", "--subset", "small", env=env)
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "jdb",
+        "--out",
+        tmp_path / "valid",
+        "--split",
+        "valid",
+        "--subset",
+        "small",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "valid" / "mds")} == valid
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-
 from conftest import fetch_env, make_image, read_mds, run_fetch
-from fakehub import FakeHub, file_handler, make_tar, ServedFile
+from fakehub import FakeHub, ServedFile, file_handler, make_tar
 
 CAPTION_REPO = "PixArt-alpha/SAM-LLaVA-Captions10M"
 
@@ -22,7 +21,9 @@ def sa1b_tar(n: int) -> tuple[bytes, dict[str, str], list[tuple[str, str]]]:
         key = f"sa_{image_id}"
         small = i == 4
         members.append((f"{key}.jpg", make_image(200 if small else 320, 180 if small else 300, seed=image_id)))
-        members.append((f"{key}.json", orjson.dumps({"image": {"image_id": image_id}, "annotations": [{"segmentation": "x" * 5000}]})))
+        members.append(
+            (f"{key}.json", orjson.dumps({"image": {"image_id": image_id}, "annotations": [{"segmentation": "x" * 5000}]}))
+        )
         if i != 5:
             text = f"The image shows scene {image_id} with a lot of detail."
             planted.append((key, text))
@@ -42,9 +43,11 @@ def test_sa1b_links_captions_selection(server, tmp_path: Path) -> None:
         planted += plant
         server.routes[f"/sa1b/sa_{n:06d}.tar"] = file_handler(ServedFile(data))  # type: ignore[assignment]
         lines.append(f"sa_{n:06d}.tar\t{server.url(f'/sa1b/sa_{n:06d}.tar')}?Policy=abc&Signature=xyz")
-    hub.add(CAPTION_REPO, "SA1B_caption.tar.gz", make_tar(
-        [(f"SA1B_caption/{k}.txt", v.encode()) for k, v in planted] + [("SA1B_caption/readme.md", b"x")], gz=True
-    ))
+    hub.add(
+        CAPTION_REPO,
+        "SA1B_caption.tar.gz",
+        make_tar([(f"SA1B_caption/{k}.txt", v.encode()) for k, v in planted] + [("SA1B_caption/readme.md", b"x")], gz=True),
+    )
     env = fetch_env(HF_ENDPOINT=hub.endpoint)
     out = tmp_path / "sa1b"
 

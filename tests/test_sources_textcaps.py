@@ -7,7 +7,6 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from conftest import fetch_env, make_image, read_mds, run_fetch
 from fakehub import FakeHub
 
@@ -22,8 +21,16 @@ def parquet(split: str, n: int) -> tuple[bytes, dict[str, list[str]]]:
         small = i == 3
         refs = [] if i == 4 else [f"a sign that reads {split} {n} {i} number {j}" for j in range(5)]
         data = make_image(150 if small else 300, 120 if small else 280, seed=n * 10 + i)
-        rows.append({"image": {"bytes": data, "path": f"{image_id}.jpg"}, "image_id": image_id, "image_width": 300,
-                     "image_height": 280, "reference_strs": refs, "caption_str": refs[0] if refs else None})
+        rows.append(
+            {
+                "image": {"bytes": data, "path": f"{image_id}.jpg"},
+                "image_id": image_id,
+                "image_width": 300,
+                "image_height": 280,
+                "reference_strs": refs,
+                "caption_str": refs[0] if refs else None,
+            }
+        )
         if i < 3:
             kept[image_id] = refs
     rows.append(dict(rows[0]))
@@ -53,11 +60,24 @@ def test_textcaps_first_reference_all_kept(server, tmp_path: Path) -> None:
     assert stats["settings"]["split"] == "train+val"
     assert not list((out / "_work").rglob("*.parquet")), "a spooled parquet was left behind"
 
-    proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "val", "--out", tmp_path / "val", "--ids", "0", env=env)
+    proc = run_fetch(
+        "--allow-private-networks", "--dataset", "textcaps", "--split", "val", "--out", tmp_path / "val", "--ids", "0", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "val" / "mds")} == {k: v[0] for k, v in kept["val"].items()}
     # --ids picks that number in every split chosen; an unknown split is a usage error
-    proc = run_fetch("--allow-private-networks", "--dataset", "textcaps", "--split", "train,val", "--out", tmp_path / "ids", "--ids", "0", env=env)
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "textcaps",
+        "--split",
+        "train,val",
+        "--out",
+        tmp_path / "ids",
+        "--ids",
+        "0",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     first = {k: v[0] for k, v in {**kept["train"], **kept["val"]}.items() if k.startswith(("train0", "val0"))}
     assert {r["key"]: r["caption"] for r in read_mds(tmp_path / "ids" / "mds")} == first

@@ -82,7 +82,11 @@ def test_the_encoder_refuses_an_out_inside_or_around_its_data(tmp_path: Path, ca
     data = tmp_path / "fetched" / "mds"
     data.mkdir(parents=True)
     (data / "index.json").write_text('{"version": 2, "shards": []}')
-    for out, says in ((data / "latents", "is inside --data"), (data, "is --data itself"), (tmp_path / "fetched", "is inside --out")):
+    for out, says in (
+        (data / "latents", "is inside --data"),
+        (data, "is --data itself"),
+        (tmp_path / "fetched", "is inside --out"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             parse_args(["--data", str(data), "--out", str(out), "--vae", "x", "--text-encoder", "openclip:x"])
         assert stopped.value.code == 2 and says in capsys.readouterr().err
@@ -92,8 +96,10 @@ def test_the_encoder_refuses_an_out_inside_or_around_its_data(tmp_path: Path, ca
 # -- 2. kept columns never replace fastfetch's own ----------------------------------------------
 def test_kept_columns_never_replace_fastfetch_columns(tmp_path: Path, server: LoopbackServer) -> None:
     urls = _serve_images(server, 3)
-    rows = [{"url": u, "caption": f"c{i}", "key": "same", "width": 7, "height": 9, "jpg": "bytes", "similarity": 0.5}
-            for i, u in enumerate(urls)]  # img2dataset parquets carry key, width and height
+    rows = [
+        {"url": u, "caption": f"c{i}", "key": "same", "width": 7, "height": 9, "jpg": "bytes", "similarity": 0.5}
+        for i, u in enumerate(urls)
+    ]  # img2dataset parquets carry key, width and height
     listing = write_list(tmp_path / "l.parquet", rows)
     for cols in ("key", "similarity,width", "jpg", "url", "original_width", "caption", "KEY", "Url"):
         proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / cols, "--keep-cols", cols, *NET)
@@ -102,8 +108,17 @@ def test_kept_columns_never_replace_fastfetch_columns(tmp_path: Path, server: Lo
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "u", "--keep-cols", "url:raw_url", *NET)
     assert proc.returncode == 2 and "URL column" in proc.stderr  # it would store the URL with its credentials
     out = tmp_path / "renamed"
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out,
-                     "--keep-cols", "key:list_key,width:list_width,jpg:list_jpg,similarity", *NET)
+    proc = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        out,
+        "--keep-cols",
+        "key:list_key,width:list_width,jpg:list_jpg,similarity",
+        *NET,
+    )
     assert proc.returncode == 0, proc.stderr
     stored = read_mds(out / "mds")
     assert len(stored) == 3 and len({r["key"] for r in stored}) == 3
@@ -119,16 +134,46 @@ def test_kept_column_types_are_unified_over_the_list(tmp_path: Path, server: Loo
     folder = tmp_path / "laion"
     folder.mkdir()
     base = {"TEXT": "t", "WIDTH": 300, "HEIGHT": 300}
-    pq.write_table(pa.table({"URL": [urls[0]], "TEXT": ["a"], "WIDTH": [300], "HEIGHT": [300],
-                             "similarity": pa.array([0.25], pa.float32()), "punsafe": pa.array([1], pa.int64())}),
-                   folder / "0.parquet")
-    pq.write_table(pa.table({"URL": [urls[1]], "TEXT": ["b"], "WIDTH": [300], "HEIGHT": [300],
-                             "similarity": pa.array([0.5], pa.float64()), "punsafe": pa.array([0.5], pa.float64())}),
-                   folder / "1.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [urls[0]],
+                "TEXT": ["a"],
+                "WIDTH": [300],
+                "HEIGHT": [300],
+                "similarity": pa.array([0.25], pa.float32()),
+                "punsafe": pa.array([1], pa.int64()),
+            }
+        ),
+        folder / "0.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [urls[1]],
+                "TEXT": ["b"],
+                "WIDTH": [300],
+                "HEIGHT": [300],
+                "similarity": pa.array([0.5], pa.float64()),
+                "punsafe": pa.array([0.5], pa.float64()),
+            }
+        ),
+        folder / "1.parquet",
+    )
     pq.write_table(pa.table({"URL": [urls[2]], **{k: [v] for k, v in base.items()}}), folder / "2.parquet")  # no similarity
-    pq.write_table(pa.table({"URL": [urls[3]], "TEXT": ["d"], "WIDTH": [300], "HEIGHT": [300],
-                             "similarity": pa.array([decimal.Decimal("0.75")], pa.decimal128(6, 4)),
-                             "pwatermark": pa.array(["0.1"])}), folder / "3.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [urls[3]],
+                "TEXT": ["d"],
+                "WIDTH": [300],
+                "HEIGHT": [300],
+                "similarity": pa.array([decimal.Decimal("0.75")], pa.decimal128(6, 4)),
+                "pwatermark": pa.array(["0.1"]),
+            }
+        ),
+        folder / "3.parquet",
+    )
     out = tmp_path / "o"
     proc = run_fetch("--dataset", "laion", "--urls", folder, "--out", out, *NET)
     assert proc.returncode == 0, proc.stderr
@@ -173,7 +218,10 @@ def test_duplicate_urls_are_dropped_over_the_whole_list(tmp_path: Path, server: 
     # a larger selection later: the same URLs as one run
     out = tmp_path / "grown"
     for limit in ("6", "9", "14"):
-        assert run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--unit-size", "3", "--limit", limit, *NET).returncode == 0
+        assert (
+            run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--unit-size", "3", "--limit", limit, *NET).returncode
+            == 0
+        )
     assert sorted((r["url"], r["caption"]) for r in read_mds(out / "mds")) == results[0]
 
 
@@ -181,14 +229,18 @@ def test_duplicate_urls_are_dropped_over_the_whole_list(tmp_path: Path, server: 
 def test_redact_removes_every_kind_of_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     token = "hf_" + "a1B2c3" * 6
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value-123")
-    text = (f"GET https://user:pa55word@h.example/x.jpg?X-Amz-Signature=abc&w=3 failed; "
-            f"headers {{'Authorization': 'Bearer {token}'}} aws-secret-value-123 ftp://u:p@h/ {token}")
+    text = (
+        f"GET https://user:pa55word@h.example/x.jpg?X-Amz-Signature=abc&w=3 failed; "
+        f"headers {{'Authorization': 'Bearer {token}'}} aws-secret-value-123 ftp://u:p@h/ {token}"
+    )
     out = redact(text)
     for secret in ("pa55word", "user:", "X-Amz-Signature=abc", token, "aws-secret-value-123", "u:p@"):
         assert secret not in out
     assert "https://<redacted>@h.example/x.jpg?<redacted>" in out
-    assert public_url("https://user:pw@h.example/a.jpg?w=500&X-Amz-Signature=s1&sig=s2&token=t") == \
-        "https://h.example/a.jpg?w=500&X-Amz-Signature=<redacted>&sig=<redacted>&token=<redacted>"
+    assert (
+        public_url("https://user:pw@h.example/a.jpg?w=500&X-Amz-Signature=s1&sig=s2&token=t")
+        == "https://h.example/a.jpg?w=500&X-Amz-Signature=<redacted>&sig=<redacted>&token=<redacted>"
+    )
     assert public_url("https://h.example/a.jpg?w=500&h=300&author=me") == "https://h.example/a.jpg?w=500&h=300&author=me"
     for name in ("auth_token", "api-key", "access-token", "client_secret", "private_token", "key", "Policy", "passwd"):
         assert public_url(f"https://h.example/a.jpg?{name}=s3cr3t&w=1") == f"https://h.example/a.jpg?{name}=<redacted>&w=1"
@@ -227,8 +279,13 @@ def test_no_secret_reaches_disk_logs_or_stats(tmp_path: Path, server: LoopbackSe
     for secret in secrets:
         assert secret not in logs
     urls = sorted(r["url"] for r in read_mds(out / "mds"))
-    assert urls == sorted([f"http://{host}/ok.jpg", f"http://{host}/flaky.jpg?X-Amz-Signature=<redacted>&w=1",
-                           f"http://{host}/flaky.jpg?token=<redacted>"])
+    assert urls == sorted(
+        [
+            f"http://{host}/ok.jpg",
+            f"http://{host}/flaky.jpg?X-Amz-Signature=<redacted>&w=1",
+            f"http://{host}/flaky.jpg?token=<redacted>",
+        ]
+    )
 
 
 def test_old_manifests_lose_their_stored_urls(tmp_path: Path) -> None:
@@ -265,6 +322,7 @@ def test_every_kind_of_request_is_guarded(tmp_path: Path, server: LoopbackServer
 def _redirect(target: str, status: int = 302):
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=status, headers={"Location": target})
+
     return handler
 
 
@@ -286,8 +344,10 @@ def test_archive_reads_check_every_redirect_hop(server: LoopbackServer, monkeypa
         reasons = []
         async with Fetcher(FetchConfig()) as client:
             for path in ("/inside", "/scheme", "/loop"):
-                for attempt in (lambda: probe(client, server.url(path)),
-                                lambda: _drain(ResumableStream(client, server.url(path), backoff=0.01))):
+                for attempt in (
+                    lambda: probe(client, server.url(path)),
+                    lambda: _drain(ResumableStream(client, server.url(path), backoff=0.01)),
+                ):
                     try:
                         await attempt()
                         reasons.append("fetched")
@@ -350,9 +410,16 @@ def test_sparse_and_repeated_members_are_counted_not_guessed(tmp_path: Path, ser
     good = make_image(320, 300, seed=1)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in (("k1.jpg", good), ("k1.txt", b"first"), ("k1.JPG", make_image(340, 300, seed=3)),
-                           ("k1.txt", b"adjacent repeat"), ("k2.jpg", good), ("k2.txt", b"second"),
-                           ("k1.jpg", make_image(330, 300, seed=2)), ("k1.txt", b"again")):
+        for name, data in (
+            ("k1.jpg", good),
+            ("k1.txt", b"first"),
+            ("k1.JPG", make_image(340, 300, seed=3)),
+            ("k1.txt", b"adjacent repeat"),
+            ("k2.jpg", good),
+            ("k2.txt", b"second"),
+            ("k1.jpg", make_image(330, 300, seed=2)),
+            ("k1.txt", b"again"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -382,15 +449,31 @@ def test_archive_members_are_bounded_by_max_inflight_mb(tmp_path: Path, server: 
     member = png.getvalue()  # ~16 MB that take the one worker a while to decode
     names = [f"COCO_val2014_{i:012d}.jpg" for i in range(40)]
     images_zip = make_zip([(f"val2014/{n}", member) for n in names], compress=False)
-    captions = orjson.dumps({"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
-                             "annotations": [{"id": i, "image_id": i, "caption": f"c{i}"} for i in range(len(names))]})
+    captions = orjson.dumps(
+        {
+            "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+            "annotations": [{"id": i, "image_id": i, "caption": f"c{i}"} for i in range(len(names))],
+        }
+    )
     server.routes["/m/zips/val2014.zip"] = file_handler(ServedFile(images_zip))  # type: ignore[assignment]
     server.routes["/m/annotations/annotations_trainval2014.zip"] = file_handler(  # type: ignore[assignment]
-        ServedFile(make_zip([("annotations/captions_val2014.json", captions)])))
+        ServedFile(make_zip([("annotations/captions_val2014.json", captions)]))
+    )
     del images_zip
     out = tmp_path / "o"
-    proc = run_fetch("--allow-private-networks", "--dataset", "coco", "--coco-base-url", server.url("/m"), "--out", out,
-                     "--workers", "1", "--max-inflight-mb", "32")
+    proc = run_fetch(
+        "--allow-private-networks",
+        "--dataset",
+        "coco",
+        "--coco-base-url",
+        server.url("/m"),
+        "--out",
+        out,
+        "--workers",
+        "1",
+        "--max-inflight-mb",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr
     stats = stats_of(out)
     assert stats["kept"] == 40
@@ -504,9 +587,15 @@ def test_protocol_faults_are_permanent_and_never_retried() -> None:
 
     hits.clear()
     reasons = asyncio.run(go())
-    assert reasons == {"/bad-gzip": "bad_encoding", "/bad-deflate": "bad_encoding", "/header-flood": "bad_response",
-                       "/long-header": "bad_response", "/bad-chunk": "bad_response", "/bad-status": "bad_response",
-                       "/cut": "connection"}
+    assert reasons == {
+        "/bad-gzip": "bad_encoding",
+        "/bad-deflate": "bad_encoding",
+        "/header-flood": "bad_response",
+        "/long-header": "bad_response",
+        "/bad-chunk": "bad_response",
+        "/bad-status": "bad_response",
+        "/cut": "connection",
+    }
     assert {p: n for p, n in hits.items() if n > 1} == {"/cut": 3}  # only the broken-off body is tried again
 
 
@@ -514,8 +603,9 @@ def test_a_node_summary_names_the_dataset_where_it_is(tmp_path: Path, server: Lo
     urls = _serve_images(server, 4)
     listing = write_list(tmp_path / "l.jsonl", [{"url": u, "caption": "c"} for u in urls])
     out = tmp_path / "shared"
-    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--unit-size", "2", "--node-rank", "1",
-                     "--num-nodes", "2", *NET)
+    proc = run_fetch(
+        "--dataset", "urls", "--urls", listing, "--out", out, "--unit-size", "2", "--node-rank", "1", "--num-nodes", "2", *NET
+    )
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stderr.splitlines() if x.startswith("dataset: "))
     assert line.startswith(f"dataset: {out}/mds ") and "_nodes" not in line.split("stats:")[0]
@@ -550,15 +640,38 @@ def test_object_storage_outages_stop_clearly_and_resume(tmp_path: Path, server: 
     from tests.conftest import TcpProxy, fetch_env, serve_numbered, start_fetch
 
     listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/o", 30, delay=0.2))
-    missing = run_fetch("--dataset", "urls", "--urls", listing, "--out", "s3://no-such-bucket/x", "--local-cache",
-                        tmp_path / "c0", *NET, env=fetch_env(**s3))
+    missing = run_fetch(
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        "s3://no-such-bucket/x",
+        "--local-cache",
+        tmp_path / "c0",
+        *NET,
+        env=fetch_env(**s3),
+    )
     assert missing.returncode == 2 and "no-such-bucket" in missing.stderr and "Traceback" not in missing.stderr
 
     proxy = TcpProxy(int(s3["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
     env = fetch_env(**{**s3, "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "1"})
     cache = tmp_path / "cache"
-    args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/outage", "--local-cache", cache,
-            "--unit-size", "3", "--concurrency", "2", *NET)
+    args = (
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        "s3://data/outage",
+        "--local-cache",
+        cache,
+        "--unit-size",
+        "3",
+        "--concurrency",
+        "2",
+        *NET,
+    )
     proc = start_fetch(*args, env=env)
     deadline = time.monotonic() + 120
     while not (cache / "mds" / "00001" / "index.json").exists():
@@ -602,8 +715,23 @@ def test_merge_refuses_nodes_built_with_different_settings(tmp_path: Path, serve
     listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/m", 12))
     shared = tmp_path / "shared"
     for rank, size in (("0", "256"), ("1", "300")):
-        proc = run_fetch("--dataset", "urls", "--urls", listing, "--unit-size", "3", "--out", shared, "--node-rank", rank,
-                         "--num-nodes", "2", "--min-size", size, *NET)
+        proc = run_fetch(
+            "--dataset",
+            "urls",
+            "--urls",
+            listing,
+            "--unit-size",
+            "3",
+            "--out",
+            shared,
+            "--node-rank",
+            rank,
+            "--num-nodes",
+            "2",
+            "--min-size",
+            size,
+            *NET,
+        )
         assert proc.returncode in (0, 2), proc.stderr  # rank 1 finishes last and its merge refuses
     merged = run_fetch("--merge", "--out", shared)
     assert merged.returncode == 2 and "different settings" in merged.stderr and "min_size" in merged.stderr
@@ -632,7 +760,6 @@ def test_latents_of_other_data_or_models_are_not_mixed(tmp_path: Path) -> None:
     (sd15 / "latents.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="different models"):
         build_streaming_latents_dataloader([str(out), str(sd15)], batch_size=2, image_size=64)
-
 
 
 # -- found by the second look (a red team of this change) ---------------------------------------
@@ -738,9 +865,20 @@ def test_merge_refuses_nodes_that_planned_other_lists(tmp_path: Path, server: Lo
     assert merged.returncode == 2 and "plan" in merged.stderr
 
 
-@pytest.mark.parametrize("address", ["::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::a00:1",
-                                     "2002:7f00:1::", "2002:a00:1::5", "fec0::1", "::ffff:0:7f00:1",
-                                     "2001:0:4136:e378:8000:63bf:3fff:fdd2"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "64:ff9b::a00:1",
+        "64:ff9b:1::a00:1",
+        "2002:7f00:1::",
+        "2002:a00:1::5",
+        "fec0::1",
+        "::ffff:0:7f00:1",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+    ],
+)
 def test_ipv6_forms_of_private_ipv4_addresses_are_refused(address: str) -> None:
     from fastfetch.http import is_public_address
 
@@ -777,7 +915,6 @@ def test_a_proxy_does_not_open_the_guard(server: LoopbackServer, monkeypatch: py
 
     assert asyncio.run(go()) == [None, "private_address"]
     assert [p for p, _ in server.requests] == ["/a.jpg"]
-
 
 
 def test_a_kept_archive_of_an_older_edition_is_not_reused(tmp_path: Path, server: LoopbackServer) -> None:
@@ -825,11 +962,27 @@ def test_units_whose_objects_disappeared_are_redone(tmp_path: Path, server: Loop
     from tests.test_scaleout import _remote_rows
 
     listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/g", 9))
-    args = ("--dataset", "urls", "--urls", listing, "--out", "s3://data/gone", "--local-cache", tmp_path / "cache",
-            "--unit-size", "3", *NET)
+    args = (
+        "--dataset",
+        "urls",
+        "--urls",
+        listing,
+        "--out",
+        "s3://data/gone",
+        "--local-cache",
+        tmp_path / "cache",
+        "--unit-size",
+        "3",
+        *NET,
+    )
     assert run_fetch(*args, env=fetch_env(**s3)).returncode == 0
-    bucket = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    bucket = boto3.client(
+        "s3",
+        endpoint_url=s3["S3_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     bucket.delete_object(Bucket="data", Key="gone/mds/00001/shard.00000.mds")  # a lifecycle rule, a hand cleanup
     proc = run_fetch(*args, env=fetch_env(**s3))
     assert proc.returncode == 0 and "unit 00001" in proc.stderr, proc.stderr

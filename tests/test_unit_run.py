@@ -53,7 +53,11 @@ def test_one_unit_run_as_a_function_publishes_what_a_whole_run_does(tmp_path: Pa
     assert sorted(r["caption"] for r in read_mds(one)) == ["c4", "c6", "c7"]
     recorded = {r.id: r for r in Manifest(tmp_path / "whole").records()}["00001"]  # what the whole run recorded
     assert (result.counts, result.bytes_in, result.bytes_out, list(result.dirs)) == (
-        recorded.counts, recorded.bytes_in, recorded.bytes_out, recorded.dirs)
+        recorded.counts,
+        recorded.bytes_in,
+        recorded.bytes_out,
+        recorded.dirs,
+    )
     assert not any((tmp_path / "one" / "mds").rglob("*.mds.tmp")) and not any((tmp_path / "one" / "mds" / "_tmp").rglob("*.mds"))
 
 

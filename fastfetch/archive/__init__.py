@@ -34,4 +34,3 @@ def safe_name(name: str) -> str | None:
     if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
         return None
     return norm
-

@@ -64,10 +64,12 @@ async def maybe_gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         first += chunk  # the magic may arrive split over tiny chunks: keep every byte
         if len(first) >= 2:
             break
+
     async def replay() -> AsyncIterator[bytes]:
         yield first
         async for chunk in it:
             yield chunk
+
     if first[:2] == b"\x1f\x8b":
         async for out in gunzip(replay()):
             yield out

@@ -13,6 +13,8 @@ from fastfetch.sources.textcaps import TextCapsSource
 from fastfetch.sources.urls import LaionSource, UrlsSource
 
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (DemoSource, UrlsSource, LaionSource)}
-SOURCES.update({cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource, TextCapsSource, CocoSource)})
+SOURCES.update(
+    {cls.name: cls for cls in (CC12MSource, SA1BSource, JourneyDBSource, DiffusionDBSource, TextCapsSource, CocoSource)}
+)
 
 __all__ = ["SOURCES", "Item", "RunContext", "Source", "SourceOptions", "Unit"]

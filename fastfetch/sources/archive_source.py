@@ -29,18 +29,27 @@ from fastfetch.archive import ArchiveError
 from fastfetch.archive.tarstream import TarMember, iter_tar
 from fastfetch.archive.ziprange import RandomAccess
 from fastfetch.body import Body
+from fastfetch.errors import Reason as R
+from fastfetch.errors import UsageError
 from fastfetch.http import Fetcher, Refused
 from fastfetch.ranged import (
-    AccessDenied, LocalFile, RemoteChanged, RemoteFile, ResumableStream, Validator, download_file, probe,
+    AccessDenied,
+    LocalFile,
+    RemoteChanged,
+    RemoteFile,
+    ResumableStream,
+    Validator,
+    download_file,
+    probe,
 )
-from fastfetch.errors import Reason as R, UsageError
 from fastfetch.sources.base import Item, Source, SourceOptions, Unit, flag
 
 
 def split_flag() -> Any:
     """``--split``, shared by the recipes of datasets that come in splits (one or several)."""
     return flag(
-        None, nargs="+",
+        None,
+        nargs="+",
         help="which splits, one or several (e.g. --split train valid): jdb train|valid (default train); "
         "textcaps train|val|test (default train val, as the seed); coco val|train (default val)",
     )
@@ -60,7 +69,8 @@ def splits_of(given: tuple[str, ...] | None, allowed: tuple[str, ...], default: 
 @dataclass(frozen=True, slots=True)
 class ArchiveOptions(SourceOptions):
     keep_archives: bool = flag(
-        False, action="store_true",
+        False,
+        action="store_true",
         help="archive datasets: also keep each downloaded archive under OUT/_archives/ (default: unpack "
         "from the stream and keep nothing)",
     )
@@ -248,13 +258,15 @@ class ArchiveSource(Source):
         if self.keep_dir is not None and edition.tag is not None:
             storage.write_atomically(self.keep_dir / f"{name}.edition", edition.tag.encode())
 
-    async def stream(self, url: str, name: str, headers: dict[str, str] | None = None,
-                     edition: Edition = NO_EDITION) -> AsyncIterator[bytes]:
+    async def stream(
+        self, url: str, name: str, headers: dict[str, str] | None = None, edition: Edition = NO_EDITION
+    ) -> AsyncIterator[bytes]:
         """The bytes of one archive, resumed across broken connections (and kept if asked)."""
         kept = self._kept(name, edition)
         if kept is not None:
             with open(kept, "rb") as f:
-                while chunk := f.read(1 << 20):
+                # in a thread: a kept archive read back from a cold page cache stalls for tens of ms
+                while chunk := await asyncio.to_thread(f.read, 4 << 20):
                     yield chunk
             return
         keep = self.keep_dir
@@ -272,14 +284,16 @@ class ArchiveSource(Source):
         await asyncio.to_thread(storage.replace_durably, part, keep / name)  # reruns trust a kept archive
         self._stamp(name, edition)
 
-    async def tar_members(self, url: str, name: str, headers: dict[str, str] | None = None,
-                          edition: Edition = NO_EDITION) -> AsyncIterator[TarMember]:
+    async def tar_members(
+        self, url: str, name: str, headers: dict[str, str] | None = None, edition: Edition = NO_EDITION
+    ) -> AsyncIterator[TarMember]:
         async for member in iter_tar(self.stream(url, name, headers, edition)):
             yield member
 
     @contextlib.asynccontextmanager
-    async def random_access(self, url: str, name: str, headers: dict[str, str] | None = None,
-                            edition: Edition = NO_EDITION) -> AsyncIterator[RandomAccess]:
+    async def random_access(
+        self, url: str, name: str, headers: dict[str, str] | None = None, edition: Edition = NO_EDITION
+    ) -> AsyncIterator[RandomAccess]:
         """Random access to one archive: ranged reads when the server allows them, else a file
         spooled under the work dir and deleted as soon as the caller is done with it."""
         if self.keep_dir is None:
@@ -295,8 +309,9 @@ class ArchiveSource(Source):
                 local.close()
 
     @contextlib.asynccontextmanager
-    async def spooled(self, url: str, name: str, headers: dict[str, str] | None = None,
-                      edition: Edition = NO_EDITION) -> AsyncIterator[Path]:
+    async def spooled(
+        self, url: str, name: str, headers: dict[str, str] | None = None, edition: Edition = NO_EDITION
+    ) -> AsyncIterator[Path]:
         """One archive as a local file for the caller's lifetime: downloaded (resumably) into a
         private folder of the work dir and deleted on exit, or kept under OUT/_archives/."""
         keep = self.keep_dir
@@ -325,9 +340,10 @@ class ArchiveSource(Source):
                 raise hub.access_error(repo, exc.status) from exc
             raise UsageError(f"no access to {url} (HTTP {exc.status})") from exc
         except Refused as exc:
-            raise UsageError(f"refused to read {url}: {exc}" + (
-                "; pass --allow-private-networks to read from your own network" if exc.reason == R.PRIVATE_ADDRESS else ""
-            )) from exc
+            raise UsageError(
+                f"refused to read {url}: {exc}"
+                + ("; pass --allow-private-networks to read from your own network" if exc.reason == R.PRIVATE_ADDRESS else "")
+            ) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, RemoteChanged, ArchiveError, OSError, ValueError) as exc:
             raise UsageError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
@@ -336,7 +352,9 @@ class ArchiveSource(Source):
         with self.side_errors(url, repo):
             return await download_file(self.client, url, dest, headers)
 
-    async def check_access(self, url: str, repo: str | None = None, headers: dict[str, str] | None = None) -> tuple[Validator, bool]:
+    async def check_access(
+        self, url: str, repo: str | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[Validator, bool]:
         """Probe a file before planning on it: its validator, and whether it serves ranges."""
         with self.side_errors(url, repo):
             return await probe(self.client, url, headers)

@@ -20,10 +20,16 @@ from typing import Any
 import orjson
 
 from fastfetch.archive.ziprange import iter_zip, read_zip_member, zip_entries
-from fastfetch.sources.archive_source import (
-    ArchiveOptions, ArchiveSource, CaptionIndex, Edition, SplitSource, caption_item, split_flag,
-)
 from fastfetch.errors import UsageError
+from fastfetch.sources.archive_source import (
+    ArchiveOptions,
+    ArchiveSource,
+    CaptionIndex,
+    Edition,
+    SplitSource,
+    caption_item,
+    split_flag,
+)
 from fastfetch.sources.base import Item, Unit, flag
 
 DEFAULT_BASE = "http://images.cocodataset.org"
@@ -34,7 +40,8 @@ ANNOTATIONS = "annotations/annotations_trainval2014.zip"
 class CocoOptions(ArchiveOptions):
     split: tuple[str, ...] | None = split_flag()
     coco_base_url: str = flag(
-        DEFAULT_BASE, help="coco: where zips/<split>2014.zip and annotations/annotations_trainval2014.zip live (a mirror)",
+        DEFAULT_BASE,
+        help="coco: where zips/<split>2014.zip and annotations/annotations_trainval2014.zip live (a mirror)",
     )
 
 

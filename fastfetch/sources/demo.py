@@ -21,8 +21,14 @@ from fastfetch.sources.base import Item, SourceOptions, Unit
 from fastfetch.sources.urls import UrlsOptions, UrlsSource
 
 _COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 210), "yellow": (240, 210, 40),
-    "purple": (140, 60, 180), "orange": (240, 140, 30), "teal": (30, 160, 160), "pink": (240, 120, 170),
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 80, 210),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+    "teal": (30, 160, 160),
+    "pink": (240, 120, 170),
 }
 _SHAPES = ("circle", "square", "triangle", "ring")
 
@@ -86,10 +92,16 @@ def build_demo(seed: int = 0) -> tuple[dict[str, tuple[bytes, str]], list[dict[s
     rng = random.Random(seed)
     files: dict[str, tuple[bytes, str]] = {}
     rows: list[dict[str, str]] = []
-    plan = (
-        [("jpeg", 48), ("progressive", 8), ("grey", 6), ("cmyk", 4), ("rotated", 4),
-         ("png_alpha", 8), ("png_palette", 4), ("webp", 8)]
-    )
+    plan = [
+        ("jpeg", 48),
+        ("progressive", 8),
+        ("grey", 6),
+        ("cmyk", 4),
+        ("rotated", 4),
+        ("png_alpha", 8),
+        ("png_palette", 4),
+        ("webp", 8),
+    ]
     n = 0
     for kind, count in plan:
         for _ in range(count):

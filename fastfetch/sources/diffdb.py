@@ -22,8 +22,9 @@ from typing import Any
 
 from fastfetch.archive.ziprange import iter_zip, zip_entries
 from fastfetch.arrow import pq
-from fastfetch.sources.archive_source import Edition, CaptionIndex, HubArchiveSource, HubOptions, caption_item
-from fastfetch.errors import Reason as R, UsageError
+from fastfetch.errors import Reason as R
+from fastfetch.errors import UsageError
+from fastfetch.sources.archive_source import CaptionIndex, Edition, HubArchiveSource, HubOptions, caption_item
 from fastfetch.sources.base import Item, Unit, flag
 
 FOLDERS = ("diffusiondb-large-part-1", "diffusiondb-large-part-2")
@@ -48,9 +49,9 @@ def nsfw_limit(value: str) -> float | None:
 @dataclass(frozen=True, slots=True)
 class DiffusionDBOptions(HubOptions):
     max_nsfw: float | None = flag(
-        DEFAULT_MAX_NSFW, type=nsfw_limit,
-        help="diffdb: drop images whose image_nsfw or prompt_nsfw score is above this (0..1, as the seed: 0.2); "
-        "none keeps all",
+        DEFAULT_MAX_NSFW,
+        type=nsfw_limit,
+        help="diffdb: drop images whose image_nsfw or prompt_nsfw score is above this (0..1, as the seed: 0.2); none keeps all",
     )
 
 

@@ -37,8 +37,9 @@ class JourneyDBSource(SplitSource, HubArchiveSource):
         self.prompts: dict[str, CaptionIndex] = {}
         several = len(self.splits) > 1
         for split in self.splits:
-            units += await self.hub_units(f"data/{split}/imgs", r"(\d+)\.tgz",
-                                          lambda m, split=split: f"{split}-{m.group(1)}" if several else m.group(1))
+            units += await self.hub_units(
+                f"data/{split}/imgs", r"(\d+)\.tgz", lambda m, split=split: f"{split}-{m.group(1)}" if several else m.group(1)
+            )
             self.prompts[split] = await self._prompt_index(split)
         return units
 

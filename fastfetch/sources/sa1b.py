@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastfetch.errors import UsageError
 from fastfetch.ranged import AccessDenied
 from fastfetch.sources.archive_source import CaptionIndex, HubArchiveSource, HubOptions, caption_item
-from fastfetch.errors import UsageError
 from fastfetch.sources.base import Item, Unit, flag
 
 LINKS_PAGE = "https://ai.meta.com/datasets/segment-anything-downloads/"
@@ -29,7 +29,8 @@ _IMAGE = re.compile(r"(?:.*/)?(sa_(\d+))\.jpg")
 @dataclass(frozen=True, slots=True)
 class SA1BOptions(HubOptions):
     links: Path | None = flag(
-        None, type=Path,
+        None,
+        type=Path,
         help=f"sa1b: Meta's links file (default: {LINKS_NAME} in --out, else in the current folder); get it from {LINKS_PAGE}",
     )
 
@@ -102,8 +103,9 @@ class SA1BSource(HubArchiveSource):
                     continue  # the masks JSON: skipped in the stream, never held
                 data = await member.read_body()
                 found = self.captions.get(match.group(1))
-                yield caption_item(match.group(1), data or b"", found[0] if found else None,
-                                   {"image_id": int(match.group(2))}, member.problem)
+                yield caption_item(
+                    match.group(1), data or b"", found[0] if found else None, {"image_id": int(match.group(2))}, member.problem
+                )
         except AccessDenied as exc:
             raise RuntimeError(
                 f"the link for {name} was refused (HTTP {exc.status}); Meta's links expire: download a fresh "

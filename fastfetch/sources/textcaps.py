@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-
-from fastfetch.errors import Reason as R
 from fastfetch.arrow import pq
+from fastfetch.errors import Reason as R
 from fastfetch.sources.archive_source import Edition, HubArchiveSource, HubSplitOptions, SplitSource, caption_item
 from fastfetch.sources.base import Item, Unit
 

@@ -26,12 +26,12 @@ import numpy as np
 import orjson
 
 from fastfetch import columns as kinds
-from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
-from fastfetch import hub
-from fastfetch.errors import Reason as R, UsageError
+from fastfetch import hub, storage
 from fastfetch.arrow import pa, pc, pq
+from fastfetch.errors import Reason as R
+from fastfetch.errors import UsageError
+from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
-from fastfetch import storage
 from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import PREFILTERED, Item, Source, SourceOptions, Unit, flag
@@ -46,7 +46,9 @@ RESERVED = frozenset(BASE_COLUMNS) | {"url"}
 @dataclass(frozen=True, slots=True)
 class UrlsOptions(SourceOptions):
     urls: tuple[str, ...] | None = flag(
-        None, nargs="+", metavar="PATH",
+        None,
+        nargs="+",
+        metavar="PATH",
         help="URL list files or folders; local paths, hf://datasets/<repo>/<path or glob>, or http(s):// "
         "(required for --dataset urls and laion)",
     )
@@ -63,7 +65,9 @@ class UrlsOptions(SourceOptions):
 class LaionOptions(UrlsOptions):
     max_punsafe: float | None = flag(None, type=float, help="laion: drop rows with punsafe above this (default: keep all)")
     max_pwatermark: float | None = flag(None, type=float, help="laion: drop rows with pwatermark above this (default: keep all)")
-    min_aesthetic: float | None = flag(None, type=float, help="laion: drop rows with an aesthetic score below this (default: keep all)")
+    min_aesthetic: float | None = flag(
+        None, type=float, help="laion: drop rows with an aesthetic score below this (default: keep all)"
+    )
 
 
 class UrlsSource(Source):
@@ -113,8 +117,11 @@ class UrlsSource(Source):
 
     def fingerprint(self) -> dict[str, Any]:
         kept = self.keep_cols()
-        return {"url_col": self.url_col, "caption_col": self.caption_col,
-                "keep_cols": [n if n == src else f"{src}:{n}" for n, src in kept.items()]}
+        return {
+            "url_col": self.url_col,
+            "caption_col": self.caption_col,
+            "keep_cols": [n if n == src else f"{src}:{n}" for n, src in kept.items()],
+        }
 
     def extra_columns(self) -> dict[str, str]:
         plan = self._load_plan()
@@ -157,13 +164,20 @@ class UrlsSource(Source):
         pattern = "/".join(parts[3:])
         fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
         folder = fixed.rsplit("/", 1)[0] if "/" in fixed else ""
-        files = [f for f in await hub.list_files(self.ctx.fetcher, repo, folder, revision=revision or hub.DEFAULT_REVISION)
-                 if fnmatch.fnmatchcase(f.path, pattern)]
+        files = [
+            f
+            for f in await hub.list_files(self.ctx.fetcher, repo, folder, revision=revision or hub.DEFAULT_REVISION)
+            if fnmatch.fnmatchcase(f.path, pattern)
+        ]
         if not files:
             raise UsageError(f"{spec} matches no file of the Hugging Face dataset {repo} ({hub.dataset_page(repo)})")
         return [
-            await self._download(hub.file_url(repo, f.path, revision or hub.DEFAULT_REVISION),
-                                 f"{repo.replace('/', '__')}__{f.oid[:12]}__{f.path.replace('/', '__')}", hub.headers(), repo)
+            await self._download(
+                hub.file_url(repo, f.path, revision or hub.DEFAULT_REVISION),
+                f"{repo.replace('/', '__')}__{f.oid[:12]}__{f.path.replace('/', '__')}",
+                hub.headers(),
+                repo,
+            )
             for f in files
         ]
 
@@ -287,9 +301,7 @@ class UrlsSource(Source):
         else:
             url = find_column(names, self.url_col)
             if url is None and strict:
-                raise UsageError(
-                    f"{path} has no URL column {self.url_col!r}; its columns are {names}. Pass --url-col NAME"
-                )
+                raise UsageError(f"{path} has no URL column {self.url_col!r}; its columns are {names}. Pass --url-col NAME")
         caption = None
         if self.caption_col and list_format(path) != "txt":
             caption = find_column(names, self.caption_col)
@@ -307,15 +319,14 @@ class UrlsSource(Source):
                     raise UsageError(f"{path} has no column {wanted!r} (from --keep-cols); its columns are {names}")
                 continue  # a preset's column this file lacks: null in its rows
             if actual == url:
-                raise UsageError(
-                    f"--keep-cols {wanted}: that is the URL column, already stored (without credentials) as url"
-                )
+                raise UsageError(f"--keep-cols {wanted}: that is the URL column, already stored (without credentials) as url")
             keep[name] = actual
         filters = {col: find_column(names, col) for _, col, _, _ in self._filter_columns()}
         return {"url": url, "caption": caption, "keep": keep, "filters": filters}
 
-    def _normalise(self, path: Path, batch: pa.RecordBatch, mapping: dict[str, Any],
-                   filtered: Counter[str]) -> tuple[pa.RecordBatch, dict[str, str]]:
+    def _normalise(
+        self, path: Path, batch: pa.RecordBatch, mapping: dict[str, Any], filtered: Counter[str]
+    ) -> tuple[pa.RecordBatch, dict[str, str]]:
         mask = self._filter_mask(path, batch, mapping["filters"], filtered)
         if mask is not None:
             batch = batch.filter(mask)
@@ -324,7 +335,8 @@ class UrlsSource(Source):
         # all (txt, --caption-col '') stores null, which is allowed and stored as "".
         arrays["caption"] = (
             pc.fill_null(as_text(_column(batch, mapping["caption"])), "")
-            if mapping["caption"] else pa.nulls(batch.num_rows, pa.string())
+            if mapping["caption"]
+            else pa.nulls(batch.num_rows, pa.string())
         )
         batch_kinds: dict[str, str] = {}
         for name, actual in mapping["keep"].items():
@@ -347,8 +359,9 @@ class UrlsSource(Source):
         """The active filters as (reason, column, 'max'|'min', threshold)."""
         return []
 
-    def _filter_mask(self, path: Path, batch: pa.RecordBatch, found: dict[str, str | None],
-                     filtered: Counter[str]) -> pa.Array | None:
+    def _filter_mask(
+        self, path: Path, batch: pa.RecordBatch, found: dict[str, str | None], filtered: Counter[str]
+    ) -> pa.Array | None:
         keep = None
         for reason, col, op, threshold in self._filter_columns():
             actual = found.get(col)
@@ -429,7 +442,9 @@ class LaionSource(UrlsSource):
         if mapping["filters"].get("AESTHETIC_SCORE") is None:  # laion2B-aesthetic names it "aesthetic"
             mapping["filters"]["AESTHETIC_SCORE"] = find_column(schema.names, "aesthetic")
         if self.options.min_aesthetic is not None and mapping["filters"]["AESTHETIC_SCORE"] is None and strict:
-            raise UsageError(f"--min-aesthetic given but {path} has no AESTHETIC_SCORE/aesthetic column; its columns are {schema.names}")
+            raise UsageError(
+                f"--min-aesthetic given but {path} has no AESTHETIC_SCORE/aesthetic column; its columns are {schema.names}"
+            )
         return mapping
 
 
