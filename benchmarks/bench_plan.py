@@ -27,12 +27,17 @@ RUN = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from fastfetch.cli import build_parser
-from fastfetch.sources.base import RunContext
-from fastfetch.sources.urls import LaionSource
 out = Path(sys.argv[3])
-args = build_parser().parse_args(["--dataset", "laion", "--urls", sys.argv[2], "--out", str(out)])
-source = LaionSource(args, RunContext(out=out, fetcher=None, work_dir=out / "_work" / "laion", args=args))
+argv = ["--dataset", "laion", "--urls", sys.argv[2], "--out", str(out)]
+try:  # a tree with the typed run configuration
+    from fastfetch.cli import parse
+    source = parse(argv).source(None)
+except ImportError:  # older trees: sources took the argparse namespace
+    from fastfetch.cli import build_parser
+    from fastfetch.sources.base import RunContext
+    from fastfetch.sources.urls import LaionSource
+    args = build_parser().parse_args(argv)
+    source = LaionSource(args, RunContext(out=out, fetcher=None, work_dir=out / "_work" / "laion", args=args))
 wall, cpu = time.perf_counter(), time.process_time()
 units = source._write_plan([Path(sys.argv[2])], {"bench": 1})
 print(len(units), time.perf_counter() - wall, time.process_time() - cpu)

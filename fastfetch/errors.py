@@ -8,12 +8,23 @@ per-unit counts). The reasons are plain strings on disk; in code they come from 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 
 class UsageError(Exception):
     """Bad arguments or unusable input: the message says what is wrong and what to do (exit 2)."""
+
+
+def changes(before: Mapping[str, Any], after: Mapping[str, Any], show: Callable[[Any], str] = repr, absent: Any = None) -> str:
+    """``key: old → new`` for every key whose value differs, in key order (for a refusal that
+    names what changed)."""
+    return ", ".join(
+        f"{k}: {show(before.get(k, absent))} → {show(after.get(k, absent))}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k, absent) != after.get(k, absent)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import orjson
 
 from fastfetch import formats, storage
 from fastfetch.config import Selection
-from fastfetch.errors import UsageError
+from fastfetch.errors import UsageError, changes
 from fastfetch.http import Fetcher
 from fastfetch.manifest import DONE, Manifest
 from fastfetch.mds import BASE_COLUMNS, Layout, clean_unfinished, merge_index
@@ -185,11 +185,7 @@ class Pipeline:
         columns = formats.columns(self.layout.format, BASE_COLUMNS, extra)
         previous = self.manifest.get_meta("columns")
         if have_done_units and previous is not None and previous != columns:
-            diff = ", ".join(
-                f"{k}: {previous.get(k, 'absent')} → {columns.get(k, 'absent')}"
-                for k in sorted(set(previous) | set(columns))
-                if previous.get(k) != columns.get(k)
-            )
+            diff = changes(previous, columns, show=str, absent="absent")
             raise UsageError(
                 f"the input's columns changed since the finished units were written ({diff}); rerun with the "
                 "lists that built them, or choose a new --out"

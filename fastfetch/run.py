@@ -31,7 +31,7 @@ from typing import Any
 
 from fastfetch import storage
 from fastfetch.config import RunConfig
-from fastfetch.errors import UsageError
+from fastfetch.errors import UsageError, changes
 from fastfetch.heap import keep_freed_memory
 from fastfetch.http import Fetcher
 from fastfetch.manifest import Manifest
@@ -204,11 +204,7 @@ def _check_settings(manifest: Manifest, settings: dict[str, Any], out: Path) -> 
     previous = manifest.get_meta("settings")
     if previous is None or previous == settings:
         return
-    diff = ", ".join(
-        f"{k}: {previous.get(k)!r} → {settings.get(k)!r}"
-        for k in sorted(set(previous) | set(settings))
-        if previous.get(k) != settings.get(k)
-    )
+    diff = changes(previous, settings)
     raise UsageError(
         f"{out} was built with other settings ({diff}); rerun with the original flags to resume, or choose a new --out"
     )
