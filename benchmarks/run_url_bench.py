@@ -199,6 +199,11 @@ def run_one(
         cmd = fetch_cmd(urls, out, args.processes, args.concurrency, help_text)
         if tool == "fetch-before":  # bin/fetch of an older commit (--before REV): what a change gave
             cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
+        if tool == "fetch-ray":  # the same run as Ray tasks (the Ray head at --ray-address); CPU/RSS: the driver only
+            cmd[cmd.index("--workers") + 1] = str(args.ray_workers)
+            cmd += ["--ray", args.ray_address]
+        if args.unit_size:
+            cmd += ["--unit-size", str(args.unit_size)]
     else:
         cmd = i2d_cmd(urls, out, args.processes, args.threads, args.per_shard, skip_reencode=(tool == "img2dataset-skip"))
     nginx0 = srv.cpu_seconds()
@@ -223,8 +228,12 @@ def main() -> None:
     p.add_argument(
         "--tools",
         default="fetch,img2dataset",
-        help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), fetch-before (bin/fetch of commit --before)",
+        help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), fetch-before (bin/fetch of commit --before), "
+        "fetch-ray (bin/fetch --ray --ray-address)",
     )
+    p.add_argument("--ray-address", default="auto", help="fetch-ray: the Ray cluster (run the whole benchmark inside unshare -n)")
+    p.add_argument("--ray-workers", type=int, default=1, help="fetch-ray: --workers of each unit task (its CPUs)")
+    p.add_argument("--unit-size", type=int, default=0, help="bin/fetch --unit-size for every fetch tool (default: its own)")
     p.add_argument(
         "--repeat",
         type=int,

@@ -17,11 +17,12 @@ from fastfetch.errors import UsageError, transient_names
 from fastfetch.formats import MOSAIC_BUCKETS, OutputFormat
 from fastfetch.http import USER_AGENT, FetchConfig
 from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
-from fastfetch.nodes import detect
+from fastfetch.nodes import Node, detect
 from fastfetch.redact import redact
 from fastfetch.resize_pool import default_workers
 from fastfetch.run import run
 from fastfetch.sources import SOURCES
+from fastfetch.storage import is_remote
 
 EXIT_USAGE = 2
 
@@ -168,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only merge: build OUT/mds/index.json and OUT/stats.json from every node's finished units",
     )
+    multi.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="run the units as tasks on a Ray cluster: auto (the cluster this machine belongs to, or RAY_ADDRESS), "
+        "HOST:PORT, or ray://HOST:PORT; this process plans, records and merges, --out must be a folder every node "
+        "sees or object storage, --workers is each task's resize processes (and CPUs); default: no Ray",
+    )
+    multi.add_argument(
+        "--ray-tasks",
+        type=int,
+        default=None,
+        help="with --ray: units in flight at once (default: the cluster's CPUs / --workers, + 2)",
+    )
 
     groups = {name: parser.add_argument_group(f"--dataset {name}") for name in sorted(SOURCES)}
     for own_only in (True, False):
@@ -202,7 +217,10 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError(f"--quality must be in 1..100 (got {args.quality})")
     if args.workers < 0 or args.retries < 0 or (args.limit is not None and args.limit <= 0):
         raise UsageError("--workers and --retries must be ≥ 0 and --limit ≥ 1")
+    if args.ray is not None:
+        _check_ray(args)
     output_format = OutputFormat(args.format)
+    options = source.Options.from_namespace(args)
     fetch = FetchConfig(
         concurrency=args.concurrency,
         per_host=args.per_host,
@@ -219,9 +237,9 @@ def parse(argv: list[str] | None = None) -> RunConfig:
     )
     return RunConfig(
         dataset=args.dataset,
-        output=args.out or str(Path("data") / args.dataset),
-        local_cache=args.local_cache,
-        source_options=source.Options.from_namespace(args),
+        output=_output(args),
+        local_cache=args.local_cache.expanduser().absolute() if args.ray and args.local_cache else args.local_cache,
+        source_options=options.resolved() if args.ray else options,
         resize=ResizeConfig(min_size, args.max_size, args.resize_filter, args.quality),
         workers=args.workers,
         fetch=fetch,
@@ -230,10 +248,33 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         unit_size=args.unit_size,
         limit=args.limit,
         selection=Selection(args.subset, tuple(args.ids or ()), args.retry_failed),
-        node=detect(args.node_rank, args.num_nodes),
+        node=Node() if args.ray else detect(args.node_rank, args.num_nodes),
         merge_only=args.merge,
         progress=not args.no_progress,
+        ray=args.ray,
+        ray_tasks=args.ray_tasks,
     )
+
+
+def _check_ray(args: argparse.Namespace) -> None:
+    if args.node_rank is not None or args.num_nodes is not None:
+        raise UsageError(
+            "--ray schedules the units itself: drop --node-rank/--num-nodes (run one fetch, on any machine of the cluster)"
+        )
+    if args.merge:
+        raise UsageError("--merge is for runs split with --node-rank/--num-nodes; a --ray run merges by itself")
+    if args.ray_tasks is not None and args.ray_tasks <= 0:
+        raise UsageError(f"--ray-tasks must be positive (got {args.ray_tasks})")
+    if not args.ray.strip():
+        raise UsageError("--ray needs an address: auto, HOST:PORT or ray://HOST:PORT")
+
+
+def _output(args: argparse.Namespace) -> str:
+    """--out as given; with --ray, a local folder as an absolute path (tasks run in other folders)."""
+    out = args.out or str(Path("data") / args.dataset)
+    if args.ray and not is_remote(out):
+        return str(Path(out).expanduser().absolute())
+    return out
 
 
 def _buckets(spec: str | None, output_format: OutputFormat) -> tuple[int, ...]:

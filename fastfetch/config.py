@@ -45,6 +45,8 @@ class RunConfig:
     node: Node
     merge_only: bool = False  # --merge: only build the global index from the nodes' summaries
     progress: bool = True
+    ray: str | None = None  # --ray: the Ray cluster that runs the units (auto, HOST:PORT, ray://HOST:PORT)
+    ray_tasks: int | None = None  # --ray-tasks: units in flight at once (None: from the cluster's CPUs)
 
     @property
     def source_class(self) -> type[Source]:

@@ -77,11 +77,13 @@ class UnitWriter:
     """Writes one unit's rows (one MDS writer per bucket, opened on first use) and publishes
     them with ``finish``."""
 
-    def __init__(self, layout: Layout, unit_id: str, columns: dict[str, str]) -> None:
+    def __init__(self, layout: Layout, unit_id: str, columns: dict[str, str], attempt: str = "") -> None:
+        """``attempt`` names this try's temporary folder apart from any other's (a unit retried
+        on another node while the first try may still be writing on a shared folder)."""
         self.layout = layout
         self.unit_id = unit_id
         self.columns = columns
-        self.tmp = layout.root / TMP / (layout.node or "_") / unit_id
+        self.tmp = layout.root / TMP / (layout.node or "_") / (f"{unit_id}.{attempt}" if attempt else unit_id)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)

@@ -15,13 +15,13 @@ import re
 import shutil
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import orjson
 
 from fastfetch import formats, storage
-from fastfetch.config import Selection
+from fastfetch.config import RunConfig, Selection
 from fastfetch.errors import UsageError, changes
 from fastfetch.http import Fetcher
 from fastfetch.manifest import DONE, Manifest
@@ -31,9 +31,11 @@ from fastfetch.redact import redact
 from fastfetch.resize_pool import ResizePool
 from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.stats import Progress, RunCounters
-from fastfetch.unit import UnitFailed, UnitResult, UnitWork, only
+from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, UnitWork, only
 
 MAX_OPEN_UNITS = 4
+#: runs one unit in another process and returns its result (``fastfetch.cluster``)
+Submit = Callable[[UnitSpec], Awaitable[UnitResult]]
 
 
 class DiskFull(Exception):
@@ -134,6 +136,7 @@ class Pipeline:
     async def prepare(self, selection: Selection) -> list[Unit]:
         """Plan, record the plan, drop unfinished leftovers; returns the units still to do
         (with ``--retry-failed``: only retry units for earlier transient failures)."""
+        self.source.discard_leftovers()
         units = await self.source.plan()
         self.plan_digest = plan_digest(units)
         for changed in self.manifest.sync_plan(units):
@@ -231,6 +234,56 @@ class Pipeline:
                 await asyncio.gather(*open_units, return_exceptions=True)
             self.progress.close()
 
+    async def run_elsewhere(self, units: list[Unit], submit: Submit, in_flight: int, config: RunConfig) -> None:
+        """Run units in other processes (``submit`` runs one there and returns its result), at
+        most ``in_flight`` at once; each result is recorded here as it comes back."""
+        self.progress = Progress(sum(u.rows or 0 for u in units), self.counters, self.progress_enabled)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            for unit in units:
+                while len(running) >= in_flight:
+                    finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in finished:
+                        task.result()  # what stops the run (the manifest's disk is full) stops it here
+                self.manifest.start(unit.id)
+                running.add(asyncio.create_task(self._run_elsewhere(unit, submit, config), name=f"unit-{unit.id}"))
+            while running:
+                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    task.result()
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            self.progress.close()
+
+    async def _run_elsewhere(self, unit: Unit, submit: Submit, config: RunConfig) -> None:
+        try:
+            result = await submit(self.unit_spec(unit, config))
+        except asyncio.CancelledError:
+            self.manifest.reset(unit.id)  # a stop: whatever the task left is unfinished, redone next run
+            raise
+        except Exception as exc:  # the unit failed there, or its task could not be run: the run goes on
+            self.manifest.fail(unit.id, redact(str(exc) if isinstance(exc, UnitFailed) else f"{type(exc).__name__}: {exc}"))
+            self.counters.units_failed += 1
+            return
+        self._commit(unit, result)
+        prefiltered = unit.prefiltered  # counted in the unit, not by this run's items
+        for reason, n in result.counts.items():
+            self._count_many(None if reason == "kept" else reason, n - prefiltered.get(reason, 0))
+        self.counters.bytes_in += result.bytes_in
+        self.counters.bytes_out += result.bytes_out
+
+    def unit_spec(self, unit: Unit, config: RunConfig) -> UnitSpec:
+        """What a unit needs to run in another process: a retry unit takes its original's
+        items (the failed ones only); the source may ship the unit's input with it."""
+        if unit.retry_of is None:
+            return UnitSpec(config, unit, self.columns, payload=self.source.unit_payload(unit))
+        original = self.manifest.unit(unit.retry_of)
+        failed = frozenset(self.manifest.failed_keys(original.id))
+        return UnitSpec(config, unit, self.columns, failed, original, self.source.unit_payload(original))
+
     def merge(self) -> int:
         """Rebuild the merged index over every done unit (also after an interruption)."""
         return merge_index(self.layout, self.done_dirs())
@@ -294,13 +347,18 @@ class Pipeline:
         raise DiskFull(Path(path), needed) from exc
 
     def _count(self, reason: str | None, bytes_in: int, bytes_out: int) -> None:
+        self.counters.bytes_in += bytes_in
+        self.counters.bytes_out += bytes_out
+        self._count_many(reason, 1)
+
+    def _count_many(self, reason: str | None, n: int) -> None:
+        if n <= 0:
+            return
         c = self.counters
-        c.items += 1
-        c.bytes_in += bytes_in
-        c.bytes_out += bytes_out
+        c.items += n
         if reason is None:
-            c.kept += 1
+            c.kept += n
         else:
-            c.rejected[reason] += 1
+            c.rejected[reason] += n
         if self.progress is not None:
-            self.progress.update()
+            self.progress.update(n)

@@ -82,7 +82,8 @@ async def _run(cfg: RunConfig) -> int:
         return _merge_only(cfg)
     with _locked(cfg.state_dir):
         _tune_memory()
-        resizer = ResizePool(cfg.resize, cfg.workers)  # first: the workers start while we plan
+        # first: the workers start while we plan (with --ray the units resize on the cluster)
+        resizer = ResizePool(cfg.resize, 0 if cfg.ray is not None else cfg.workers)
         counters = RunCounters()
         outcome = Outcome()
         with contextlib.closing(Manifest(cfg.state_dir)) as manifest:
@@ -183,6 +184,28 @@ def _exit_at_once(signum: int, frame: Any) -> None:
 
 
 async def _fetch_units(cfg: RunConfig, resizer: ResizePool, manifest: Manifest, counters: RunCounters, outcome: Outcome) -> None:
+    with _cluster(cfg) as cluster:
+        await _plan_and_run(cfg, resizer, manifest, counters, outcome, cluster)
+
+
+@contextlib.contextmanager
+def _cluster(cfg: RunConfig) -> Iterator[Any]:
+    """With --ray, the connection to the cluster (made before planning: a wrong address fails at once)."""
+    if cfg.ray is None:
+        yield None
+        return
+    from fastfetch.cluster import RayUnits  # Ray is imported only for --ray
+
+    cluster = RayUnits(cfg)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def _plan_and_run(
+    cfg: RunConfig, resizer: ResizePool, manifest: Manifest, counters: RunCounters, outcome: Outcome, cluster: Any
+) -> None:
     async with Fetcher(cfg.fetch) as fetcher:
         source = cfg.source(fetcher)
         await source.open()
@@ -195,7 +218,10 @@ async def _fetch_units(cfg: RunConfig, resizer: ResizePool, manifest: Manifest, 
             manifest.set_meta("settings", settings)
             if not todo:
                 print("nothing to do: every selected unit is already done", file=sys.stderr)
-            await pipeline.run(todo)
+            if cluster is None:
+                await pipeline.run(todo)
+            else:
+                await pipeline.run_elsewhere(todo, cluster.submit, cluster.in_flight, cfg)
         finally:
             await source.close()
 

@@ -11,6 +11,7 @@ worker machine with a typed ``UnitSpec``.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -58,12 +59,16 @@ class UnitFailed(Exception):
 @dataclass(frozen=True, slots=True)
 class UnitSpec:
     """One unit to run on its own: the run's configuration, the unit as planned, the columns
-    every unit of the run is written with, and (a ``--retry-failed`` unit) the only keys to take."""
+    every unit of the run is written with; a ``--retry-failed`` unit takes the items of
+    ``source_unit`` (its original), ``only_keys`` of them; ``payload`` is what the source ships
+    with a unit (``Source.unit_payload``)."""
 
     config: RunConfig
     unit: Unit
     columns: dict[str, str]
     only_keys: frozenset[str] | None = None
+    source_unit: Unit | None = None
+    payload: Any = None
 
 
 async def run_unit(spec: UnitSpec) -> UnitResult:
@@ -76,12 +81,14 @@ async def run_unit(spec: UnitSpec) -> UnitResult:
             source = cfg.source(fetcher)
             await source.open()
             try:
-                await source.plan()  # what items() reads (caption indexes, the list's unit files)
-                items = source.items(spec.unit)
+                of = spec.source_unit or spec.unit
+                await source.prepare_unit(of, spec.payload)  # what items() reads (caption lookups, the rows)
+                items = source.items(of)
                 if spec.only_keys is not None:
                     items = only(items, spec.only_keys)
                 slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.capacity)
-                work = UnitWork(cfg.layout(), spec.columns, fetcher, resizer, slots, lambda *_: None)
+                attempt = uuid.uuid4().hex[:12]
+                work = UnitWork(cfg.layout(), spec.columns, fetcher, resizer, slots, lambda *_: None, attempt)
                 return await work.run(spec.unit, items, asyncio.Event())
             finally:
                 await source.close()
@@ -107,6 +114,7 @@ class UnitWork:
         resizer: ResizePool,
         slots: asyncio.Semaphore,
         on_item: OnItem,
+        attempt: str = "",
     ) -> None:
         self.layout = layout
         self.columns = columns
@@ -114,6 +122,7 @@ class UnitWork:
         self.resizer = resizer
         self.slots = slots
         self.on_item = on_item
+        self.attempt = attempt  # this try's own temporary folder (``UnitWriter``)
 
     async def run(
         self,
@@ -128,7 +137,7 @@ class UnitWork:
         so that a unit is never left renamed into place yet unrecorded. Before that, a failure
         (``UnitFailed``) or a cancellation leaves nothing behind; a failure to publish is raised
         as it is (the output itself is in trouble)."""
-        writer = UnitWriter(self.layout, unit.id, self.columns)
+        writer = UnitWriter(self.layout, unit.id, self.columns, self.attempt)
         counts: Counter[str] = Counter(unit.prefiltered)
         retryable: list[tuple[str, str]] = []
         keys: set[str] = set()

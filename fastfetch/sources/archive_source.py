@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import sqlite3
@@ -148,7 +149,7 @@ class CaptionIndex:
     def writer(self) -> Any:
         """A context giving ``add(name, caption, extra)``; the lookup appears only on success."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # several processes may build it at once
         tmp.unlink(missing_ok=True)
         db = sqlite3.connect(tmp)
         db.execute("PRAGMA journal_mode=OFF")
@@ -216,7 +217,7 @@ class ArchiveSource(Source):
     Options: ClassVar[type[SourceOptions]] = ArchiveOptions
     options: ArchiveOptions
 
-    async def open(self) -> None:
+    def discard_leftovers(self) -> None:
         # A run killed with SIGKILL leaves its spooled archives behind; no other run can be
         # using them (one run per --out holds the lock), so they go before anything is fetched.
         shutil.rmtree(self.spool_dir, ignore_errors=True)

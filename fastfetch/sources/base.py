@@ -92,6 +92,10 @@ class SourceOptions:
     def from_namespace(cls, ns: argparse.Namespace) -> SourceOptions:
         return cls(**{f.name: _frozen(getattr(ns, f.name)) for f in fields(cls)})
 
+    def resolved(self) -> SourceOptions:
+        """The options with local paths made absolute (for processes that run in other folders)."""
+        return self
+
 
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
@@ -142,6 +146,21 @@ class Source:
     def fingerprint(self) -> dict[str, Any]:
         """Arguments that change what a unit produces: a rerun with different ones is refused."""
         return {}
+
+    def discard_leftovers(self) -> None:
+        """Before planning, in the run's one driver: remove what a killed run left in the work
+        folder (spooled downloads). Never called where units run, which may be many at once."""
+
+    def unit_payload(self, unit: Unit) -> Any:
+        """What ``items(unit)`` needs that a process elsewhere cannot read for itself (a URL
+        list's rows: the plan's unit file lives with the driver), picklable; None: nothing."""
+        return None
+
+    async def prepare_unit(self, unit: Unit, payload: Any) -> None:
+        """In a process that did not plan (a task on another node): get ready for
+        ``items(unit)``, given ``unit_payload(unit)``. Default: plan (sources cache their plan
+        and their caption lookups under the work folder)."""
+        await self.plan()
 
     async def plan(self) -> list[Unit]:
         """All work units of the dataset, in a deterministic order."""

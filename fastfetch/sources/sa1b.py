@@ -9,6 +9,7 @@ A unit's spec holds the file name only: links expire and change, the archive doe
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class SA1BOptions(HubOptions):
         type=Path,
         help=f"sa1b: Meta's links file (default: {LINKS_NAME} in --out, else in the current folder); get it from {LINKS_PAGE}",
     )
+
+    def resolved(self) -> SA1BOptions:
+        return dataclasses.replace(self, links=self.links.expanduser().absolute() if self.links else None)
 
 
 class SA1BSource(HubArchiveSource):

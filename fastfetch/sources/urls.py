@@ -14,6 +14,7 @@ one type for the list however its files disagree (``fastfetch.columns``).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 from collections import Counter
@@ -34,7 +35,8 @@ from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
 from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
 from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
-from fastfetch.sources.base import PREFILTERED, Item, Source, SourceOptions, Unit, flag
+from fastfetch.sources.base import PREFILTERED, Item, RunContext, Source, SourceOptions, Unit, flag
+from fastfetch.storage import is_remote
 from fastfetch.urlset import SeenUrls, trimmed
 
 _PLAN_FILE = "plan.json"
@@ -60,6 +62,10 @@ class UrlsOptions(SourceOptions):
         "similarity, punsafe, pwatermark, aesthetic score where present)",
     )
 
+    def resolved(self) -> UrlsOptions:
+        urls = tuple(u if is_remote(u) else str(Path(u).expanduser().absolute()) for u in self.urls or ())
+        return dataclasses.replace(self, urls=urls or None)
+
 
 @dataclass(frozen=True, slots=True)
 class LaionOptions(UrlsOptions):
@@ -68,6 +74,15 @@ class LaionOptions(UrlsOptions):
     min_aesthetic: float | None = flag(
         None, type=float, help="laion: drop rows with an aesthetic score below this (default: keep all)"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRows:
+    """A unit of a URL list as shipped to a process that did not plan it: its rows (the plan's
+    parquet file) and the kinds of the kept columns over the whole list."""
+
+    table: bytes
+    kinds: dict[str, str]
 
 
 class UrlsSource(Source):
@@ -79,6 +94,10 @@ class UrlsSource(Source):
 
     Options: ClassVar[type[SourceOptions]] = UrlsOptions
     options: UrlsOptions
+
+    def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
+        super().__init__(options, ctx)
+        self._shipped: dict[str, UnitRows] = {}  # units whose rows came with them (prepare_unit)
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -386,9 +405,25 @@ class UrlsSource(Source):
         return keep
 
     # -- items ---------------------------------------------------------------------------------
+    def unit_payload(self, unit: Unit) -> UnitRows:
+        plan = self._load_plan() or {}
+        return UnitRows((self.plan_dir / f"{unit.id}.parquet").read_bytes(), plan.get("kinds", {}))
+
+    async def prepare_unit(self, unit: Unit, payload: Any) -> None:
+        if not isinstance(payload, UnitRows):
+            await self.plan()
+            return
+        self._shipped[unit.id] = payload
+
+    def _unit_rows(self, unit: Unit) -> tuple[pa.Table, dict[str, str]]:
+        """A unit's rows and the list's column kinds: shipped with the unit, or from the plan."""
+        shipped = self._shipped.get(unit.id)
+        if shipped is not None:
+            return pq.read_table(pa.BufferReader(shipped.table)), shipped.kinds
+        return pq.read_table(self.plan_dir / f"{unit.id}.parquet"), (self._load_plan() or {}).get("kinds", {})
+
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
-        table = pq.read_table(self.plan_dir / f"{unit.id}.parquet")
-        list_kinds = (self._load_plan() or {}).get("kinds", {})
+        table, list_kinds = self._unit_rows(unit)
         unit_kinds = orjson.loads((table.schema.metadata or {}).get(kinds.KINDS_KEY, b"{}"))
         width = max(4, len(str(self.ctx.unit_size - 1)))
         for row, rec in enumerate(table.to_pylist()):

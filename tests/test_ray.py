@@ -1,0 +1,58 @@
+"""``bin/fetch --ray``: the same dataset as a run on one machine, on a 3-node Ray cluster, when a
+node is lost mid-run, when the driver is killed and rerun, and with the output on S3.
+
+Each scenario runs in ``tests/ray_scenarios.py`` inside ``unshare -n`` (a network namespace with
+only loopback: the server, the cluster and the fetch never reach or probe another address)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is installed by the README's set-up (requirements.txt)")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = [f"{i:05d}" for i in range(8)]
+
+
+def scenario(name: str, work: Path) -> dict:
+    script = 'ip link set lo up && exec "$0" -m tests.ray_scenarios "$1" "$2"'
+    proc = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script, sys.executable, name, str(work)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads((work / "result.json").read_text())
+    assert result["rc"] == 0, result["stderr"]
+    assert result["plain"] and result["ray"] == result["plain"]  # same keys, same stored bytes per key
+    assert result["unit_folders"] == UNITS and result["leftovers"] == []
+    assert result["stats"]["units"]["done"] == len(UNITS) and result["stats"]["status"] == "done"
+    return result
+
+
+def test_a_ray_cluster_fetches_what_one_machine_does(tmp_path: Path) -> None:
+    result = scenario("equal", tmp_path)
+    assert result["refetched"] == []  # every image requested once
+
+
+def test_losing_a_node_mid_run_changes_nothing(tmp_path: Path) -> None:
+    result = scenario("node-lost", tmp_path)
+    assert 2 <= result["done_before_loss"] < len(UNITS)
+    assert result["refetched"], "no unit was in flight on the lost node"  # its task ran again elsewhere
+
+
+def test_a_killed_driver_resumes(tmp_path: Path) -> None:
+    result = scenario("driver-killed", tmp_path)
+    assert 2 <= result["done_before_kill"] < len(UNITS)
+
+
+def test_ray_with_the_output_on_s3(tmp_path: Path) -> None:
+    scenario("s3", tmp_path)
