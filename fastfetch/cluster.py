@@ -23,11 +23,15 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from fastfetch.config import RunConfig
 from fastfetch.errors import UsageError
+from fastfetch.heap import keep_freed_memory
+from fastfetch.imaging import ResizeConfig
+from fastfetch.resize_pool import ResizePool
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, run_unit
 
 #: attempts after the first for a task whose worker or node died (not for a unit that failed)
@@ -37,12 +41,39 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # where ``import fa
 
 def _unit_task(spec: UnitSpec) -> UnitResult:
     """The Ray task: one unit, on whichever node Ray chose."""
-    try:
-        import uvloop
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = _WorkerRuntime()
+    return _RUNTIME.run(spec)
 
-        return uvloop.run(run_unit(spec))
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(run_unit(spec))
+
+class _WorkerRuntime:
+    """What a Ray worker process keeps from one unit task to the next: an event loop in a thread
+    of its own and the resize pool on it, so that a task does not pay for starting resize
+    processes (Ray runs task after task in the same worker process)."""
+
+    def __init__(self) -> None:
+        try:
+            import uvloop
+
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - platforms without uvloop
+            self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="fastfetch-units", daemon=True).start()
+        keep_freed_memory()  # as in a run on one machine: archive chunks and bodies reuse the heap
+        self.pools: dict[tuple[ResizeConfig, int], ResizePool] = {}
+
+    def run(self, spec: UnitSpec) -> UnitResult:
+        return asyncio.run_coroutine_threadsafe(self._run(spec), self.loop).result()
+
+    async def _run(self, spec: UnitSpec) -> UnitResult:
+        key = (spec.config.resize, spec.config.workers)
+        if key not in self.pools:
+            self.pools[key] = ResizePool(*key)
+        return await run_unit(spec, self.pools[key])
+
+
+_RUNTIME: _WorkerRuntime | None = None
 
 
 class RayUnits:

@@ -71,11 +71,15 @@ class UnitSpec:
     payload: Any = None
 
 
-async def run_unit(spec: UnitSpec) -> UnitResult:
-    """Plan the source (its cached plan, on a rerun), run ``spec.unit`` and publish its folder
-    under the run's output. Raises what the unit raised; nothing is published then."""
+async def run_unit(spec: UnitSpec, resizer: ResizePool | None = None) -> UnitResult:
+    """Get the source ready for the unit (``Source.prepare_unit``), run ``spec.unit`` and
+    publish its folder under the run's output. Raises what the unit raised; nothing is published
+    then. ``resizer``: a resize pool to use (a process that runs unit after unit keeps one
+    running); by default one is started and stopped around the unit."""
     cfg = spec.config
-    resizer = ResizePool(cfg.resize, cfg.workers)
+    own_pool = resizer is None
+    if resizer is None:
+        resizer = ResizePool(cfg.resize, cfg.workers)
     try:
         async with Fetcher(cfg.fetch) as fetcher:
             source = cfg.source(fetcher)
@@ -93,7 +97,8 @@ async def run_unit(spec: UnitSpec) -> UnitResult:
             finally:
                 await source.close()
     finally:
-        resizer.close()
+        if own_pool:
+            resizer.close()
 
 
 async def only(items: AsyncIterator[Item], keys: frozenset[str] | set[str]) -> AsyncIterator[Item]:
