@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -32,11 +33,18 @@ from fastfetch.errors import UsageError
 from fastfetch.heap import keep_freed_memory
 from fastfetch.imaging import ResizeConfig
 from fastfetch.resize_pool import ResizePool
+from fastfetch.storage import StorageError
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, run_unit
 
 #: attempts after the first for a task whose worker or node died (not for a unit that failed)
 TASK_RETRIES = 3
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # where ``import fastfetch`` works from
+
+
+def _restore(handlers: dict[signal.Signals, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _unit_task(spec: UnitSpec) -> UnitResult:
@@ -87,6 +95,9 @@ class RayUnits:
         self._ray = ray
         address = cfg.ray or "auto"
         env = {"PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+        # ray.init puts its own SIGTERM handler in place of the run's (a stop that rolls back the
+        # units in flight, exit 143): the run's handlers are put back as soon as it returns
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             ray.init(
                 address=address,
@@ -96,10 +107,12 @@ class RayUnits:
                 logging_level=logging.ERROR,
             )
         except Exception as exc:  # ConnectionError, a bad address, a version mismatch
+            _restore(handlers)
             raise UsageError(
                 f"--ray {address}: cannot connect to a Ray cluster ({type(exc).__name__}: {exc}); start one "
                 "(README: Scale-out) or pass its address (auto, HOST:PORT or ray://HOST:PORT)"
             ) from exc
+        _restore(handlers)
         self.cpus_per_task = max(1, cfg.workers)
         cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
         if cluster_cpus < self.cpus_per_task:
@@ -129,7 +142,7 @@ class RayUnits:
             raise
         except self._ray.exceptions.RayTaskError as exc:
             cause: Any = exc.cause
-            if isinstance(cause, UnitFailed):
+            if isinstance(cause, (UnitFailed, StorageError)):
                 raise cause from None
             raise UnitFailed(spec.unit.id, cause if isinstance(cause, Exception) else exc) from exc
 

@@ -90,8 +90,11 @@ class MDSWriter:
         self._size = 8 + len(self._config_bytes)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mds-shard") if background else None
         self._pending: Future[None] | None = None  # the shard the thread is writing (at most one)
+        self._failed: BaseException | None = None  # what a shard's write raised: every later call raises it
 
     def write(self, sample: dict[str, Any]) -> None:
+        if self._failed is not None:  # a shard was lost: the writer's output is not whole any more
+            raise self._failed
         sizes: list[int] = []
         parts: list[bytes | memoryview] = []
         for name, encoding, size in zip(self.names, self.encodings, self.sizes):
@@ -107,6 +110,8 @@ class MDSWriter:
 
     def finish(self) -> None:
         try:
+            if self._failed is not None:
+                raise self._failed
             if self._samples:
                 self._flush()
             self._wait()
@@ -117,20 +122,25 @@ class MDSWriter:
             f.write(_json({"version": 2, "shards": self.shards}))
 
     def _flush(self) -> None:
+        self._wait()  # at most one shard in the thread (memory stays at two shards); shards in order
         samples = self._samples
         self._samples = []
         self._size = 8 + len(self._config_bytes)
-        self._wait()  # at most one shard in the thread (memory stays at two shards); shards in order
         if self._thread is None:
             self._write_shard(samples, len(self.shards))
         else:
             self._pending = self._thread.submit(self._write_shard, samples, len(self.shards))
 
     def _wait(self) -> None:
-        """Let the shard in the thread finish (and raise what it raised: a full disk)."""
+        """Let the shard in the thread finish; what it raised (a full disk) fails the writer for good."""
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.result()
+        except BaseException as exc:
+            self._failed = exc
+            raise
 
     def _write_shard(self, samples: list[bytes], index: int) -> None:
         n = len(samples)

@@ -9,7 +9,6 @@ folder is renamed into place; an interrupted unit is rolled back and redone on t
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import re
 import shutil
@@ -31,6 +30,7 @@ from fastfetch.redact import redact
 from fastfetch.resize_pool import ResizePool
 from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.stats import Progress, RunCounters
+from fastfetch.storage import StorageError, is_disk_full
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, UnitWork, only
 
 MAX_OPEN_UNITS = 4
@@ -48,17 +48,6 @@ class DiskFull(Exception):
             f"{needed / 1e6:.0f} MB are needed for the units in flight). Free some space or choose "
             "another --out, then rerun the same command: finished units are kept"
         )
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """ENOSPC anywhere in the exception chain (SQLite reports it as 'database or disk is full')."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def select(units: list[Unit], selection: Selection, node: Node) -> list[Unit]:
@@ -264,8 +253,22 @@ class Pipeline:
         except asyncio.CancelledError:
             self.manifest.reset(unit.id)  # a stop: whatever the task left is unfinished, redone next run
             raise
+        except StorageError:  # the output's storage went away: the run stops, as on one machine
+            raise
         except Exception as exc:  # the unit failed there, or its task could not be run: the run goes on
+            self._raise_if_disk_full(exc, unit)  # unless the output's disk is full
+            if getattr(exc, "storage", False):
+                raise StorageError(str(exc)) from exc
             self.manifest.fail(unit.id, redact(str(exc) if isinstance(exc, UnitFailed) else f"{type(exc).__name__}: {exc}"))
+            self.counters.units_failed += 1
+            return
+        missing = [rel for rel in result.dirs if not self.layout.remote and not (self.layout.root / rel / "index.json").exists()]
+        if missing:  # written on a machine whose folder this one does not see
+            self.manifest.fail(
+                unit.id,
+                f"unit {unit.id} was written where this machine cannot see it ({self.layout.root / missing[0]} is missing): "
+                "with --ray, --out must be a folder every node sees, or object storage (s3://…) with --local-cache",
+            )
             self.counters.units_failed += 1
             return
         self._commit(unit, result)
@@ -337,7 +340,7 @@ class Pipeline:
         self.counters.units_done += 1
 
     def _raise_if_disk_full(self, exc: BaseException, unit: Unit) -> None:
-        if not is_disk_full(exc):
+        if not (is_disk_full(exc) or getattr(exc, "disk_full", False)):
             return
         done = self.manifest.records(DONE)
         kept = sum(r.counts.get("kept", 0) for r in done)

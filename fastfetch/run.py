@@ -107,6 +107,10 @@ async def _run(cfg: RunConfig) -> int:
 
 
 def _check_output(cfg: RunConfig) -> None:
+    if cfg.output.startswith(("http://", "https://")):
+        raise UsageError(
+            f"--out {cfg.output}: fastfetch writes to a folder or to object storage (s3://, gs://, …), not to a web server"
+        )
     if cfg.remote and cfg.local_cache is None:
         raise UsageError(
             f"--out {cfg.output} is remote: also pass --local-cache DIR (a local folder for the manifest and shards in transit)"

@@ -17,8 +17,10 @@ imported on first use only: it imports torch, seconds that a local run never pay
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -60,6 +62,17 @@ def write_atomically(path: str | Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_bytes(data)
     replace_durably(tmp, path)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception chain (SQLite reports it as 'database or disk is full')."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_remote(path: str | Path) -> bool:

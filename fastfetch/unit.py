@@ -29,6 +29,7 @@ from fastfetch.mds import Layout, UnitWriter
 from fastfetch.redact import public_url
 from fastfetch.resize_pool import ResizePool
 from fastfetch.sources.base import Item, Unit
+from fastfetch.storage import StorageError, is_disk_full
 
 #: called once per item: (reason or None when kept, bytes in, bytes written)
 OnItem = Callable[[str | None, int, int], None]
@@ -49,11 +50,18 @@ class UnitResult:
 
 class UnitFailed(Exception):
     """The unit could not be produced (an unreadable archive, a list file gone, a full disk):
-    nothing of it was published. The cause is chained."""
+    nothing of it was published. The cause is chained where it happened; ``disk_full`` and
+    ``storage`` say what kind it was, also after the error crossed a process boundary (a Ray
+    task's failure is pickled, its chain is not)."""
 
-    def __init__(self, unit_id: str, cause: Exception) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
+    def __init__(self, unit_id: str, cause: Exception | str, disk_full: bool | None = None, storage: bool | None = None) -> None:
+        super().__init__(cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}")
         self.unit_id = unit_id
+        self.disk_full = is_disk_full(cause) if disk_full is None and isinstance(cause, BaseException) else bool(disk_full)
+        self.storage = isinstance(cause, StorageError) if storage is None else storage
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (UnitFailed, (self.unit_id, str(self), self.disk_full, self.storage))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +157,15 @@ class UnitWork:
         bytes_in = 0
         tasks: set[asyncio.Task[None]] = set()
 
+        failures: list[Exception] = []  # an item whose handling raised (a shard that could not be written)
+
         async def handle(item: Item, reject: str | None, held: int) -> None:
             nonlocal bytes_in
             try:
                 reason, nbytes, written = await self._process(item, reject, writer)
+            except Exception as exc:
+                failures.append(exc)
+                return
             finally:
                 self.slots.release()
                 if held:
@@ -181,6 +194,8 @@ class UnitWork:
             handed_out.set()
             while tasks:
                 await asyncio.gather(*list(tasks))
+            if failures:  # the unit is not whole: it fails, and is redone by the next run
+                raise failures[0]
         except BaseException as exc:
             handed_out.set()
             await _cancel_all(tasks)
@@ -196,7 +211,11 @@ class UnitWork:
         try:
             done = result(await asyncio.shield(publish))
         except asyncio.CancelledError:
-            done = result(await publish)
+            try:
+                done = result(await publish)
+            except Exception:
+                await asyncio.to_thread(writer.discard)
+                raise
             if on_published is not None:
                 on_published(done)
             raise

@@ -218,6 +218,17 @@ def main(name: str, work: Path) -> None:
             time.sleep(2)  # Ray ends the dead driver's job and its tasks
             proc = subprocess.run(fetch_cmd(listing, str(out), *ray_args), env=env, capture_output=True, text=True, timeout=300)
             result["rc"], result["stderr"] = proc.returncode, proc.stderr[-3000:]
+        elif name == "stopped":
+            run = subprocess.Popen(
+                fetch_cmd(listing, str(out), *ray_args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            result["done_before_stop"] = wait_for_done_units(out, 2, run)
+            run.send_signal(signal.SIGTERM)  # a clean stop: units in flight roll back, exit 143
+            _, err = run.communicate(timeout=120)
+            result["stop_rc"], result["stop_stderr"] = run.returncode, err[-3000:]
+            result["stop_status"] = json.loads((out / "stats.json").read_text())["status"]
+            proc = subprocess.run(fetch_cmd(listing, str(out), *ray_args), env=env, capture_output=True, text=True, timeout=300)
+            result["rc"], result["stderr"] = proc.returncode, proc.stderr[-3000:]
         elif name == "s3":
             env = {**env, **s3env}
             proc = subprocess.run(

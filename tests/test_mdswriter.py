@@ -86,8 +86,13 @@ def test_a_shard_the_thread_cannot_write_fails_the_writer(tmp_path: Path) -> Non
     """A full disk in the writer's thread reaches the caller (at the next shard or at finish),
     never a silently missing shard."""
     writer = MDSWriter(str(tmp_path / "w"), COLUMNS, size_limit=40_000, background=True)
-    (tmp_path / "w").rmdir()  # the folder is gone: every shard write fails
+    (tmp_path / "w").rmdir()  # the folder is gone: the first shard's write fails
+    samples = iter(_samples(60))
     with pytest.raises(FileNotFoundError):
-        for sample in _samples(60):
+        for sample in samples:
             writer.write(sample)
-        writer.finish()
+    (tmp_path / "w").mkdir()  # later shards could be written again: the writer stays failed all the same
+    for call in (lambda: writer.write(next(samples)), writer.finish):
+        with pytest.raises(FileNotFoundError):
+            call()
+    assert not (tmp_path / "w" / "index.json").exists()

@@ -56,3 +56,23 @@ def test_a_killed_driver_resumes(tmp_path: Path) -> None:
 
 def test_ray_with_the_output_on_s3(tmp_path: Path) -> None:
     scenario("s3", tmp_path)
+
+
+def test_sigterm_stops_a_ray_run_cleanly_and_it_resumes(tmp_path: Path) -> None:
+    result = scenario("stopped", tmp_path)
+    assert result["stop_rc"] == 143, result["stop_stderr"]  # Ray's own SIGTERM handler does not replace the run's
+    assert result["stop_status"] == "interrupted" and 2 <= result["done_before_stop"] < len(UNITS)
+
+
+def test_ray_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    """Without a cluster (refused before connecting): archive datasets need side files on every
+    node, and the static split's flags mean something else."""
+    from tests.conftest import run_fetch
+
+    for args, says in (
+        (("--dataset", "sa1b"), "--ray runs URL lists"),
+        (("--dataset", "urls", "--urls", "x.txt", "--num-nodes", "2"), "drop --node-rank/--num-nodes"),
+        (("--dataset", "urls", "--urls", "x.txt", "--merge"), "a --ray run merges by itself"),
+    ):
+        proc = run_fetch(*args, "--out", tmp_path / "o", "--ray", "127.0.0.1:1")
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr

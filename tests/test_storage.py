@@ -24,3 +24,10 @@ from fastfetch.storage import is_remote
 )
 def test_is_remote(path: str, remote: bool) -> None:
     assert is_remote(path) is remote
+
+
+def test_a_web_server_is_no_output(tmp_path) -> None:
+    from tests.conftest import run_fetch
+
+    proc = run_fetch("--dataset", "demo", "--out", "https://example.com/data", "--local-cache", tmp_path)
+    assert proc.returncode == 2 and "not to a web server" in proc.stderr, proc.stderr

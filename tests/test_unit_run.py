@@ -70,3 +70,33 @@ def test_a_unit_that_fails_leaves_nothing(tmp_path: Path, server: LoopbackServer
         asyncio.run(run_unit(UnitSpec(cfg, units[0], columns)))
     assert not (tmp_path / "o" / "mds" / "00000").exists()
     assert not any((tmp_path / "o" / "mds").rglob("*.mds"))
+
+
+def test_a_shard_lost_in_the_writer_thread_fails_the_unit(tmp_path: Path, server: LoopbackServer, monkeypatch) -> None:
+    """A shard that could not be written (the disk filled, then freed) must not leave a unit that
+    is published with fewer rows than it counted: the unit fails, as a full disk, and nothing of
+    it is visible."""
+    import errno
+    import pickle
+
+    from fastfetch import mds, mdswriter
+
+    listing = write_list(tmp_path / "l.jsonl", serve_numbered(server, "/s", 8))
+    cfg = parse(["--dataset", "urls", "--urls", str(listing), "--out", str(tmp_path / "o"), *NET, "--unit-size", "8"])
+    units, columns = asyncio.run(_plan(cfg))
+    monkeypatch.setattr(mds, "SHARD_BYTES", 1)  # a shard per image
+    real, calls = mdswriter.MDSWriter._write_shard, []
+
+    def write_shard(self, samples, index):  # noqa: ANN001 - the first shard meets a full disk, the rest do not
+        calls.append(index)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, samples, index)
+
+    monkeypatch.setattr(mdswriter.MDSWriter, "_write_shard", write_shard)
+    with pytest.raises(UnitFailed) as failed:
+        asyncio.run(run_unit(UnitSpec(cfg, units[0], columns)))
+    assert failed.value.disk_full and "No space left" in str(failed.value)
+    assert not (tmp_path / "o" / "mds" / "00000").exists()
+    copy = pickle.loads(pickle.dumps(failed.value))  # as a Ray task's failure reaches the driver
+    assert (copy.unit_id, str(copy), copy.disk_full, copy.storage) == ("00000", str(failed.value), True, False)

@@ -128,8 +128,13 @@ class Source:
     Options: ClassVar[type[SourceOptions]] = SourceOptions
     #: the source serves its own images on 127.0.0.1 (the demo): private addresses are allowed
     serves_locally: ClassVar[bool] = False
+    #: its units may run as tasks on other machines (``--ray``): ``unit_payload`` ships all that
+    #: ``items`` needs, so a task never plans, lists a repository or reads a side file
+    runs_on_ray: ClassVar[bool] = False
 
     def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, not {type(options).__name__}")
         self.options = options
         self.ctx = ctx
 

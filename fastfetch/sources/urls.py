@@ -94,10 +94,12 @@ class UrlsSource(Source):
 
     Options: ClassVar[type[SourceOptions]] = UrlsOptions
     options: UrlsOptions
+    runs_on_ray = True
 
     def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
         super().__init__(options, ctx)
         self._shipped: dict[str, UnitRows] = {}  # units whose rows came with them (prepare_unit)
+        self._kinds: dict[str, str] | None = None  # the list's column kinds, once read for shipping
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -406,8 +408,9 @@ class UrlsSource(Source):
 
     # -- items ---------------------------------------------------------------------------------
     def unit_payload(self, unit: Unit) -> UnitRows:
-        plan = self._load_plan() or {}
-        return UnitRows((self.plan_dir / f"{unit.id}.parquet").read_bytes(), plan.get("kinds", {}))
+        if self._kinds is None:  # read plan.json once, not once per unit
+            self._kinds = (self._load_plan() or {}).get("kinds", {})
+        return UnitRows((self.plan_dir / f"{unit.id}.parquet").read_bytes(), self._kinds)
 
     async def prepare_unit(self, unit: Unit, payload: Any) -> None:
         if not isinstance(payload, UnitRows):
