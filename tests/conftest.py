@@ -287,9 +287,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[dict[str, str]]:
-    """A moto S3 server on 127.0.0.1 with a bucket; yields the environment that reaches it."""
+def start_s3() -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with a bucket ``data``: the process, and the environment that reaches it."""
     port = _free_port()
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -307,15 +306,26 @@ def s3() -> Iterator[dict[str, str]]:
         except OSError:
             assert time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.2)
+    s3_client(env).create_bucket(Bucket="data")
+    return proc, env
+
+
+def s3_client(env: dict[str, str]) -> Any:
     import boto3
 
-    boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["S3_ENDPOINT_URL"],
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
-    ).create_bucket(Bucket="data")
+    )
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with a bucket; yields the environment that reaches it."""
+    proc, env = start_s3()
     yield env
     proc.terminate()
     proc.wait(10)

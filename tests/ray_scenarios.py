@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import fetch_env, make_image
+from tests.conftest import fetch_env, make_image, s3_client, start_s3
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, UNIT = 48, 6  # 8 units
@@ -107,50 +106,8 @@ def unit_folders(mds: Path) -> list[str]:
     return sorted(p.name for p in mds.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
-def moto() -> dict[str, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["S3_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket="data")
-    return env
-
-
 def download_prefix(env: dict[str, str], prefix: str, dest: Path) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["S3_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    client = s3_client(env)
     for page in client.get_paginator("list_objects_v2").paginate(Bucket="data", Prefix=prefix):
         for obj in page.get("Contents", []):
             target = dest / obj["Key"][len(prefix) :].lstrip("/")
@@ -189,7 +146,7 @@ def main(name: str, work: Path) -> None:
     result["plain"] = dataset(work / "plain" / "mds")
     HITS.clear()
 
-    s3env = moto() if name == "s3" else {}
+    s3proc, s3env = start_s3() if name == "s3" else (None, {})
     os.environ.update(s3env)  # the nodes hold the storage credentials, as a cluster's machines do
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
@@ -250,6 +207,8 @@ def main(name: str, work: Path) -> None:
         result["leftovers"] = sorted(str(p.relative_to(out)) for p in (out / "mds").rglob("*.mds") if "_tmp" in p.parts)
     finally:
         cluster.shutdown()
+        if s3proc is not None:
+            s3proc.terminate()
     (work / "result.json").write_text(json.dumps(result))
 
 
