@@ -21,7 +21,7 @@ What it does (nothing in ``fastfetch/`` is changed; the run is instrumented from
   ``UnitWriter.write/finish``, ``MDSWriter.write/_flush/finish`` and the writes/close of the
   shard file, ``storage.fsync_path/replace_durably/write_atomically``, the ``Manifest``
   methods that commit (``start``, ``finish``, ``set_meta``, ``sync_plan``, …), the URL-list
-  planning (``UrlsSource._write_plan``, ``urls._write_parquet``), every ``write``/``read`` of a
+  planning (``UrlsSource._list_kinds``, ``urls._write_parquet``; both in threads of their own), every ``write``/``read`` of a
   file opened by ``fastfetch.ranged`` (``download_file``: spooled archives, side files) and
   ``fastfetch.sources.archive_source`` (``--keep-archives`` tee of a streamed tar, re-reading a kept
   archive), and ``CaptionIndex.get``; and runs a loop-lag probe (a task that sleeps 1 ms in a
@@ -80,7 +80,7 @@ DISK_SITES = (
     "Manifest.reset",
     "Manifest.set_meta",
     "Manifest.sync_plan",
-    "UrlsSource._write_plan",
+    "UrlsSource._list_kinds",
     "ranged.file.write",
     "archived.file.write",
     "archived.file.read",
@@ -242,7 +242,7 @@ def install() -> None:
     _patch(storage, "write_atomically", lambda f: _timed("storage.write_atomically", f, lambda p, d: len(d)))
     for name in ("start", "finish", "finish_retry", "fail", "reset", "set_meta", "sync_plan", "records"):
         _patch(manifest.Manifest, name, lambda f, name=name: _timed(f"Manifest.{name}", f))
-    _patch(urls.UrlsSource, "_write_plan", lambda f: _timed("UrlsSource._write_plan", f))
+    _patch(urls.UrlsSource, "_list_kinds", lambda f: _timed("UrlsSource._list_kinds", f))
     _patch(urls, "_write_parquet", lambda f: _timed("urls._write_parquet", f, after=lambda r, t, p: _size(p)))
     ranged.open = _timed_open("ranged.file")  # download_file's .part (spooled archives, side files), LocalFile
     archived.open = _timed_open("archived.file")  # --keep-archives tee, kept-archive re-reads

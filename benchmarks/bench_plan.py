@@ -2,7 +2,7 @@
 
 Planning streams the list once and writes one small parquet file per unit; since the trust work
 it also decides URL duplicates over the whole list and one type per kept column, and hashes each
-unit's captions and kept values. This measures `UrlsSource._write_plan` alone (no network, no
+unit's captions and kept values. This measures `UrlsSource._list_kinds` and `_cut` alone (no network, no
 resizing) on a synthetic `--dataset laion` list of N rows (unique URLs, a caption, WIDTH/HEIGHT,
 similarity as float32, punsafe and pwatermark as float64), one fresh process per run, for each
 given source tree in turn (alternating, so that the trees see the same machine load), and prints
@@ -39,7 +39,11 @@ except ImportError:  # older trees: sources took the argparse namespace
     args = build_parser().parse_args(argv)
     source = LaionSource(args, RunContext(out=out, fetcher=None, work_dir=out / "_work" / "laion", args=args))
 wall, cpu = time.perf_counter(), time.process_time()
-units = source._write_plan([Path(sys.argv[2])], {"bench": 1})
+files = [Path(sys.argv[2])]
+if hasattr(source, "_cut"):  # a tree whose plan streams
+    units = list(source._cut(files, {"bench": 1}, source._list_kinds(files)))
+else:
+    units = source._write_plan(files, {"bench": 1})
 print(len(units), time.perf_counter() - wall, time.process_time() - cpu)
 """
 

@@ -5,9 +5,9 @@ in the next, a LAION folder has a file without ``similarity``, a jsonl gives ``0
 first rows and ``2`` later, and a column may be a decimal. Each column gets a *kind* per record
 batch (``kind_of``); kinds widen to a common one as batches arrive (``widen``: int and float →
 float, numbers and text → text, anything with nested values → json), and a missing column is
-null. Planning stores each unit's rows in its own kinds (the list's final kinds are only known
-at its end) and records them in the unit file; a unit's values are turned into the list's kind
-when its items are read (``to_final``). What has no faithful MDS form (durations, intervals,
+null. The list's kinds are settled before planning cuts units (from the files' schemas, or a
+first reading of a jsonl's rows); each unit's rows are stored in their own kinds, recorded in
+the unit file, and turned into the list's kind when its items are read (``to_final``). What has no faithful MDS form (durations, intervals,
 extension types) is refused, naming the column and the file.
 """
 

@@ -75,7 +75,7 @@ def read_batches(path: Path, columns: list[str] | None = None, skipped: Counter[
         if fmt == "parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
         elif fmt in ("csv", "tsv"):
-            yield from _csv_batches(path, "\t" if fmt == "tsv" else ",")
+            yield from _csv_batches(path, fmt)
         elif fmt == "jsonl":
             yield from _jsonl_batches(path, skipped)
         elif fmt == "json":
@@ -92,17 +92,43 @@ def _open_text(path: Path) -> pa.NativeFile:
     return pa.input_stream(str(path), compression="gzip" if path.suffix.lower() == ".gz" else None)
 
 
-def _csv_batches(path: Path, delimiter: str) -> Iterator[pa.RecordBatch]:
+def list_schema(path: Path) -> pa.Schema | None:
+    """The schema of every batch ``read_batches`` gives for a list file, read without its rows
+    (parquet: the footer; csv/tsv: the header; txt: one url column), or None for jsonl and
+    json, whose keys and types are known only from the rows."""
+    fmt = list_format(path)
+    try:
+        if fmt == "parquet":
+            return pq.read_schema(path)
+        if fmt in ("csv", "tsv"):
+            return pa.schema([(name, pa.binary()) for name in _csv_header(path, _csv_parse(fmt))])
+        if fmt == "txt":
+            return pa.schema([("url", pa.string())])
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError) as exc:
+        raise UsageError(f"cannot read URL list {path}: {exc}") from exc
+    if fmt in ("jsonl", "json"):
+        return None
+    raise UsageError(f"unsupported list format for {path}")
+
+
+def _csv_parse(fmt: str) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True, invalid_row_handler=_skip_row)
+
+
+def _csv_header(path: Path, parse: pacsv.ParseOptions) -> list[str]:
+    return list(pacsv.open_csv(_open_text(path), parse_options=parse).schema.names)
+
+
+def _csv_batches(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
     """Every column as bytes, turned into text by ``as_text``: a caption column of digits must
     not become an integer, a column empty for the first million rows must not fail later, and
     scraped alt text that is not valid UTF-8 must not fail the list."""
-    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=_skip_row)
-    header = pacsv.open_csv(_open_text(path), parse_options=parse).schema.names
+    parse = _csv_parse(fmt)
     yield from pacsv.open_csv(
         _open_text(path),
         read_options=pacsv.ReadOptions(block_size=8 << 20),
         parse_options=parse,
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in header}),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in _csv_header(path, parse)}),
     )
 
 

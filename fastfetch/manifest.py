@@ -114,23 +114,25 @@ class Manifest:
         )
 
     # -- units ------------------------------------------------------------------------------
-    def sync_plan(self, units: Iterable[Unit]) -> list[str]:
-        """Record the plan; returns the ids of units to redo from scratch (their spec changed)
-        together with their retry units, which are dropped."""
+    def sync_plan(self, units: Iterable[Unit], first: int = 0) -> list[str]:
+        """Record units of the plan (a batch of it, from position ``first`` on); returns the ids
+        of units to redo from scratch (their spec changed) together with their retry units,
+        which are dropped."""
         changed: list[str] = []
         with self._tx():
-            known = {r[0]: r[1] for r in self.db.execute("SELECT id, spec FROM units")}
-            for order, unit in enumerate(units):
+            for order, unit in enumerate(units, first):
                 spec = orjson.dumps(unit.spec, option=orjson.OPT_SORT_KEYS).decode()
-                if unit.id not in known:
+                row = self.db.execute("SELECT spec FROM units WHERE id=?", (unit.id,)).fetchone()
+                known = row[0] if row else None
+                if known is None:
                     self.db.execute(
                         "INSERT INTO units(id, ord, spec, rows, updated) VALUES(?,?,?,?,?)",
                         (unit.id, order, spec, unit.rows, time.time()),
                     )
-                elif known[unit.id] != spec and _only_gained(orjson.loads(known[unit.id]), unit.spec):
+                elif known != spec and _only_gained(orjson.loads(known), unit.spec):
                     # planned by an older version that recorded less about the unit: same unit
                     self.db.execute("UPDATE units SET spec=? WHERE id=?", (spec, unit.id))
-                elif known[unit.id] != spec:
+                elif known != spec:
                     changed.append(unit.id)
                     retries = [
                         r[0]

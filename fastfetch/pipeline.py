@@ -50,20 +50,21 @@ class DiskFull(Exception):
         )
 
 
-def select(units: list[Unit], selection: Selection, node: Node) -> list[Unit]:
-    """The selected units this node works on: those whose id hashes to this node. A unit
-    belongs to the same node whatever the selection, so a run with a larger selection
-    (``--subset all`` after ``small``) never gives a finished unit to another node."""
-    selected = _selected(units, selection)
+def select(units: list[Unit], selection: Selection, node: Node, first: int = 0) -> list[Unit]:
+    """The selected units this node works on, of a plan's units from position ``first`` on:
+    those whose id hashes to this node. A unit belongs to the same node whatever the selection,
+    so a run with a larger selection (``--subset all`` after ``small``) never gives a finished
+    unit to another node."""
+    selected = _selected(units, selection, first)
     if node.count == 1:
         return selected
     return [u for u in selected if node_of(u.id, node.count) == node.rank]
 
 
-def _selected(units: list[Unit], selection: Selection) -> list[Unit]:
+def _selected(units: list[Unit], selection: Selection, first: int) -> list[Unit]:
     if selection.ids:  # a number picks that unit of every split chosen (train-000 and valid-000)
         by_number: dict[int, list[Unit]] = {}
-        for i, u in enumerate(units):
+        for i, u in enumerate(units, first):
             by_number.setdefault(unit_number(u.id, i), []).append(u)
         missing = [i for i in selection.ids if i not in by_number]
         if missing:
@@ -74,13 +75,41 @@ def _selected(units: list[Unit], selection: Selection) -> list[Unit]:
             )
         return [u for i in dict.fromkeys(selection.ids) for u in by_number[i]]
     if selection.subset == "small":
-        return [u for i, u in enumerate(units) if i % 100 == 0]
+        return [u for i, u in enumerate(units, first) if i % 100 == 0]
     return units
 
 
-def plan_digest(units: list[Unit]) -> str:
-    """What identifies a plan: its units and their specs (nodes must plan the same units)."""
-    return hashlib.blake2b(orjson.dumps([[u.id, u.spec] for u in units], option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+class PlanDigest:
+    """What identifies a plan: its units and their specs (nodes must plan the same units),
+    hashed as they are planned."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(b"[", digest_size=16)
+        self._units = 0
+
+    def update(self, units: list[Unit]) -> None:
+        for u in units:
+            self._hash.update(b"," if self._units else b"")
+            self._hash.update(orjson.dumps([u.id, u.spec], option=orjson.OPT_SORT_KEYS))
+            self._units += 1
+
+    def hexdigest(self) -> str:
+        final = self._hash.copy()
+        final.update(b"]")
+        return final.hexdigest()
+
+
+async def _batches(units: list[Unit]) -> AsyncIterator[list[Unit]]:
+    if units:
+        yield units
+
+
+async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel the tasks still running and wait until they have rolled back."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def node_of(unit_id: str, node_count: int) -> int:
@@ -120,26 +149,60 @@ class Pipeline:
         self.progress: Progress | None = None
         self.columns: dict[str, str] = {}
         self.plan_digest = ""
+        self.scheduled = 0  # units this run has started
         self._item_slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.capacity)
 
-    async def prepare(self, selection: Selection) -> list[Unit]:
-        """Plan, record the plan, drop unfinished leftovers; returns the units still to do
-        (with ``--retry-failed``: only retry units for earlier transient failures)."""
+    async def prepare(self, selection: Selection) -> AsyncIterator[list[Unit]]:
+        """Start planning, drop unfinished leftovers, settle the columns; returns the units still
+        to do, in batches as the source plans them, each batch recorded in the manifest first
+        (with ``--retry-failed``: only retry units for earlier transient failures, once the
+        whole plan is recorded). ``plan_digest`` is known once the batches are exhausted."""
         self.source.discard_leftovers()
-        units = await self.source.plan()
-        self.plan_digest = plan_digest(units)
-        for changed in self.manifest.sync_plan(units):
-            for rel in self.layout.unit_rels(changed):
-                shutil.rmtree(self.layout.root / rel, ignore_errors=True)
-        selected = select(units, selection, self.node)
+        planned = aiter(self.source.plan_batches())
+        first = await anext(planned)  # the source's columns are settled once its first units are out
         if self.layout.remote:
             self._redo_units_missing_remotely()
         done = {r.id for r in self.manifest.records(DONE)}
         clean_unfinished(self.layout, self.manifest.ids(), done)
         self.columns = self._columns(bool(done))
+        recorded = self._recorded(first, planned, done)
         if selection.retry_failed:
-            return self.manifest.retry_units()
-        return [u for u in selected if u.id not in done]
+            async for _ in recorded:  # the whole plan recorded, none of it run
+                pass
+            return _batches(self.manifest.retry_units())
+        if selection.ids:  # a unit number is looked up in the whole plan
+            units = [u async for _, batch in recorded for u in batch]
+            return _batches([u for u in select(units, selection, self.node) if u.id not in done])
+        return self._todo(recorded, selection, done)
+
+    async def _recorded(
+        self, first: list[Unit], rest: AsyncIterator[list[Unit]], done: set[str]
+    ) -> AsyncIterator[tuple[int, list[Unit]]]:
+        """Each batch of the plan with the position of its first unit, recorded in the manifest
+        before it is given: a unit whose spec changed is done no more, and its folders go."""
+        digest, position, batch = PlanDigest(), 0, first
+        while True:
+            digest.update(batch)
+            for changed in self.manifest.sync_plan(batch, position):
+                done.discard(changed)
+                for rel in self.layout.unit_rels(changed):
+                    shutil.rmtree(self.layout.root / rel, ignore_errors=True)
+            yield position, batch
+            position += len(batch)
+            following = await anext(rest, None)
+            if following is None:
+                break
+            batch = following
+        self.plan_digest = digest.hexdigest()
+
+    async def _todo(
+        self, recorded: AsyncIterator[tuple[int, list[Unit]]], selection: Selection, done: set[str]
+    ) -> AsyncIterator[list[Unit]]:
+        """The selected units of each recorded batch that are not done yet."""
+        async for position, batch in recorded:
+            todo = [u for u in select(batch, selection, self.node, position) if u.id not in done]
+            if todo:
+                yield todo
 
     def _redo_units_missing_remotely(self) -> None:
         """A done unit whose objects are gone from the remote output (a lifecycle rule, a
@@ -185,10 +248,8 @@ class Pipeline:
         self.manifest.set_meta("columns", columns)
         return columns
 
-    async def run(self, units: list[Unit]) -> None:
+    async def run(self, todo: AsyncIterator[list[Unit]]) -> None:
         """Run units with a bounded number open at once; returns when all are committed."""
-        total = sum(u.rows or 0 for u in units)
-        self.progress = Progress(total, self.counters, self.progress_enabled)
         open_units: set[asyncio.Task[None]] = set()
         fatal: list[BaseException] = []  # what stops the run (a full disk, lost storage), from any unit
 
@@ -198,7 +259,7 @@ class Pipeline:
                 fatal.append(task.exception())  # type: ignore[arg-type]
 
         try:
-            for unit in units:
+            async for unit in self._scheduled(todo):
                 handed_out = asyncio.Event()
                 task = asyncio.create_task(self._run_unit(unit, handed_out), name=f"unit-{unit.id}")
                 open_units.add(task)
@@ -217,19 +278,15 @@ class Pipeline:
             if fatal:
                 raise fatal[0]
         finally:
-            for task in open_units:
-                task.cancel()
-            if open_units:
-                await asyncio.gather(*open_units, return_exceptions=True)
-            self.progress.close()
+            await _cancel(open_units)
+            self._close_progress()
 
-    async def run_elsewhere(self, units: list[Unit], submit: Submit, in_flight: int, config: RunConfig) -> None:
+    async def run_elsewhere(self, todo: AsyncIterator[list[Unit]], submit: Submit, in_flight: int, config: RunConfig) -> None:
         """Run units in other processes (``submit`` runs one there and returns its result), at
         most ``in_flight`` at once; each result is recorded here as it comes back."""
-        self.progress = Progress(sum(u.rows or 0 for u in units), self.counters, self.progress_enabled)
         running: set[asyncio.Task[None]] = set()
         try:
-            for unit in units:
+            async for unit in self._scheduled(todo):
                 while len(running) >= in_flight:
                     finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     for task in finished:
@@ -241,10 +298,22 @@ class Pipeline:
                 for task in finished:
                     task.result()
         finally:
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            await _cancel(running)
+            self._close_progress()
+
+    async def _scheduled(self, todo: AsyncIterator[list[Unit]]) -> AsyncIterator[Unit]:
+        """The units to run, one by one, as planning gives them; the progress bar's total grows
+        with each batch."""
+        async for batch in todo:
+            if self.progress is None:
+                self.progress = Progress(0, self.counters, self.progress_enabled)
+            self.progress.grow(sum(u.rows or 0 for u in batch))
+            self.scheduled += len(batch)
+            for unit in batch:
+                yield unit
+
+    def _close_progress(self) -> None:
+        if self.progress is not None:
             self.progress.close()
 
     async def _run_elsewhere(self, unit: Unit, submit: Submit, config: RunConfig) -> None:

@@ -220,12 +220,12 @@ async def _plan_and_run(
             todo = await pipeline.prepare(cfg.selection)
             outcome.settings, outcome.pipeline = settings, pipeline  # a plan that failed publishes nothing
             manifest.set_meta("settings", settings)
-            if not todo:
-                print("nothing to do: every selected unit is already done", file=sys.stderr)
             if cluster is None:
                 await pipeline.run(todo)
             else:
                 await pipeline.run_elsewhere(todo, cluster.submit, cluster.in_flight, cfg)
+            if not pipeline.scheduled:
+                print("nothing to do: every selected unit is already done", file=sys.stderr)
         finally:
             await source.close()
 

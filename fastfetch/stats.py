@@ -60,6 +60,12 @@ class Progress:
             )
         self._last = 0.0
 
+    def grow(self, n: int) -> None:
+        """More items to do (a plan still being cut gives its units as it goes)."""
+        if self.bar is not None and n:
+            self.bar.total += n
+            self.bar.refresh()
+
     def update(self, n: int = 1) -> None:
         if self.bar is None:
             return

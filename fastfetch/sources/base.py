@@ -171,6 +171,13 @@ class Source:
         """All work units of the dataset, in a deterministic order."""
         raise NotImplementedError
 
+    async def plan_batches(self) -> AsyncIterator[list[Unit]]:
+        """The same units in the same order, in batches as they are planned, so that a run can
+        start on the first units of a long plan while the rest is planned (URL lists: one
+        batch per few units cut). ``extra_columns`` is known once the first batch is out.
+        Default: the whole plan as one batch."""
+        yield await self.plan()
+
     def items(self, unit: Unit) -> AsyncIterator[Item]:
         """The items of one unit (an async generator)."""
         raise NotImplementedError

@@ -8,20 +8,29 @@ hash would collide on duplicate rows and break exactly-once downstream.
 
 Planning also decides what is the same across the whole list, not per unit: a URL seen before
 (``fastfetch.urlset``) is dropped as ``duplicate_url`` (the first occurrence wins, so a
-longer ``--limit`` or another ``--unit-size`` keeps the same URLs), and each kept column gets
-one type for the list however its files disagree (``fastfetch.columns``).
+longer ``--limit`` or another ``--unit-size`` keeps the same URLs; ``--url-dedup file`` or
+``none`` bounds what the planner keeps at billions of rows), and each kept column gets one type
+for the list however its files disagree (``fastfetch.columns``).
+
+Planning streams: the kept columns' types are settled first from the files' schemas (parquet
+footers, csv headers; only jsonl/json rows must be read for them), then the lists are cut in a
+thread, and the run starts on each unit as soon as its file is written, while the rest of the
+list is still being read (``plan_batches``). plan.json, which lets a rerun skip planning, is
+written after the last unit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fnmatch
 import hashlib
+import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import orjson
@@ -32,7 +41,7 @@ from fastfetch.arrow import pa, pc, pq
 from fastfetch.errors import Reason as R
 from fastfetch.errors import UsageError
 from fastfetch.formats import MOSAIC_LIST_COLUMNS, MOSAIC_WRITTEN, OutputFormat
-from fastfetch.lists import as_text, expand_paths, find_column, list_format, read_batches
+from fastfetch.lists import as_text, expand_paths, find_column, list_format, list_schema, read_batches
 from fastfetch.mds import BASE_COLUMNS
 from fastfetch.ranged import AccessDenied, download_file
 from fastfetch.sources.base import PREFILTERED, Item, RunContext, Source, SourceOptions, Unit, flag
@@ -40,7 +49,12 @@ from fastfetch.storage import is_remote
 from fastfetch.urlset import SeenUrls, trimmed
 
 _PLAN_FILE = "plan.json"
-_PLAN_VERSION = 2  # plans of another version are made again (v2: global URL dedup, column kinds)
+# plans of another version are made again (v2: global URL dedup, column kinds; v3: kinds from
+# the files' schemas, settled before the first unit)
+_PLAN_VERSION = 3
+#: units planned ahead of the run (their files written, their Unit objects queued)
+PLAN_AHEAD = 256
+T = TypeVar("T")
 #: columns a URL list's rows always have: a kept column may not take one of these names
 RESERVED = frozenset(BASE_COLUMNS) | {"url"}
 
@@ -60,6 +74,13 @@ class UrlsOptions(SourceOptions):
         None,
         help="comma-separated extra columns copied into each MDS row (default: none; laion: "
         "similarity, punsafe, pwatermark, aesthetic score where present)",
+    )
+    url_dedup: str = flag(
+        "list",
+        choices=("list", "file", "none"),
+        help="drop a row whose URL an earlier row has (duplicate_url, the first wins): over the whole list "
+        "(default; the planner keeps 16 bytes per distinct URL), within each list file (memory bounded by the "
+        "largest file), or not at all (lists already deduplicated)",
     )
 
     def resolved(self) -> UrlsOptions:
@@ -99,7 +120,7 @@ class UrlsSource(Source):
     def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
         super().__init__(options, ctx)
         self._shipped: dict[str, UnitRows] = {}  # units whose rows came with them (prepare_unit)
-        self._kinds: dict[str, str] | None = None  # the list's column kinds, once read for shipping
+        self._kinds: dict[str, str] | None = None  # the kept columns' kinds over the whole list
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -145,8 +166,13 @@ class UrlsSource(Source):
         }
 
     def extra_columns(self) -> dict[str, str]:
-        plan = self._load_plan()
-        return {"url": "str", **(plan["columns"] if plan else {})}
+        return {"url": "str", **{name: kinds.ENCODING[kind] for name, kind in self._known_kinds().items()}}
+
+    def _known_kinds(self) -> dict[str, str]:
+        """The kept columns' kinds over the whole list: settled by planning, or read from the plan."""
+        if self._kinds is None:
+            self._kinds = (self._load_plan() or {}).get("kinds", {})
+        return self._kinds
 
     @property
     def plan_dir(self) -> Path:
@@ -154,14 +180,24 @@ class UrlsSource(Source):
 
     # -- planning ------------------------------------------------------------------------------
     async def plan(self) -> list[Unit]:
+        return [unit async for batch in self.plan_batches() for unit in batch]
+
+    async def plan_batches(self) -> AsyncIterator[list[Unit]]:
+        """The cached plan, or a new one cut in a thread while the run starts on its first
+        units: the columns are settled first (``_list_kinds``), then each unit is yielded as
+        soon as its file is written."""
         if not self.options.urls:
             raise UsageError(f"--dataset {self.name} needs --urls PATH [PATH ...] (files, folders, hf:// or http(s)://)")
         files = await self._local_files()
         key = self._plan_key(files)
         cached = self._load_plan()
         if cached and cached["key"] == key and all((self.plan_dir / f"{u[0]}.parquet").exists() for u in cached["units"]):
-            return [Unit(uid, spec, spec["rows"]) for uid, spec in cached["units"]]
-        return self._write_plan(files, key)
+            self._kinds = cached["kinds"]
+            yield [Unit(uid, spec, spec["rows"]) for uid, spec in cached["units"]]
+            return
+        self._kinds = await asyncio.to_thread(self._list_kinds, files)
+        async for batch in _in_thread(self._cut(files, key, self._kinds), PLAN_AHEAD):
+            yield batch
 
     async def _local_files(self) -> list[Path]:
         local: list[Path] = []
@@ -219,6 +255,7 @@ class UrlsSource(Source):
             "unit_size": self.ctx.unit_size,
             "limit": self.ctx.limit,
             "filters": self.filters(),
+            "url_dedup": self.options.url_dedup,
             "version": _PLAN_VERSION,
             **self.fingerprint(),
         }
@@ -227,22 +264,43 @@ class UrlsSource(Source):
         path = self.plan_dir / _PLAN_FILE
         return orjson.loads(path.read_bytes()) if path.exists() else None
 
-    def _write_plan(self, files: list[Path], key: dict[str, Any]) -> list[Unit]:
+    def _list_kinds(self, files: list[Path]) -> dict[str, str]:
+        """Each kept column's kind over the whole list, settled before the first unit is cut
+        (every unit is written with the list's columns): from the files' schemas (parquet
+        footers, csv headers, without reading rows), and for jsonl/json, which have none,
+        from a first reading of their rows."""
+        if not self.keep_cols():
+            return {}
+        found: dict[str, str] = {}
+        for path in files:
+            schema = list_schema(path)
+            if schema is None:
+                per_batch: Iterable[dict[str, str]] = (k for _, _, k in self._rows([path], Counter()))
+            else:
+                mapping = self._resolve_columns(path, schema)
+                per_batch = [{name: _kind(path, actual, schema.field(actual).type) for name, actual in mapping["keep"].items()}]
+            for batch_kinds in per_batch:
+                for name, kind in batch_kinds.items():
+                    found[name] = kinds.widen(found.get(name, kinds.NULL), kind)
+        return dict(sorted(found.items()))
+
+    def _cut(self, files: list[Path], key: dict[str, Any], list_kinds: dict[str, str]) -> Iterator[Unit]:
+        """Read the lists once and cut them into unit files, yielding each unit once its file
+        is written; plan.json (what makes the plan reusable) is written after the last one."""
         self.plan_dir.mkdir(parents=True, exist_ok=True)
         # The unit files are rewritten in place: the old plan goes first, so a run killed while
         # planning leaves no plan that names half-rewritten unit files (the next run plans anew).
         (self.plan_dir / _PLAN_FILE).unlink(missing_ok=True)
         storage.fsync_path(self.plan_dir)
-        unit_size = self.ctx.unit_size
+        unit_size, dedup = self.ctx.unit_size, self.options.url_dedup
         units: list[Unit] = []
-        list_kinds: dict[str, str] = {}  # each kept column's kind over the whole list so far
         pending: list[tuple[pa.RecordBatch, dict[str, str]]] = []
         pending_rows = 0
         filtered: Counter[str] = Counter()
-        seen = SeenUrls()
+        seen, seen_in = SeenUrls(), None
         row_total = 0
 
-        def flush() -> None:
+        def flush() -> Unit:
             nonlocal pending, pending_rows, filtered
             uid = f"{len(units):05d}"
             table = _unit_table(pending, list_kinds)
@@ -255,25 +313,27 @@ class UrlsSource(Source):
             spec = {"rows": table.num_rows, "digest": digest, "content": content, PREFILTERED: dict(filtered)}
             units.append(Unit(uid, spec, table.num_rows))
             pending, pending_rows, filtered = [], 0, Counter()
+            return units[-1]
 
-        for batch, batch_kinds in self._rows(files, filtered):
+        for path, batch, batch_kinds in self._rows(files, filtered):
             if self.ctx.limit is not None:
                 batch = batch.slice(0, max(0, self.ctx.limit - row_total))
             row_total += batch.num_rows
-            batch = _first_occurrences(batch, seen, filtered)
-            for name, kind in batch_kinds.items():
-                list_kinds[name] = kinds.widen(list_kinds.get(name, kinds.NULL), kind)
+            if dedup == "file" and seen_in != path:
+                seen, seen_in = SeenUrls(), path
+            if dedup != "none":
+                batch = _first_occurrences(batch, seen, filtered)
             while batch.num_rows:
                 take = min(batch.num_rows, unit_size - pending_rows)
                 pending.append((batch.slice(0, take), batch_kinds))
                 pending_rows += take
                 batch = batch.slice(take)
                 if pending_rows == unit_size:
-                    flush()
+                    yield flush()
             if self.ctx.limit is not None and row_total >= self.ctx.limit:
                 break
         if pending_rows:
-            flush()
+            yield flush()
         if not units:
             raise UsageError(
                 f"the URL list ({', '.join(map(str, files))}) has no rows to fetch"
@@ -281,18 +341,17 @@ class UrlsSource(Source):
             )
         plan = {
             "key": key,
-            "columns": {name: kinds.ENCODING[kind] for name, kind in sorted(list_kinds.items())},
-            "kinds": dict(sorted(list_kinds.items())),
+            "columns": {name: kinds.ENCODING[kind] for name, kind in list_kinds.items()},
+            "kinds": list_kinds,
             "units": [[u.id, u.spec] for u in units],
         }
         storage.write_atomically(self.plan_dir / _PLAN_FILE, orjson.dumps(plan))  # after every unit file
-        return units
 
-    def _rows(self, files: list[Path], filtered: Counter[str]) -> Iterator[tuple[pa.RecordBatch, dict[str, str]]]:
+    def _rows(self, files: list[Path], filtered: Counter[str]) -> Iterator[tuple[Path, pa.RecordBatch, dict[str, str]]]:
         """Normalised batches (url, caption, kept columns in their kinds) with the list filters
-        applied, each with its kept columns' kinds. A jsonl or json list has no schema: a key
-        may first appear in any row, so its columns are looked up batch by batch, and one that
-        appears nowhere in the file is an error only once the whole file has been read."""
+        applied, each with its file and its kept columns' kinds. A jsonl or json list has no
+        schema: a key may first appear in any row, so its columns are looked up batch by batch,
+        and one that appears nowhere in the file is an error only once the whole file is read."""
         for path in files:
             schemaless = list_format(path) in ("jsonl", "json")
             mapping: dict[str, Any] | None = None
@@ -302,7 +361,7 @@ class UrlsSource(Source):
                     mapping = self._resolve_columns(path, batch.schema, strict=not schemaless)
                     found.update(k for k in ("url", "caption") if mapping[k])
                     found.update(f"keep:{name}" for name in mapping["keep"])
-                yield self._normalise(path, batch, mapping, filtered)
+                yield (path, *self._normalise(path, batch, mapping, filtered))
             if schemaless and mapping is not None:
                 wanted_cols = {"url": (self.url_col, "--url-col"), "caption": (self.caption_col, "--caption-col")}
                 for key, (column, flag) in wanted_cols.items():
@@ -362,13 +421,7 @@ class UrlsSource(Source):
         batch_kinds: dict[str, str] = {}
         for name, actual in mapping["keep"].items():
             col = _column(batch, actual)
-            kind = kinds.kind_of(col.type)
-            if kind is None:
-                raise UsageError(
-                    f"column {actual!r} of {path} is of type {col.type}, which fastfetch cannot store in MDS; "
-                    "drop it from --keep-cols"
-                )
-            batch_kinds[name] = kind
+            kind = batch_kinds[name] = _kind(path, actual, col.type)
             arrays[f"x_{name}"] = kinds.stored(col, kind, actual, str(path))
         return pa.RecordBatch.from_pydict(arrays), batch_kinds
 
@@ -408,9 +461,7 @@ class UrlsSource(Source):
 
     # -- items ---------------------------------------------------------------------------------
     def unit_payload(self, unit: Unit) -> UnitRows:
-        if self._kinds is None:  # read plan.json once, not once per unit
-            self._kinds = (self._load_plan() or {}).get("kinds", {})
-        return UnitRows((self.plan_dir / f"{unit.id}.parquet").read_bytes(), self._kinds)
+        return UnitRows((self.plan_dir / f"{unit.id}.parquet").read_bytes(), self._known_kinds())
 
     async def prepare_unit(self, unit: Unit, payload: Any) -> None:
         if not isinstance(payload, UnitRows):
@@ -423,7 +474,7 @@ class UrlsSource(Source):
         shipped = self._shipped.get(unit.id)
         if shipped is not None:
             return pq.read_table(pa.BufferReader(shipped.table)), shipped.kinds
-        return pq.read_table(self.plan_dir / f"{unit.id}.parquet"), (self._load_plan() or {}).get("kinds", {})
+        return pq.read_table(self.plan_dir / f"{unit.id}.parquet"), self._known_kinds()
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
         table, list_kinds = self._unit_rows(unit)
@@ -484,6 +535,61 @@ class LaionSource(UrlsSource):
                 f"--min-aesthetic given but {path} has no AESTHETIC_SCORE/aesthetic column; its columns are {schema.names}"
             )
         return mapping
+
+
+def _kind(path: Path, column: str, arrow_type: pa.DataType) -> str:
+    kind = kinds.kind_of(arrow_type)
+    if kind is None:
+        raise UsageError(
+            f"column {column!r} of {path} is of type {arrow_type}, which fastfetch cannot store in MDS; drop it from --keep-cols"
+        )
+    return kind
+
+
+async def _in_thread(steps: Iterator[T], ahead: int) -> AsyncIterator[list[T]]:
+    """Run a blocking generator in a thread of its own, at most ``ahead`` steps ahead of the
+    consumer; yields what it produced since the last batch (at least one step). Its exception
+    is raised here; a consumer that stops early stops it at its next step."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    room, stop = threading.Semaphore(ahead), threading.Event()
+
+    def produce() -> None:
+        try:
+            for step in steps:
+                while not room.acquire(timeout=0.2):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                loop.call_soon_threadsafe(ready.put_nowait, (False, step))
+            loop.call_soon_threadsafe(ready.put_nowait, (True, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            loop.call_soon_threadsafe(ready.put_nowait, (True, exc))
+        finally:
+            if stop.is_set() and hasattr(steps, "close"):
+                steps.close()
+
+    threading.Thread(target=produce, name="fastfetch-plan", daemon=True).start()
+    try:
+        while True:
+            batch: list[T] = []
+            last, value = await ready.get()
+            while True:
+                if last:
+                    if batch:
+                        yield batch
+                    if value is not None:
+                        raise value
+                    return
+                batch.append(value)
+                room.release()
+                if ready.empty():
+                    break
+                last, value = ready.get_nowait()
+            yield batch
+    finally:
+        stop.set()
 
 
 def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
