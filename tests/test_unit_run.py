@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from fastfetch.cli import parse
 from fastfetch.config import RunConfig
 from fastfetch.http import Fetcher
 from fastfetch.manifest import Manifest
-from fastfetch.mds import BASE_COLUMNS
+from fastfetch.mds import BASE_COLUMNS, Layout, UnitWriter
 from fastfetch.sources.base import Unit
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, run_unit
 from tests.conftest import LoopbackServer, read_mds, run_fetch, serve_numbered
@@ -100,3 +102,41 @@ def test_a_shard_lost_in_the_writer_thread_fails_the_unit(tmp_path: Path, server
     assert not (tmp_path / "o" / "mds" / "00000").exists()
     copy = pickle.loads(pickle.dumps(failed.value))  # as a Ray task's failure reaches the driver
     assert (copy.unit_id, str(copy), copy.disk_full, copy.storage) == ("00000", str(failed.value), True, False)
+
+
+def test_a_dead_tries_temporary_folder_is_swept_from_a_local_cache(tmp_path: Path) -> None:
+    """A Ray task killed with its worker leaves its try's temporary folder on that node's
+    --local-cache; the next try on the node removes it, and never a living try's folder."""
+    parent = tmp_path / "mds" / "_tmp" / "_"
+    parent.mkdir(parents=True)
+    dead = parent / "00007.deadbeef0000"
+    (dead / "all").mkdir(parents=True)
+    (dead / "all" / "shard.00000.mds").write_bytes(b"x" * 4096)
+    (parent / "00007.deadbeef0000.held").touch()  # its process died: nobody holds the lock
+    living = parent / "00008.0123456789ab"
+    living.mkdir()
+    holder = subprocess.Popen(  # another try, alive: it holds its lock
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(parent / "00008.0123456789ab.held"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        shared = Layout(tmp_path / "mds")  # a shared folder: locks may not reach other machines, nothing swept
+        UnitWriter(shared, "00009", BASE_COLUMNS, "a1").discard()
+        assert dead.exists() and living.exists()
+        cache = Layout(tmp_path / "mds", remote="s3://bucket/out")
+        UnitWriter(cache, "00009", BASE_COLUMNS, "a2").discard()
+        assert not dead.exists() and not (parent / "00007.deadbeef0000.held").exists()
+        assert living.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    UnitWriter(cache, "00010", BASE_COLUMNS, "a3").discard()  # its process is gone now
+    assert sorted(parent.iterdir()) == []
