@@ -44,26 +44,30 @@ CONFIGS = {
 }
 
 
+# The SDXL VAE config (as in stabilityai/stable-diffusion-xl-base-1.0/vae).
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+
 def sdxl_vae(path: str) -> str:
-    """The SDXL VAE config (as in stabilityai/stable-diffusion-xl-base-1.0/vae) with random weights."""
+    """The SDXL VAE config with random weights, saved to `path` (once)."""
     import torch
     from diffusers import AutoencoderKL
 
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[128, 256, 512, 512],
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        ).save_pretrained(path)
+        AutoencoderKL(**SDXL_VAE).save_pretrained(path)
     return path
 
 
