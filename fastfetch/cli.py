@@ -257,12 +257,6 @@ def parse(argv: list[str] | None = None) -> RunConfig:
 
 
 def _check_ray(args: argparse.Namespace) -> None:
-    if not SOURCES[args.dataset].runs_on_ray:
-        ray_ready = ", ".join(n for n, c in sorted(SOURCES.items()) if c.runs_on_ray)
-        raise UsageError(
-            f"--ray runs URL lists ({ray_ready}) for now; --dataset {args.dataset} needs its side files and archive "
-            "listings on every node: split it over machines with --node-rank/--num-nodes (README: Scale-out)"
-        )
     if args.node_rank is not None or args.num_nodes is not None:
         raise UsageError(
             "--ray schedules the units itself: drop --node-rank/--num-nodes (run one fetch, on any machine of the cluster)"

@@ -17,8 +17,6 @@ say are done and replaces the index atomically, so a reader never sees a partial
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable
@@ -31,6 +29,7 @@ import orjson
 from fastfetch import storage
 from fastfetch.body import body_len
 from fastfetch.formats import OutputFormat, bucket_name
+from fastfetch.held import HeldFolder, sweep_abandoned
 from fastfetch.mdswriter import MDSWriter
 
 BASE_COLUMNS: dict[str, str] = {
@@ -43,7 +42,6 @@ BASE_COLUMNS: dict[str, str] = {
     "key": "str",
 }
 TMP = "_tmp"
-_HELD = ".held"  # next to a try's temporary folder: locked while the try lives
 SHARD_BYTES = 1 << 26  # 64 MiB, streaming's default
 
 
@@ -87,15 +85,15 @@ class UnitWriter:
         self.unit_id = unit_id
         self.columns = columns
         self.tmp = layout.root / TMP / (layout.node or "_") / (f"{unit_id}.{attempt}" if attempt else unit_id)
-        self._held: int | None = None
-        if attempt:  # a task's try: its folder is held while it lives (see ``sweep_abandoned``)
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            self._held = _hold(self.tmp.with_name(self.tmp.name + _HELD))
-            if layout.remote:
+        self._held: HeldFolder | None = None
+        if attempt:  # a task's try: its folder is held while it lives, and a dead try's is swept
+            self._held = HeldFolder(self.tmp)
+            if layout.remote:  # the local cache is this machine's own disk
                 sweep_abandoned(self.tmp.parent)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        else:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
         self._writers: dict[str, MDSWriter] = {}
         self.rows = 0
         self.bytes = 0
@@ -143,48 +141,10 @@ class UnitWriter:
         self._release()
 
     def _release(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
         if self._held is not None:
-            self.tmp.with_name(self.tmp.name + _HELD).unlink(missing_ok=True)  # unlinked while still held
-            os.close(self._held)
-            self._held = None
-
-
-def _hold(path: Path) -> int:
-    """An exclusive lock on ``path`` (created), held until its descriptor is closed; retried
-    when a sweeper removed the file between its creation and the lock."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def sweep_abandoned(folder: Path) -> None:
-    """Remove the temporary folders of tries whose process died (a Ray task killed with its
-    worker, a node's run SIGKILLed): each try holds a lock on ``<folder>.held`` while it lives,
-    and the kernel drops the lock of a dead process. Only for a node's own local folder (a
-    remote output's ``--local-cache``): on a shared filesystem a lock may not reach other
-    machines, and there the driver clears the temporary folders before each run instead."""
-    for lock in folder.glob(f"*{_HELD}"):
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
-                continue  # removed and made again meanwhile: someone else's now
-            shutil.rmtree(lock.with_name(lock.name.removesuffix(_HELD)), ignore_errors=True)
-            lock.unlink()
-        except (BlockingIOError, FileNotFoundError):
-            continue  # alive, or swept by another try
-        finally:
-            os.close(fd)
+            self._held.release()
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def upload_unit(layout: Layout, rel: str) -> None:

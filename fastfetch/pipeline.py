@@ -159,7 +159,7 @@ class Pipeline:
         whole plan is recorded). ``plan_digest`` is known once the batches are exhausted."""
         self.source.discard_leftovers()
         planned = aiter(self.source.plan_batches())
-        first = await anext(planned)  # the source's columns are settled once its first units are out
+        first: list[Unit] = await anext(planned, [])  # the source's columns are settled once its first units are out
         if self.layout.remote:
             self._redo_units_missing_remotely()
         done = {r.id for r in self.manifest.records(DONE)}

@@ -4,6 +4,7 @@ a ``bin/fetch`` runner and an MDS reader. Every server listens on 127.0.0.1 only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import os
@@ -199,6 +200,14 @@ def _release_streaming_shared_memory(tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 def server() -> Iterator[LoopbackServer]:
+    with loopback_server() as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def loopback_server() -> Iterator[LoopbackServer]:
+    """A LoopbackServer running in a thread while the context lasts (the ``server`` fixture;
+    also used outside pytest, by the Ray scenarios)."""
     srv = LoopbackServer()
     loop = asyncio.new_event_loop()
     ready = threading.Event()

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import fetch_env, make_image, s3_client, start_s3
+from tests.conftest import fetch_env, loopback_server, make_image, s3_client, start_s3
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, UNIT = 48, 6  # 8 units
@@ -212,5 +212,60 @@ def main(name: str, work: Path) -> None:
     (work / "result.json").write_text(json.dumps(result))
 
 
+def archives(work: Path) -> None:
+    """SA-1B (tars streamed from a links file that only the driver has, captions from the hub's
+    tar.gz) once without Ray and once on the cluster; the units are the archives."""
+    from ray.cluster_utils import Cluster
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the source tests' helpers import conftest as pytest lets them
+    from tests.fakehub import FakeHub, ServedFile, file_handler, make_tar
+    from tests.test_sources_sa1b import CAPTION_REPO, sa1b_tar
+
+    with loopback_server() as server:
+        hub = FakeHub(server)
+        lines, planted = ["file_name\tcdn_link"], []
+        for n in range(3):
+            data, _, plant = sa1b_tar(n)
+            planted += plant
+            server.routes[f"/sa1b/sa_{n:06d}.tar"] = file_handler(ServedFile(data, throttle=0.02))  # type: ignore[assignment]
+            lines.append(f"sa_{n:06d}.tar\t{server.url(f'/sa1b/sa_{n:06d}.tar')}")
+        hub.add(
+            CAPTION_REPO, "SA1B_caption.tar.gz", make_tar([(f"SA1B_caption/{k}.txt", v.encode()) for k, v in planted], gz=True)
+        )
+        links = work / "links.txt"
+        links.write_text("\n".join(lines) + "\n")
+        env = fetch_env(HF_ENDPOINT=hub.endpoint)
+
+        def fetch(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+            cmd = [sys.executable, str(ROOT / "bin" / "fetch"), "--dataset", "sa1b", "--links", str(links), "--out", str(out)]
+            cmd += ["--workers", "1", "--allow-private-networks", "--no-progress", *extra]
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+        result: dict[str, Any] = {"scenario": "sa1b"}
+        plain = fetch(work / "plain")
+        assert plain.returncode == 0, plain.stderr
+        result["plain"] = dataset(work / "plain" / "mds")
+        os.environ["HF_ENDPOINT"] = hub.endpoint  # the nodes' environment, as on a real cluster
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        try:
+            out = work / "ray"
+            proc = fetch(out, "--ray", cluster.address)
+            result["rc"], result["stderr"] = proc.returncode, proc.stderr[-3000:]
+            result["ray"] = dataset(out / "mds")
+            result["unit_folders"] = unit_folders(out / "mds")
+            result["stats"] = json.loads((out / "stats.json").read_text())
+            result["leftovers"] = sorted(str(p.relative_to(out)) for p in (out / "mds").rglob("*.mds") if "_tmp" in p.parts)
+            result["caption_downloads"] = server.hits[hub.resolve_path(CAPTION_REPO, "SA1B_caption.tar.gz")]
+        finally:
+            cluster.shutdown()
+    (work / "result.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    if sys.argv[1] == "sa1b":
+        archives(Path(sys.argv[2]))
+    else:
+        main(sys.argv[1], Path(sys.argv[2]))

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = [f"{i:05d}" for i in range(8)]
 
 
-def scenario(name: str, work: Path) -> dict:
+def scenario(name: str, work: Path, units: list[str] = UNITS) -> dict:
     script = 'ip link set lo up && exec "$0" -m tests.ray_scenarios "$1" "$2"'
     proc = subprocess.run(
         ["unshare", "-n", "sh", "-c", script, sys.executable, name, str(work)],
@@ -33,8 +33,8 @@ def scenario(name: str, work: Path) -> dict:
     result = json.loads((work / "result.json").read_text())
     assert result["rc"] == 0, result["stderr"]
     assert result["plain"] and result["ray"] == result["plain"]  # same keys, same stored bytes per key
-    assert result["unit_folders"] == UNITS and result["leftovers"] == []
-    assert result["stats"]["units"]["done"] == len(UNITS) and result["stats"]["status"] == "done"
+    assert result["unit_folders"] == units and result["leftovers"] == []
+    assert result["stats"]["units"]["done"] == len(units) and result["stats"]["status"] == "done"
     return result
 
 
@@ -59,6 +59,13 @@ def test_ray_with_the_output_on_s3(tmp_path: Path) -> None:
     scenario("s3", tmp_path)
 
 
+def test_an_archive_dataset_on_ray_equals_one_machine(tmp_path: Path) -> None:
+    """SA-1B: the links file is only the driver's (each task gets its link with its unit), the
+    caption lookup is built once by the driver while it plans, and read by every task."""
+    result = scenario("sa1b", tmp_path, ["sa_000000", "sa_000001", "sa_000002"])
+    assert result["caption_downloads"] == 2  # the plain run's and the driver's, none by a task
+
+
 def test_sigterm_stops_a_ray_run_cleanly_and_it_resumes(tmp_path: Path) -> None:
     result = scenario("stopped", tmp_path)
     assert result["stop_rc"] == 143, result["stop_stderr"]  # Ray's own SIGTERM handler does not replace the run's
@@ -66,12 +73,10 @@ def test_sigterm_stops_a_ray_run_cleanly_and_it_resumes(tmp_path: Path) -> None:
 
 
 def test_ray_refuses_what_it_cannot_run(tmp_path: Path) -> None:
-    """Without a cluster (refused before connecting): archive datasets need side files on every
-    node, and the static split's flags mean something else."""
+    """Without a cluster (refused before connecting): the static split's flags mean something else."""
     from tests.conftest import run_fetch
 
     for args, says in (
-        (("--dataset", "sa1b"), "--ray runs URL lists"),
         (("--dataset", "urls", "--urls", "x.txt", "--num-nodes", "2"), "drop --node-rank/--num-nodes"),
         (("--dataset", "urls", "--urls", "x.txt", "--merge"), "a --ray run merges by itself"),
     ):

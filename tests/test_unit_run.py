@@ -9,6 +9,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,8 +21,12 @@ from fastfetch.manifest import Manifest
 from fastfetch.mds import BASE_COLUMNS, Layout, UnitWriter
 from fastfetch.sources.base import Unit
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, run_unit
-from tests.conftest import LoopbackServer, read_mds, run_fetch, serve_numbered
+from tests.conftest import LoopbackServer, fetch_env, read_mds, run_fetch, serve_numbered
+from tests.fakehub import FakeHub, ServedFile, file_handler, make_tar
 from tests.test_fetch_urls import write_list
+from tests.test_sources_diffdb import REPO as DIFFDB_REPO
+from tests.test_sources_diffdb import setup as diffdb_setup
+from tests.test_sources_sa1b import CAPTION_REPO, sa1b_tar
 
 NET = ("--allow-private-networks", "--workers", "1", "--unit-size", "4")
 
@@ -140,3 +145,66 @@ def test_a_dead_tries_temporary_folder_is_swept_from_a_local_cache(tmp_path: Pat
         holder.wait()
     UnitWriter(cache, "00010", BASE_COLUMNS, "a3").discard()  # its process is gone now
     assert sorted(parent.iterdir()) == []
+
+
+async def _plan_shipping(cfg: RunConfig) -> tuple[list[Unit], dict[str, str], dict[str, Any]]:
+    """What a --ray driver has for each unit: the plan, the columns, and what it ships with it."""
+    async with Fetcher(cfg.fetch) as fetcher:
+        source = cfg.source(fetcher)
+        try:
+            units = await source.plan()
+            columns = formats.columns(cfg.format, BASE_COLUMNS, source.extra_columns())
+            return units, columns, {u.id: source.unit_payload(u) for u in units}
+        finally:
+            await source.close()
+
+
+async def _run_together(specs: list[UnitSpec]) -> list[UnitResult]:
+    return list(await asyncio.gather(*(run_unit(spec) for spec in specs)))
+
+
+@pytest.mark.parametrize("dataset", ["sa1b", "diffdb"])
+def test_archive_units_run_on_a_machine_that_never_planned(
+    tmp_path: Path, server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, dataset: str
+) -> None:
+    """A --ray task on another node: its --local-cache holds neither the driver's links file nor
+    its caption lookups. The task gets sa1b's link with its unit, builds the lookup itself, once
+    for the machine (two units start at once: one builds, the other waits), and publishes the
+    bytes a whole run publishes."""
+    if dataset == "sa1b":
+        hub = FakeHub(server)
+        lines, planted = ["file_name\tcdn_link"], []
+        for n in range(2):
+            data, _, plant = sa1b_tar(n)
+            planted += plant
+            server.routes[f"/sa1b/sa_{n:06d}.tar"] = file_handler(ServedFile(data))  # type: ignore[assignment]
+            lines.append(f"sa_{n:06d}.tar\t{server.url(f'/sa1b/sa_{n:06d}.tar')}")
+        captions = make_tar([(f"SA1B_caption/{k}.txt", v.encode()) for k, v in planted], gz=True)
+        side = hub.resolve_path(CAPTION_REPO, "SA1B_caption.tar.gz")
+        hub.add(CAPTION_REPO, "SA1B_caption.tar.gz", captions)
+        (tmp_path / "links.txt").write_text("\n".join(lines) + "\n")
+        args = ["--dataset", "sa1b", "--links", str(tmp_path / "links.txt")]
+        node_args = ["--dataset", "sa1b", "--links", str(tmp_path / "the-driver-has-it.txt")]
+    else:
+        hub, _, _ = diffdb_setup(server)
+        side = hub.resolve_path(DIFFDB_REPO, "metadata-large.parquet")
+        args = node_args = ["--dataset", "diffdb"]
+    env = {"HF_ENDPOINT": hub.endpoint}
+    net = ["--allow-private-networks", "--workers", "1"]
+    assert run_fetch(*args, "--out", tmp_path / "whole", *net, env=fetch_env(**env)).returncode == 0
+
+    from huggingface_hub import constants
+
+    # this process plans and runs units itself: the hub's address as HF_ENDPOINT gives it at import
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    driver = parse([*args, "--out", str(tmp_path / "driver"), *net])
+    units, columns, payloads = asyncio.run(_plan_shipping(driver))
+    node = parse([*node_args, "--out", str(tmp_path / "node"), *net])
+    specs = [UnitSpec(node, u, columns, payload=payloads[u.id]) for u in units[:2]]
+    results = asyncio.run(_run_together(specs))
+    assert server.hits[side] == 3  # the whole run, the driver, the node: once each
+    for unit, result in zip(units[:2], results, strict=True):
+        assert result.dirs == (unit.id,)
+        assert _files(tmp_path / "node" / "mds" / unit.id) == _files(tmp_path / "whole" / "mds" / unit.id)
+    assert not any((tmp_path / "node").rglob("*.held")) and not any((tmp_path / "node" / "_work").rglob("spool/*"))

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from fastfetch.archive.ziprange import RandomAccess
 from fastfetch.body import Body
 from fastfetch.errors import Reason as R
 from fastfetch.errors import UsageError
+from fastfetch.held import HeldFolder, sweep_abandoned
 from fastfetch.http import Fetcher, Refused
 from fastfetch.ranged import (
     AccessDenied,
@@ -212,10 +214,38 @@ NO_EDITION = Edition()
 
 
 class ArchiveSource(Source):
-    """Base of the recipes whose units are archives (tar streams, zips, parquet files)."""
+    """Base of the recipes whose units are archives (tar streams, zips, parquet files).
+
+    A unit runs anywhere (``--ray``): its spec names the archive, ``unit_payload`` ships what
+    only the planning machine has (sa1b's expiring link), and ``lookups`` opens the caption
+    lookups, built from their side files once per machine (or found built by the driver in a
+    shared work folder): never the listing a plan makes."""
 
     Options: ClassVar[type[SourceOptions]] = ArchiveOptions
     options: ArchiveOptions
+
+    async def lookups(self) -> None:
+        """Open what ``items`` looks captions up in, building it from its side files first if
+        this machine has not; ``plan`` calls it too. Default: nothing to look up."""
+
+    async def prepare_unit(self, unit: Unit, payload: Any) -> None:
+        # Several tasks may start on one machine at once: one builds the lookups, the others
+        # wait for it and then open them (each build writes under a name of its own anyway).
+        lock = self.ctx.work_dir / "lookups.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.2)  # a cancelled task stops waiting here
+                except OSError:  # a shared filesystem without locks: the driver built them
+                    break
+            await self.lookups()
+        finally:
+            os.close(fd)
 
     def discard_leftovers(self) -> None:
         # A run killed with SIGKILL leaves its spooled archives behind; no other run can be
@@ -321,12 +351,13 @@ class ArchiveSource(Source):
             self._stamp(name, edition)
             yield path
             return
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.spool_dir))
+        tmp = HeldFolder(self.spool_dir / uuid.uuid4().hex[:16])
+        if self.ctx.private_work:  # what a killed task spooled on this machine
+            sweep_abandoned(self.spool_dir)
         try:
-            yield await download_file(self.client, url, tmp / name, headers)
+            yield await download_file(self.client, url, tmp.path / name, headers)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.release()
 
     @contextlib.contextmanager
     def side_errors(self, url: str, repo: str | None = None) -> Iterator[None]:

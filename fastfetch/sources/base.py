@@ -113,6 +113,9 @@ class RunContext:
     unit_size: int = 10_000  # rows of a URL list per unit
     limit: int | None = None  # only the first rows of a URL list
     format: OutputFormat = OutputFormat.FASTFETCH
+    #: the work folder is this machine's own (not a shared folder other machines' tasks use), so
+    #: what a killed process left there may be swept (``fastfetch.held``)
+    private_work: bool = True
 
 
 class Source:
@@ -128,9 +131,6 @@ class Source:
     Options: ClassVar[type[SourceOptions]] = SourceOptions
     #: the source serves its own images on 127.0.0.1 (the demo): private addresses are allowed
     serves_locally: ClassVar[bool] = False
-    #: its units may run as tasks on other machines (``--ray``): ``unit_payload`` ships all that
-    #: ``items`` needs, so a task never plans, lists a repository or reads a side file
-    runs_on_ray: ClassVar[bool] = False
 
     def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
         if not isinstance(options, self.Options):

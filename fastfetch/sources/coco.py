@@ -61,14 +61,16 @@ class CocoSource(SplitSource, ArchiveSource):
 
     async def plan(self) -> list[Unit]:
         units = []
-        self.captions: dict[str, CaptionIndex] = {}
         for split in self.splits:
             path = f"zips/{split}2014.zip"
             validator, _ = await self.check_access(self.url(path))
-            self.captions[split] = await self._caption_index(split)
             spec = {"path": path, "size": validator.length, "etag": validator.etag or validator.last_modified}
             units.append(Unit(f"{split}2014", spec))
+        await self.lookups()
         return units
+
+    async def lookups(self) -> None:
+        self.captions: dict[str, CaptionIndex] = {split: await self._caption_index(split) for split in self.splits}
 
     async def _caption_index(self, split: str) -> CaptionIndex:
         """``captions_<split>2014.json`` (one member of the annotations zip) → ``captions-<split>.sqlite``."""

@@ -76,10 +76,10 @@ class DiffusionDBSource(HubArchiveSource):
                 if folder == FOLDERS[0]:
                     raise  # part 2 may be absent from a mirror; part 1 may not
         units.sort(key=lambda u: u.id)
-        await self._metadata_index()
+        await self.lookups()
         return units
 
-    async def _metadata_index(self) -> None:
+    async def lookups(self) -> None:
         """``metadata-large.parquet`` → ``metadata.sqlite`` (image name → prompt, nsfw scores)."""
         self.metadata = CaptionIndex(self.ctx.work_dir / "metadata.sqlite")
         if self.metadata.ready:

@@ -34,14 +34,16 @@ class JourneyDBSource(SplitSource, HubArchiveSource):
 
     async def plan(self) -> list[Unit]:
         units: list[Unit] = []
-        self.prompts: dict[str, CaptionIndex] = {}
         several = len(self.splits) > 1
         for split in self.splits:
             units += await self.hub_units(
                 f"data/{split}/imgs", r"(\d+)\.tgz", lambda m, split=split: f"{split}-{m.group(1)}" if several else m.group(1)
             )
-            self.prompts[split] = await self._prompt_index(split)
+        await self.lookups()
         return units
+
+    async def lookups(self) -> None:
+        self.prompts: dict[str, CaptionIndex] = {split: await self._prompt_index(split) for split in self.splits}
 
     async def _prompt_index(self, split: str) -> CaptionIndex:
         """Stream the split's annotation tgz once into ``prompts-<split>.sqlite`` (file name → prompt)."""

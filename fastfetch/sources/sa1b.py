@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastfetch.errors import UsageError
 from fastfetch.ranged import AccessDenied
@@ -80,11 +81,18 @@ class SA1BSource(HubArchiveSource):
 
     async def plan(self) -> list[Unit]:
         self.links = self.read_links()
-        await self._caption_index()
+        await self.lookups()
         names = sorted(self.links, key=lambda n: int(_TAR.fullmatch(n).group(1)))  # type: ignore[union-attr]
         return [Unit(name[: -len(".tar")], {"file": name}) for name in names]
 
-    async def _caption_index(self) -> None:
+    def unit_payload(self, unit: Unit) -> str:
+        return self.links[unit.spec["file"]]  # the links file is the driver's; its links expire
+
+    async def prepare_unit(self, unit: Unit, payload: Any) -> None:
+        self.links = {unit.spec["file"]: payload} if isinstance(payload, str) else self.read_links()
+        await super().prepare_unit(unit, payload)
+
+    async def lookups(self) -> None:
         """Stream SA1B_caption.tar.gz once into ``captions.sqlite`` (sa_N → caption)."""
         self.captions = CaptionIndex(self.ctx.work_dir / "captions.sqlite")
         if self.captions.ready:

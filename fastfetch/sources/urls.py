@@ -115,7 +115,6 @@ class UrlsSource(Source):
 
     Options: ClassVar[type[SourceOptions]] = UrlsOptions
     options: UrlsOptions
-    runs_on_ray = True
 
     def __init__(self, options: SourceOptions, ctx: RunContext) -> None:
         super().__init__(options, ctx)
@@ -554,20 +553,26 @@ async def _in_thread(steps: Iterator[T], ahead: int) -> AsyncIterator[list[T]]:
     ready: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
     room, stop = threading.Semaphore(ahead), threading.Event()
 
+    def hand(value: tuple[bool, Any]) -> bool:
+        try:
+            loop.call_soon_threadsafe(ready.put_nowait, value)
+            return True
+        except RuntimeError:  # the loop is closed: the run ended without waiting for the rest
+            return False
+
     def produce() -> None:
         try:
             for step in steps:
                 while not room.acquire(timeout=0.2):
                     if stop.is_set():
                         return
-                if stop.is_set():
+                if stop.is_set() or not hand((False, step)):
                     return
-                loop.call_soon_threadsafe(ready.put_nowait, (False, step))
-            loop.call_soon_threadsafe(ready.put_nowait, (True, None))
+            hand((True, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            loop.call_soon_threadsafe(ready.put_nowait, (True, exc))
+            hand((True, exc))
         finally:
-            if stop.is_set() and hasattr(steps, "close"):
+            if hasattr(steps, "close"):
                 steps.close()
 
     threading.Thread(target=produce, name="fastfetch-plan", daemon=True).start()
