@@ -68,8 +68,12 @@ class SeenUrls:
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
             (h1, l1), (h2, l2) = self._runs.pop(), self._runs.pop()
             hi, lo = np.concatenate([h2, h1]), np.concatenate([l2, l1])
+            del h1, l1, h2, l2  # the halves go before the sort: at the largest merge, memory is the peak
             order = np.argsort(hi, kind="stable")  # two sorted halves: a linear merge
-            self._runs.append((hi[order], lo[order]))
+            hi = hi[order]
+            lo = lo[order]
+            del order
+            self._runs.append((hi, lo))
 
 
 def _contains(rhi: np.ndarray, rlo: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
