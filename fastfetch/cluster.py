@@ -95,6 +95,9 @@ class RayUnits:
         self._ray = ray
         address = cfg.ray or "auto"
         env = {"PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+        # the Hugging Face endpoint and settings the driver planned with (a mirror, offline
+        # switches), so that a task reads the same repository; tokens are secrets: never sent
+        env.update({k: v for k, v in os.environ.items() if k == "HF_ENDPOINT" or k.startswith("HF_HUB_")})
         # ray.init puts its own SIGTERM handler in place of the run's (a stop that rolls back the
         # units in flight, exit 143): the run's handlers are put back as soon as it returns
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -88,7 +88,6 @@ class RunConfig:
             unit_size=self.unit_size,
             limit=self.limit,
             format=self.format,
-            private_work=self.ray is None or self.remote,
         )
         return self.source_class(self.source_options, ctx)
 

@@ -2,12 +2,12 @@
 machine tells a dead try's leftovers (a Ray task killed with its worker, a SIGKILLed run) from
 a living one's work.
 
-A folder ``X`` comes with ``X.held``, locked (``flock``) by its maker while it works in it; the
-kernel drops the lock when the process dies, however it dies, and ``sweep_abandoned`` removes the
-folders whose lock nobody holds. No library does this (``tempfile`` folders outlive a killed
-process, ``filelock`` removes nothing). ``flock`` is reliable on a machine's own disk only: callers
-sweep their machine's own folders (a remote output's ``--local-cache``), never a shared
-filesystem, where the run's driver clears the temporary folders before it schedules anything.
+A folder ``X`` comes with ``X.held``, locked (``flock``) by its maker while it works in it and
+naming the machine it runs on; the kernel drops the lock when the process dies, however it dies,
+and ``sweep_abandoned`` removes the folders of this machine whose lock nobody holds. Only this
+machine's: on a shared filesystem a lock taken on one machine may not be seen from another, so
+another machine's folder is never judged. No library does this (``tempfile`` folders outlive a
+killed process, ``filelock`` removes nothing).
 """
 
 from __future__ import annotations
@@ -15,9 +15,19 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 from pathlib import Path
 
 SUFFIX = ".held"
+
+
+def _machine() -> bytes:
+    """This machine: its name and this boot (two machines may share a name, containers a kernel)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()} {boot}".encode()
 
 
 class HeldFolder:
@@ -49,6 +59,8 @@ def _hold(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _machine(), 0)
                 return fd
         except FileNotFoundError:
             pass
@@ -56,7 +68,9 @@ def _hold(path: Path) -> int:
 
 
 def sweep_abandoned(parent: Path) -> None:
-    """Remove the held folders under ``parent`` whose maker is gone (nobody holds the lock)."""
+    """Remove the held folders under ``parent`` that a process of this machine made and that
+    nobody holds any more (their maker died)."""
+    me = _machine()
     for lock in parent.glob(f"*{SUFFIX}"):
         try:
             fd = os.open(lock, os.O_RDWR)
@@ -66,6 +80,8 @@ def sweep_abandoned(parent: Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_ino != os.stat(lock).st_ino:
                 continue  # removed and made again meanwhile: someone else's now
+            if os.pread(fd, 4096, 0) != me:
+                continue  # another machine's (its lock may not show here), or not written yet
             shutil.rmtree(lock.with_name(lock.name.removesuffix(SUFFIX)), ignore_errors=True)
             lock.unlink()
         except (BlockingIOError, FileNotFoundError):

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from fastfetch.sources.base import RETRY_OF, Unit
+from fastfetch.sources.base import PREFILTERED, RETRY_OF, Unit
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
@@ -129,7 +129,7 @@ class Manifest:
                         "INSERT INTO units(id, ord, spec, rows, updated) VALUES(?,?,?,?,?)",
                         (unit.id, order, spec, unit.rows, time.time()),
                     )
-                elif known != spec and _only_gained(orjson.loads(known), unit.spec):
+                elif known != spec and _same_unit(orjson.loads(known), unit.spec):
                     # planned by an older version that recorded less about the unit: same unit
                     self.db.execute("UPDATE units SET spec=? WHERE id=?", (spec, unit.id))
                 elif known != spec:
@@ -259,9 +259,10 @@ class Manifest:
         return _Transaction(self.db)
 
 
-def _only_gained(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A new spec that keeps every key and value of the old one and only adds keys."""
-    return all(k in new and new[k] == v for k, v in old.items())
+def _same_unit(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A new spec that keeps every key and value of the old one and only adds keys, but for the
+    counts of rows the plan rejected (older versions lost those of every unit but the first)."""
+    return all(k in new and new[k] == v for k, v in old.items() if k != PREFILTERED)
 
 
 class _Transaction:

@@ -88,8 +88,7 @@ class UnitWriter:
         self._held: HeldFolder | None = None
         if attempt:  # a task's try: its folder is held while it lives, and a dead try's is swept
             self._held = HeldFolder(self.tmp)
-            if layout.remote:  # the local cache is this machine's own disk
-                sweep_abandoned(self.tmp.parent)
+            sweep_abandoned(self.tmp.parent)
         else:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)

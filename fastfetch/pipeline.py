@@ -148,7 +148,8 @@ class Pipeline:
         self.progress_enabled = progress_enabled
         self.progress: Progress | None = None
         self.columns: dict[str, str] = {}
-        self.plan_digest = ""
+        self.plan_digest = ""  # known once the plan is read to its end
+        self.confirmed: set[str] = set()  # units this run's plan has recorded so far
         self.scheduled = 0  # units this run has started
         self._item_slots = asyncio.Semaphore(fetcher.cfg.concurrency + resizer.capacity)
 
@@ -165,7 +166,9 @@ class Pipeline:
         done = {r.id for r in self.manifest.records(DONE)}
         clean_unfinished(self.layout, self.manifest.ids(), done)
         self.columns = self._columns(bool(done))
-        recorded = self._recorded(first, planned, done)
+        digest = PlanDigest()
+        self._record(first, 0, done, digest)  # before anything can stop the run: what publishing relies on
+        recorded = self._recorded(first, planned, done, digest)
         if selection.retry_failed:
             async for _ in recorded:  # the whole plan recorded, none of it run
                 pass
@@ -175,24 +178,27 @@ class Pipeline:
             return _batches([u for u in select(units, selection, self.node) if u.id not in done])
         return self._todo(recorded, selection, done)
 
+    def _record(self, batch: list[Unit], position: int, done: set[str], digest: PlanDigest) -> None:
+        """Record a batch of the plan (from ``position`` on) in the manifest: a unit whose spec
+        changed is done no more, and its folders go."""
+        digest.update(batch)
+        self.confirmed.update(u.id for u in batch)
+        for changed in self.manifest.sync_plan(batch, position):
+            done.discard(changed)
+            for rel in self.layout.unit_rels(changed):
+                shutil.rmtree(self.layout.root / rel, ignore_errors=True)
+
     async def _recorded(
-        self, first: list[Unit], rest: AsyncIterator[list[Unit]], done: set[str]
+        self, first: list[Unit], rest: AsyncIterator[list[Unit]], done: set[str], digest: PlanDigest
     ) -> AsyncIterator[tuple[int, list[Unit]]]:
-        """Each batch of the plan with the position of its first unit, recorded in the manifest
-        before it is given: a unit whose spec changed is done no more, and its folders go."""
-        digest, position, batch = PlanDigest(), 0, first
-        while True:
-            digest.update(batch)
-            for changed in self.manifest.sync_plan(batch, position):
-                done.discard(changed)
-                for rel in self.layout.unit_rels(changed):
-                    shutil.rmtree(self.layout.root / rel, ignore_errors=True)
+        """Each batch of the plan with the position of its first unit, recorded before it is
+        given (the first one already is); ``plan_digest`` is set once the plan is exhausted."""
+        yield 0, first
+        position = len(first)
+        async for batch in rest:
+            self._record(batch, position, done, digest)
             yield position, batch
             position += len(batch)
-            following = await anext(rest, None)
-            if following is None:
-                break
-            batch = following
         self.plan_digest = digest.hexdigest()
 
     async def _todo(
@@ -361,8 +367,13 @@ class Pipeline:
         return merge_index(self.layout, self.done_dirs())
 
     def done_dirs(self) -> list[str]:
-        """The MDS folders of every done unit (relative to the MDS root)."""
-        return [rel for r in self.manifest.records(DONE) for rel in r.dirs]
+        """The MDS folders of every done unit (relative to the MDS root). Until this run has read
+        its plan to the end, only of the units it confirmed: a done unit further on may be one
+        the edited list changes, which the plan has not reached yet."""
+        records = self.manifest.records(DONE)
+        if not self.plan_digest:
+            records = [r for r in records if (r.retry_of or r.id) in self.confirmed]
+        return [rel for r in records for rel in r.dirs]
 
     # -- one unit ----------------------------------------------------------------------------
     async def _run_unit(self, unit: Unit, handed_out: asyncio.Event) -> None:

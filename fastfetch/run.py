@@ -70,7 +70,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 class Outcome:
     """How the fetch ended, as the stages after it need to know."""
 
-    status: str = "done"  # done | interrupted | disk full | storage unavailable
+    status: str = "done"  # done | interrupted | disk full | storage unavailable | failed
     fatal: str = ""  # what stopped the run, for the user
     settings: dict[str, Any] = field(default_factory=dict)
     pipeline: Pipeline | None = None  # set once the plan is made: only then is anything published
@@ -100,6 +100,9 @@ async def _run(cfg: RunConfig) -> int:
                     except StorageError as exc:  # the bucket or the network to it went away: units in flight roll back
                         outcome.status = "storage unavailable"
                         outcome.fatal = f"{exc}; rerun the same command once the storage is reachable: finished units are kept"
+                    except Exception:  # a list that breaks after its first units: what finished is kept, not "done"
+                        outcome.status = "failed"
+                        raise
             finally:
                 counters.worker_peak_rss_mb = resizer.close()
                 _publish_safely(cfg, manifest, counters, outcome)
@@ -276,7 +279,7 @@ def _publish(cfg: RunConfig, pipeline: Pipeline, manifest: Manifest, counters: R
         pipeline.done_dirs(),
         dataset_totals(manifest),
         complete,
-        {**outcome.settings, "plan": pipeline.plan_digest},
+        {**outcome.settings, "plan": pipeline.plan_digest or None},  # None: the plan was not read to its end
     )
     if node.rank == 0 and all_complete(out, cfg.local_root, node.count):
         merged = merge_nodes(out, pipeline.layout, cfg.local_root)

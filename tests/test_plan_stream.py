@@ -5,6 +5,7 @@ dedup has a scope, and a list that breaks after the first units keeps what was f
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -21,17 +22,17 @@ NET = ("--allow-private-networks", "--workers", "2")
 FIRST_BATCH = 65_536  # rows of a txt list read at once (fastfetch.lists.BATCH_ROWS)
 
 
-def _done_units(out: Path) -> int:
+def _units(out: Path, where: str = "state='done'") -> int:
     try:
         with sqlite3.connect(out / "manifest.sqlite", timeout=5) as db:
-            return db.execute("SELECT COUNT(*) FROM units WHERE state='done'").fetchone()[0]
+            return db.execute(f"SELECT COUNT(*) FROM units WHERE {where}").fetchone()[0]
     except sqlite3.OperationalError:  # not created yet
         return 0
 
 
-def _wait_for_a_done_unit(out: Path, proc: object) -> None:
+def _wait_for_a_done_unit(out: Path, proc: object, where: str = "state='done'") -> None:
     deadline = time.monotonic() + 240  # generous: a bound on a hang, not a speed assertion
-    while _done_units(out) == 0:
+    while _units(out, where) == 0:
         assert proc.poll() is None, proc.communicate()  # type: ignore[attr-defined]
         assert time.monotonic() < deadline, "no unit finished while the list was still open"
         time.sleep(0.2)
@@ -90,6 +91,7 @@ def test_a_list_that_breaks_after_the_first_units_keeps_them(tmp_path: Path, ser
         os.close(fd)  # the gzip stream ends without its end marker: the list is broken
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "l.txt.gz" in err and "Traceback" not in err, err
+    assert stats_of(out)["status"] == "failed"  # published for what finished, never as a finished dataset
     with sqlite3.connect(out / "manifest.sqlite") as db:
         kept = dict(db.execute("SELECT id, attempts FROM units WHERE state='done'").fetchall())
     assert kept and not (out / "_work" / "urls" / "plan.json").exists()
@@ -118,10 +120,11 @@ def test_url_dedup_scope(tmp_path: Path, server: LoopbackServer) -> None:
         assert proc.returncode == 0, proc.stderr
         assert stats_of(out)["rejected"] == rejected and stats_of(out)["kept"] == kept
         assert sum(server.hits.values()) - before == kept  # a duplicate dropped is never downloaded
-    # another scope on the same --out: the plan is cut again and the units it changed are redone
+    # the scope changes what units hold: another one on the same --out is refused, naming it
     proc = run_fetch("--dataset", "urls", "--urls", folder, "--out", tmp_path / "list", "--url-dedup", "none", *NET)
-    assert proc.returncode == 0, proc.stderr
-    assert stats_of(tmp_path / "list")["kept"] == 6
+    assert proc.returncode == 2 and "url_dedup" in proc.stderr, proc.stderr
+    proc = run_fetch("--dataset", "urls", "--urls", folder, "--out", tmp_path / "file", "--url-dedup", "file", *NET)
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr
 
 
 def test_columns_come_from_every_file_before_the_first_unit(tmp_path: Path, server: LoopbackServer) -> None:
@@ -140,3 +143,74 @@ def test_columns_come_from_every_file_before_the_first_unit(tmp_path: Path, serv
     got = sorted((r["caption"], r["score"]) for r in read_mds(out / "mds"))
     assert got == [("c0", 1.0), ("c1", 2.0), ("c2", 3.0), ("c3", 0.5), ("c4", 1.5), ("c5", 2.5)]
     assert all(isinstance(s, float) for _, s in got)
+
+
+def test_rows_the_list_filters_are_counted_in_every_unit(tmp_path: Path, server: LoopbackServer) -> None:
+    rows = serve_numbered(server, "/f", 9)
+    table = pa.Table.from_pylist(
+        [
+            {"URL": r["url"], "TEXT": r["caption"], "WIDTH": 300, "HEIGHT": 300, "punsafe": 0.9 if i % 3 == 0 else 0.1}
+            for i, r in enumerate(rows)
+        ]
+    )
+    pq.write_table(table, tmp_path / "l.parquet")
+    out = tmp_path / "o"
+    args = (
+        "--dataset",
+        "laion",
+        "--urls",
+        tmp_path / "l.parquet",
+        "--out",
+        out,
+        "--max-punsafe",
+        "0.5",
+        "--unit-size",
+        "2",
+        *NET,
+    )
+    proc = run_fetch(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert stats_of(out)["rejected"] == {"punsafe": 3} and stats_of(out)["kept"] == 6  # not only the first unit's
+
+
+def test_odd_lists_for_the_column_pass(tmp_path: Path, server: LoopbackServer) -> None:
+    rows = serve_numbered(server, "/o", 3)
+    twice = tmp_path / "twice.csv"
+    twice.write_text("url,caption,score,score\n" + "".join(f"{r['url']},{r['caption']},1,2\n" for r in rows))
+    proc = run_fetch("--dataset", "urls", "--urls", twice, "--out", tmp_path / "o1", "--keep-cols", "score", *NET)
+    assert proc.returncode == 2 and "'score' more than once" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # --limit: a file the limit never reaches is not read for its columns, nor refused
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    write_list(folder / "a.jsonl", [{**r, "s": i} for i, r in enumerate(rows)])
+    write_list(folder / "b.jsonl", [{"link": "x", "s": 1.5}])  # no url column at all
+    args = ("--dataset", "urls", "--urls", folder, "--keep-cols", "s", *NET)
+    proc = run_fetch(*args, "--out", tmp_path / "o2", "--limit", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["s"] for r in read_mds(tmp_path / "o2" / "mds")) == [0, 1, 2]
+    proc = run_fetch(*args, "--out", tmp_path / "o3")  # the whole list reaches b.jsonl
+    assert proc.returncode == 2 and "b.jsonl" in proc.stderr, proc.stderr
+
+
+def test_a_node_stopped_before_its_plan_ends_is_incomplete_not_odd(tmp_path: Path, server: LoopbackServer) -> None:
+    """A node stopped while its plan is still being cut has no plan digest yet: the merge waits
+    for it (incomplete) instead of calling it a node that planned another list."""
+    lines = _bad_scheme_lines(FIRST_BATCH) + b"".join(b"ftp://example.invalid/tail/%d\n" % i for i in range(10))
+    (tmp_path / "whole.txt").write_bytes(lines)
+    shared = tmp_path / "shared"
+    base = ("--dataset", "urls", "--out", shared, "--unit-size", "20000", "--num-nodes", "2", *NET)
+    assert run_fetch(*base, "--urls", tmp_path / "whole.txt", "--node-rank", "0").returncode == 0
+
+    fd = _pipe(tmp_path / "open.txt")
+    writer = _write_in_thread(fd, _bad_scheme_lines(FIRST_BATCH))
+    proc = start_fetch(*base, "--urls", tmp_path / "open.txt", "--node-rank", "1")
+    try:
+        _wait_for_a_done_unit(shared / "_nodes" / "node-01-of-02", proc, "1")  # its first units are planned
+        writer.join()
+        proc.send_signal(signal.SIGTERM)  # the list's end is never written: the plan stops short
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 143, err
+    merged = run_fetch("--merge", "--out", shared)
+    assert merged.returncode == 1 and "not every node is complete: node-01-of-02" in merged.stderr, merged.stderr

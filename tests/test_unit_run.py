@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fastfetch import formats
+from fastfetch import formats, held
 from fastfetch.cli import parse
 from fastfetch.config import RunConfig
 from fastfetch.http import Fetcher
@@ -109,42 +109,44 @@ def test_a_shard_lost_in_the_writer_thread_fails_the_unit(tmp_path: Path, server
     assert (copy.unit_id, str(copy), copy.disk_full, copy.storage) == ("00000", str(failed.value), True, False)
 
 
-def test_a_dead_tries_temporary_folder_is_swept_from_a_local_cache(tmp_path: Path) -> None:
-    """A Ray task killed with its worker leaves its try's temporary folder on that node's
-    --local-cache; the next try on the node removes it, and never a living try's folder."""
+def test_a_dead_tries_temporary_folder_is_swept(tmp_path: Path) -> None:
+    """A Ray task killed with its worker leaves its try's temporary folder behind; the next try
+    on that machine removes it, and never a living try's folder nor another machine's."""
     parent = tmp_path / "mds" / "_tmp" / "_"
     parent.mkdir(parents=True)
     dead = parent / "00007.deadbeef0000"
     (dead / "all").mkdir(parents=True)
     (dead / "all" / "shard.00000.mds").write_bytes(b"x" * 4096)
-    (parent / "00007.deadbeef0000.held").touch()  # its process died: nobody holds the lock
+    (parent / "00007.deadbeef0000.held").write_bytes(held._machine())  # made here; its process died
+    elsewhere = parent / "00006.feedface0000"
+    elsewhere.mkdir()
+    (parent / "00006.feedface0000.held").write_bytes(b"other-node 5f1c")  # another machine's: its lock may not show here
     living = parent / "00008.0123456789ab"
     living.mkdir()
-    holder = subprocess.Popen(  # another try, alive: it holds its lock
+    holder = subprocess.Popen(  # another try on this machine, alive: it holds its lock
         [
             sys.executable,
             "-c",
-            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
-            str(parent / "00008.0123456789ab.held"),
+            "import sys; from pathlib import Path; from fastfetch.held import HeldFolder; "
+            "HeldFolder(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()",
+            str(living),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        cwd=Path(__file__).resolve().parent.parent,
     )
+    layout = Layout(tmp_path / "mds")
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        shared = Layout(tmp_path / "mds")  # a shared folder: locks may not reach other machines, nothing swept
-        UnitWriter(shared, "00009", BASE_COLUMNS, "a1").discard()
-        assert dead.exists() and living.exists()
-        cache = Layout(tmp_path / "mds", remote="s3://bucket/out")
-        UnitWriter(cache, "00009", BASE_COLUMNS, "a2").discard()
+        UnitWriter(layout, "00009", BASE_COLUMNS, "a1").discard()
         assert not dead.exists() and not (parent / "00007.deadbeef0000.held").exists()
-        assert living.exists()
+        assert living.exists() and elsewhere.exists()
     finally:
         holder.kill()
         holder.wait()
-    UnitWriter(cache, "00010", BASE_COLUMNS, "a3").discard()  # its process is gone now
-    assert sorted(parent.iterdir()) == []
+    UnitWriter(layout, "00010", BASE_COLUMNS, "a2").discard()  # the holder is gone now
+    assert sorted(p.name for p in parent.iterdir()) == ["00006.feedface0000", "00006.feedface0000.held"]
 
 
 async def _plan_shipping(cfg: RunConfig) -> tuple[list[Unit], dict[str, str], dict[str, Any]]:

@@ -352,8 +352,7 @@ class ArchiveSource(Source):
             yield path
             return
         tmp = HeldFolder(self.spool_dir / uuid.uuid4().hex[:16])
-        if self.ctx.private_work:  # what a killed task spooled on this machine
-            sweep_abandoned(self.spool_dir)
+        sweep_abandoned(self.spool_dir)  # what a killed task spooled on this machine
         try:
             yield await download_file(self.client, url, tmp.path / name, headers)
         finally:

@@ -113,9 +113,6 @@ class RunContext:
     unit_size: int = 10_000  # rows of a URL list per unit
     limit: int | None = None  # only the first rows of a URL list
     format: OutputFormat = OutputFormat.FASTFETCH
-    #: the work folder is this machine's own (not a shared folder other machines' tasks use), so
-    #: what a killed process left there may be swept (``fastfetch.held``)
-    private_work: bool = True
 
 
 class Source:

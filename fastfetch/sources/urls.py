@@ -162,6 +162,8 @@ class UrlsSource(Source):
             "url_col": self.url_col,
             "caption_col": self.caption_col,
             "keep_cols": [n if n == src else f"{src}:{n}" for n, src in kept.items()],
+            # changes what a unit holds; the default stays unrecorded, so outputs made before the flag resume
+            **({"url_dedup": self.options.url_dedup} if self.options.url_dedup != "list" else {}),
         }
 
     def extra_columns(self) -> dict[str, str]:
@@ -194,9 +196,19 @@ class UrlsSource(Source):
             self._kinds = cached["kinds"]
             yield [Unit(uid, spec, spec["rows"]) for uid, spec in cached["units"]]
             return
-        self._kinds = await asyncio.to_thread(self._list_kinds, files)
-        async for batch in _in_thread(self._cut(files, key, self._kinds), PLAN_AHEAD):
-            yield batch
+        self._kinds = None
+        async for steps in _in_thread(self._steps(files, key), PLAN_AHEAD):
+            units = [step for step in steps if isinstance(step, Unit)]
+            if isinstance(steps[0], dict):  # the first step: the columns' kinds, before any unit
+                self._kinds = steps[0]
+            if units:
+                yield units
+
+    def _steps(self, files: list[Path], key: dict[str, Any]) -> Iterator[dict[str, str] | Unit]:
+        """What the planner's thread does: settle the kinds (the first step), then cut the units."""
+        list_kinds = self._list_kinds(files)
+        yield list_kinds
+        yield from self._cut(files, key, list_kinds)
 
     async def _local_files(self) -> list[Path]:
         local: list[Path] = []
@@ -271,12 +283,15 @@ class UrlsSource(Source):
         if not self.keep_cols():
             return {}
         found: dict[str, str] = {}
-        for path in files:
+        for path in files:  # a file's missing columns are refused when its rows are cut, not here
             schema = list_schema(path)
             if schema is None:
-                per_batch: Iterable[dict[str, str]] = (k for _, _, k in self._rows([path], Counter()))
+                rows = self._rows([path], Counter(), strict=False)
+                per_batch: Iterable[dict[str, str]] = (
+                    (k for _, _, k in rows) if self.ctx.limit is None else _first_rows(rows, self.ctx.limit)
+                )  # with --limit: no file gives more rows than that to the plan
             else:
-                mapping = self._resolve_columns(path, schema)
+                mapping = self._resolve_columns(path, schema, strict=False)
                 per_batch = [{name: _kind(path, actual, schema.field(actual).type) for name, actual in mapping["keep"].items()}]
             for batch_kinds in per_batch:
                 for name, kind in batch_kinds.items():
@@ -300,7 +315,7 @@ class UrlsSource(Source):
         row_total = 0
 
         def flush() -> Unit:
-            nonlocal pending, pending_rows, filtered
+            nonlocal pending, pending_rows
             uid = f"{len(units):05d}"
             table = _unit_table(pending, list_kinds)
             _write_parquet(table, self.plan_dir / f"{uid}.parquet")
@@ -309,9 +324,10 @@ class UrlsSource(Source):
             ).hexdigest()
             # captions and kept values too: a list edited between runs redoes the units it changed
             content = hashlib.blake2b(orjson.dumps(table.drop_columns(["url"]).to_pydict()), digest_size=12).hexdigest()
-            spec = {"rows": table.num_rows, "digest": digest, "content": content, PREFILTERED: dict(filtered)}
+            spec = {"rows": table.num_rows, "digest": digest, "content": content, PREFILTERED: dict(+filtered)}
             units.append(Unit(uid, spec, table.num_rows))
-            pending, pending_rows, filtered = [], 0, Counter()
+            pending, pending_rows = [], 0
+            filtered.clear()  # the same counter: the reader counts into it too
             return units[-1]
 
         for path, batch, batch_kinds in self._rows(files, filtered):
@@ -346,11 +362,14 @@ class UrlsSource(Source):
         }
         storage.write_atomically(self.plan_dir / _PLAN_FILE, orjson.dumps(plan))  # after every unit file
 
-    def _rows(self, files: list[Path], filtered: Counter[str]) -> Iterator[tuple[Path, pa.RecordBatch, dict[str, str]]]:
+    def _rows(
+        self, files: list[Path], filtered: Counter[str], strict: bool = True
+    ) -> Iterator[tuple[Path, pa.RecordBatch, dict[str, str]]]:
         """Normalised batches (url, caption, kept columns in their kinds) with the list filters
         applied, each with its file and its kept columns' kinds. A jsonl or json list has no
         schema: a key may first appear in any row, so its columns are looked up batch by batch,
-        and one that appears nowhere in the file is an error only once the whole file is read."""
+        and one that appears nowhere in the file is an error (when ``strict``) only once the
+        whole file is read."""
         for path in files:
             schemaless = list_format(path) in ("jsonl", "json")
             mapping: dict[str, Any] | None = None
@@ -361,7 +380,7 @@ class UrlsSource(Source):
                     found.update(k for k in ("url", "caption") if mapping[k])
                     found.update(f"keep:{name}" for name in mapping["keep"])
                 yield (path, *self._normalise(path, batch, mapping, filtered))
-            if schemaless and mapping is not None:
+            if schemaless and mapping is not None and strict:
                 wanted_cols = {"url": (self.url_col, "--url-col"), "caption": (self.caption_col, "--caption-col")}
                 for key, (column, flag) in wanted_cols.items():
                     if key not in found and column and not (key == "caption" and list_format(path) == "txt"):
@@ -375,6 +394,9 @@ class UrlsSource(Source):
         """Where the URL, caption, kept and filter columns are in ``schema``; a missing one is an
         error when ``strict``, else None (all null in this batch)."""
         names = schema.names
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UsageError(f"{path} names the column(s) {', '.join(map(repr, twice))} more than once; rename them")
         if list_format(path) == "txt":
             url: str | None = "url"
         else:
@@ -534,6 +556,16 @@ class LaionSource(UrlsSource):
                 f"--min-aesthetic given but {path} has no AESTHETIC_SCORE/aesthetic column; its columns are {schema.names}"
             )
         return mapping
+
+
+def _first_rows(batches: Iterator[tuple[Path, pa.RecordBatch, dict[str, str]]], rows: int) -> Iterator[dict[str, str]]:
+    """The kinds of the batches that hold a file's first ``rows`` rows."""
+    seen = 0
+    for _, batch, batch_kinds in batches:
+        if seen >= rows:
+            return
+        seen += batch.num_rows
+        yield batch_kinds
 
 
 def _kind(path: Path, column: str, arrow_type: pa.DataType) -> str:
