@@ -76,9 +76,12 @@ def test_jdb_gated_prompts_splits(server, tmp_path: Path) -> None:
 
     # both splits in one run, as the seed prepares them: unit ids carry the split
     both = tmp_path / "both"
-    proc = run_fetch("--allow-private-networks", "--dataset", "jdb", "--out", both, "--split", "train", "valid", env=env)
+    args = ("--allow-private-networks", "--dataset", "jdb", "--out", both, "--split", "train", "valid", "--keep-archives")
+    proc = run_fetch(*args, env=env)
     assert proc.returncode == 0, proc.stderr
     assert {r["key"]: r["caption"] for r in read_mds(both / "mds")} == {**train, **valid}
+    kept = sorted(p.name for p in (both / "_archives" / "jdb").glob("*.tgz") if "anno" not in p.name)
+    assert kept == ["000.tgz", "001.tgz", "002.tgz", "valid-000.tgz"]  # train's and valid's 000.tgz apart
     assert sorted(p.name for p in (both / "mds").iterdir() if p.is_dir()) == ["train-000", "train-001", "train-002", "valid-000"]
     stats = orjson.loads((both / "stats.json").read_bytes())
     assert stats["settings"]["split"] == "train+valid" and stats["units"]["done"] == 4, stats

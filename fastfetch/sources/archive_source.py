@@ -431,6 +431,9 @@ class HubArchiveSource(ArchiveSource):
         dest = dest or self.ctx.work_dir / path.rsplit("/", 1)[-1]
         return await self.side_file(self.hub_url(path), dest, self.hub_headers(), repo=self.repo)
 
-    def unit_tar(self, unit: Unit) -> AsyncIterator[TarMember]:
+    def unit_tar(self, unit: Unit, name: str | None = None) -> AsyncIterator[TarMember]:
+        """A unit's tar, read as a stream; ``name``: what a kept copy is called (default: the
+        file's own name, which must not repeat among the run's units)."""
         path = unit.spec["path"]
-        return self.tar_members(self.hub_url(path), path.rsplit("/", 1)[-1], self.hub_headers(), Edition.of(unit.spec))
+        name = name or path.rsplit("/", 1)[-1]
+        return self.tar_members(self.hub_url(path), name, self.hub_headers(), Edition.of(unit.spec))

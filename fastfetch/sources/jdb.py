@@ -62,8 +62,12 @@ class JourneyDBSource(SplitSource, HubArchiveSource):
         return prompts
 
     async def items(self, unit: Unit) -> AsyncIterator[Item]:
-        prompts = self.prompts[unit.spec["path"].split("/")[1]]  # data/<split>/imgs/NNN.tgz
-        async for member in self.unit_tar(unit):
+        split = unit.spec["path"].split("/")[1]  # data/<split>/imgs/NNN.tgz
+        prompts = self.prompts[split]
+        # every split numbers its tars from 000: a kept copy of another split than train (the
+        # default, whose names stay) says its split, or train's and valid's 000.tgz would meet
+        name = unit.spec["path"].rsplit("/", 1)[-1]
+        async for member in self.unit_tar(unit, name if split == "train" else f"{split}-{name}"):
             base = member.name.rsplit("/", 1)[-1]
             if not base.lower().endswith(IMAGE_EXTS):
                 continue
