@@ -136,7 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow URLs whose host is or resolves to a loopback, private, link-local or reserved address "
         "(refused by default and counted as private_address, so a URL list cannot reach your own network)",
     )
-    net.add_argument("--user-agent", default=USER_AGENT, help="User-Agent header sent with every request")
+    net.add_argument(
+        "--respect-robots-txt",
+        action="store_true",
+        help="check every image URL against its host's robots.txt (fetched once per host; the groups for "
+        "--user-agent's name, else *; longest Allow/Disallow match wins; unreadable: 4xx allows all, "
+        "5xx or unreachable disallows all); refused URLs count as robots_txt and are never requested",
+    )
+    net.add_argument(
+        "--per-host-rps",
+        type=float,
+        default=None,
+        metavar="N",
+        help="at most N image requests a second to one host (on top of --per-host connections); a 429's "
+        "Retry-After holds back every request to that host",
+    )
+    net.add_argument(
+        "--user-agent",
+        default=USER_AGENT,
+        help="User-Agent header sent with every request; robots.txt groups match its name. Crawling the "
+        "web, name yourself and a contact, e.g. 'acme-data-bot/1.0 (+https://acme.example/bot; data@acme.example)'",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
@@ -215,6 +235,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError(f"--min-size {min_size} is larger than --max-size {args.max_size}")
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be in 1..100 (got {args.quality})")
+    if args.per_host_rps is not None and not args.per_host_rps > 0:
+        raise UsageError(f"--per-host-rps must be positive (got {args.per_host_rps})")
     if args.workers < 0 or args.retries < 0 or (args.limit is not None and args.limit <= 0):
         raise UsageError("--workers and --retries must be ≥ 0 and --limit ≥ 1")
     if args.ray is not None:
@@ -232,6 +254,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         max_inflight_bytes=args.max_inflight_mb << 20,
         max_redirects=args.max_redirects,
         respect_robots=not args.ignore_robots,
+        robots_txt=args.respect_robots_txt,
+        per_host_rps=args.per_host_rps,
         allow_private_networks=args.allow_private_networks or source.serves_locally,
         user_agent=args.user_agent,
     )

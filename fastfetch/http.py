@@ -34,6 +34,7 @@ from yarl import URL
 from fastfetch import __version__
 from fastfetch.errors import Reason as R
 from fastfetch.errors import http_status
+from fastfetch.robots import HostPacer, RobotsTxt
 
 USER_AGENT = f"fastfetch/{__version__} (image-caption dataset builder; honours X-Robots-Tag noai/noimageai)"
 _OPTOUT_TOKENS = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
@@ -56,6 +57,8 @@ class FetchConfig:
     max_inflight_bytes: int = 1024 * 1024 * 1024  # bodies held at once, downloading or waiting to be resized
     max_redirects: int = 5
     respect_robots: bool = True
+    robots_txt: bool = False  # --respect-robots-txt: each image URL checked against its origin's robots.txt
+    per_host_rps: float | None = None  # --per-host-rps: image requests a second to one host
     allow_private_networks: bool = False
     user_agent: str = USER_AGENT
 
@@ -270,6 +273,8 @@ class Fetcher:
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self.budget = MemoryBudget(cfg.max_inflight_bytes)
         self.bytes_in = 0
+        self.robots = RobotsTxt(self, cfg.user_agent, cfg.retries) if cfg.robots_txt else None
+        self.pacer = HostPacer(cfg.per_host_rps) if cfg.per_host_rps else None
 
     async def __aenter__(self) -> Fetcher:
         # With trust_env aiohttp looks up the proxy environment and ~/.netrc in a thread for
@@ -361,15 +366,21 @@ class Fetcher:
         """
         attempt = 0
         async with self._slots:
+            if self.robots is not None and not await self.robots.allowed(url):
+                return FetchResult(None, R.ROBOTS_TXT, 0)
             while True:
                 attempt += 1
                 ticket = self.budget.ticket()
                 try:
+                    if self.pacer is not None:
+                        await self.pacer.wait(url)
                     data = await self._attempt(url, ticket)
                     return FetchResult(data, None, attempt, ticket)
                 except _Reject as exc:
                     return FetchResult(None, exc.reason, attempt)
                 except _Retry as exc:
+                    if exc.delay is not None and self.pacer is not None:
+                        self.pacer.hold(url, exc.delay)  # the host asked every request of ours to wait
                     if attempt > self.cfg.retries:
                         return FetchResult(None, exc.reason, attempt)
                     delay = exc.delay
