@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="resize images whose short side is larger down to this (pixels, aspect ratio kept)",
     )
     img.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="drop images whose long side is more than R times their short side (aspect_ratio; default: "
+        "keep all); URL lists with listed sizes (laion, --listed-size) drop them before downloading",
+    )
+    img.add_argument(
         "--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)"
     )
     img.add_argument(
@@ -235,6 +243,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError(f"--min-size {min_size} is larger than --max-size {args.max_size}")
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be in 1..100 (got {args.quality})")
+    if args.max_aspect_ratio is not None and not args.max_aspect_ratio >= 1:
+        raise UsageError(f"--max-aspect-ratio is long side / short side: 1 or more (got {args.max_aspect_ratio})")
     if args.per_host_rps is not None and not args.per_host_rps > 0:
         raise UsageError(f"--per-host-rps must be positive (got {args.per_host_rps})")
     if args.workers < 0 or args.retries < 0 or (args.limit is not None and args.limit <= 0):
@@ -264,7 +274,7 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         output=_output(args),
         local_cache=args.local_cache.expanduser().absolute() if args.ray and args.local_cache else args.local_cache,
         source_options=options.resolved() if args.ray else options,
-        resize=ResizeConfig(min_size, args.max_size, args.resize_filter, args.quality),
+        resize=ResizeConfig(min_size, args.max_size, args.resize_filter, args.quality, max_aspect_ratio=args.max_aspect_ratio),
         workers=args.workers,
         fetch=fetch,
         format=output_format,

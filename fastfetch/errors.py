@@ -56,6 +56,7 @@ class Reason:
     DECODE_ERROR: Final = "decode_error"
     DECOMPRESSION_BOMB: Final = "decompression_bomb"
     TOO_SMALL: Final = "too_small"
+    ASPECT_RATIO: Final = "aspect_ratio"
     # archive members (fastfetch.archive)
     CORRUPT: Final = "corrupt"
     ZIP_BOMB: Final = "zip_bomb"
@@ -96,6 +97,7 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     R.DECODE_ERROR: ReasonInfo("an image that cannot be decoded (truncated, corrupt)"),
     R.DECOMPRESSION_BOMB: ReasonInfo("more pixels than any real image holds"),
     R.TOO_SMALL: ReasonInfo("short side below --min-size"),
+    R.ASPECT_RATIO: ReasonInfo("long side over short side above --max-aspect-ratio (listed or real sizes)"),
     R.CORRUPT: ReasonInfo("an archive member that cannot be read"),
     R.ZIP_BOMB: ReasonInfo("a zip member that inflates far beyond its stored size"),
     R.ENCRYPTED: ReasonInfo("an encrypted zip member"),

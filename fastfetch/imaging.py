@@ -58,6 +58,7 @@ class ResizeConfig:
     max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
     reduced_decode: bool = True  # libjpeg DCT scaling when shrinking ≥ 2×
     keep_original_jpeg: bool = True  # store untouched JPEG bytes when nothing needs changing
+    max_aspect_ratio: float | None = None  # long side / short side above this: rejected (--max-aspect-ratio)
 
 
 class Processed(NamedTuple):
@@ -171,6 +172,8 @@ def _process_open(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Processed:
     width, height = (raw_h, raw_w) if swap else (raw_w, raw_h)
     if min(width, height) < cfg.min_size:
         return Processed(R.TOO_SMALL, original_width=width, original_height=height)
+    if cfg.max_aspect_ratio is not None and max(width, height) > cfg.max_aspect_ratio * max(min(width, height), 1):
+        return Processed(R.ASPECT_RATIO, original_width=width, original_height=height)
 
     tw, th = target_size(width, height, cfg.max_size)
     is_jpeg = im.format == "JPEG"

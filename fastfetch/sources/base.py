@@ -113,6 +113,7 @@ class RunContext:
     unit_size: int = 10_000  # rows of a URL list per unit
     limit: int | None = None  # only the first rows of a URL list
     format: OutputFormat = OutputFormat.FASTFETCH
+    max_aspect_ratio: float | None = None  # lists with listed sizes drop the rows above it before downloading
 
 
 class Source:

@@ -75,6 +75,13 @@ class UrlsOptions(SourceOptions):
         help="comma-separated extra columns copied into each MDS row (default: none; laion: "
         "similarity, punsafe, pwatermark, aesthetic score where present)",
     )
+    listed_size: str | None = flag(
+        None,
+        metavar="W,H",
+        help="the list's width and height columns: rows listed with a short side below --min-size "
+        "(listed_too_small) or above --max-aspect-ratio (aspect_ratio) are dropped before downloading "
+        "(default: none; laion: WIDTH,HEIGHT; '' turns it off)",
+    )
     url_dedup: str = flag(
         "list",
         choices=("list", "file", "none"),
@@ -112,6 +119,7 @@ class UrlsSource(Source):
     default_url_col: ClassVar[str] = "url"
     default_caption_col: ClassVar[str] = "caption"
     default_keep_cols: ClassVar[tuple[str, ...]] = ()
+    default_listed_size: ClassVar[str | None] = None
 
     Options: ClassVar[type[SourceOptions]] = UrlsOptions
     options: UrlsOptions
@@ -446,38 +454,58 @@ class UrlsSource(Source):
             arrays[f"x_{name}"] = kinds.stored(col, kind, actual, str(path))
         return pa.RecordBatch.from_pydict(arrays), batch_kinds
 
-    # -- filters (none for plain lists; the LAION preset adds its own) --------------------------
-    def filters(self) -> dict[str, float | None]:
-        return {}
+    # -- filters (listed sizes when the list has them; the LAION preset adds its own) -----------
+    @property
+    def size_cols(self) -> tuple[str, str] | None:
+        """The list's width and height columns (``--listed-size``; laion: WIDTH,HEIGHT), or None."""
+        spec = self.default_listed_size if self.options.listed_size is None else self.options.listed_size
+        if not spec:
+            return None
+        parts = [p.strip() for p in spec.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise UsageError(f"--listed-size {spec!r}: give the width and height columns, e.g. --listed-size width,height")
+        return parts[0], parts[1]
+
+    def filters(self) -> dict[str, Any]:
+        sizes = self.size_cols
+        if sizes is None:
+            return {}
+        aspect = self.ctx.max_aspect_ratio
+        return {"listed_size": ",".join(sizes), "min_size": self.ctx.min_size, **({"max_aspect_ratio": aspect} if aspect else {})}
 
     def _filter_columns(self) -> list[tuple[str, str, str, float]]:
-        """The active filters as (reason, column, 'max'|'min', threshold)."""
-        return []
+        """The active filters as (reason, column, 'max'|'min', threshold). The listed size
+        predicts the real one: rows listed too small are never downloaded."""
+        sizes = self.size_cols
+        if sizes is None:
+            return []
+        return [
+            (R.LISTED_TOO_SMALL, sizes[0], "min", self.ctx.min_size),
+            (R.LISTED_TOO_SMALL, sizes[1], "min", self.ctx.min_size),
+        ]
 
     def _filter_mask(
         self, path: Path, batch: pa.RecordBatch, found: dict[str, str | None], filtered: Counter[str]
     ) -> pa.Array | None:
         keep = None
-        for reason, col, op, threshold in self._filter_columns():
-            actual = found.get(col)
-            if actual is None:
-                continue
-            column = _column(batch, actual)
-            if pa.types.is_binary(column.type):
-                column = pc.if_else(pc.equal(as_text(column), ""), None, as_text(column))
-            try:
-                values = pc.cast(column, pa.float64(), safe=False)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise UsageError(
-                    f"column {actual!r} of {path} is filtered on as a number ({reason}) but holds "
-                    f"{column.type} values that are not numbers: {str(exc)[:120]}"
-                ) from exc
-            bad = pc.greater(values, threshold) if op == "max" else pc.less(values, threshold)
-            bad = pc.fill_null(bad, False)
+
+        def drop(reason: str, bad: pa.Array) -> None:
+            nonlocal keep
+            bad = pc.fill_null(bad, False)  # an unknown value drops nothing
             if keep is not None:
                 bad = pc.and_(bad, keep)  # count each row under its first failing filter only
             filtered[reason] += pc.sum(bad).as_py() or 0
             keep = pc.invert(bad) if keep is None else pc.and_(keep, pc.invert(bad))
+
+        for reason, col, op, threshold in self._filter_columns():
+            actual = found.get(col)
+            if actual is not None:
+                values = _numbers(path, batch, actual, reason)
+                drop(reason, pc.greater(values, threshold) if op == "max" else pc.less(values, threshold))
+        sizes, limit = self.size_cols, self.ctx.max_aspect_ratio
+        if sizes is not None and limit is not None and found.get(sizes[0]) and found.get(sizes[1]):
+            w, h = (_numbers(path, batch, found[c] or "", R.ASPECT_RATIO) for c in sizes)
+            drop(R.ASPECT_RATIO, pc.greater(pc.max_element_wise(w, h), pc.multiply(pc.min_element_wise(w, h), limit)))
         return keep
 
     # -- items ---------------------------------------------------------------------------------
@@ -521,16 +549,17 @@ class LaionSource(UrlsSource):
     default_url_col = "URL"
     default_caption_col = "TEXT"
     default_keep_cols = ("similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "aesthetic")
+    default_listed_size = "WIDTH,HEIGHT"
 
     Options = LaionOptions
     options: LaionOptions
 
-    def filters(self) -> dict[str, float | None]:
+    def filters(self) -> dict[str, Any]:
         return {
             "max_punsafe": self.options.max_punsafe,
             "max_pwatermark": self.options.max_pwatermark,
             "min_aesthetic": self.options.min_aesthetic,
-            "min_size": self.ctx.min_size,
+            **super().filters(),
         }
 
     def _filter_columns(self) -> list[tuple[str, str, str, float]]:
@@ -542,10 +571,7 @@ class LaionSource(UrlsSource):
             active.append((R.PWATERMARK, "pwatermark", "max", a.max_pwatermark))
         if a.min_aesthetic is not None:
             active.append((R.LOW_AESTHETIC, "AESTHETIC_SCORE", "min", a.min_aesthetic))
-        # The listed size predicts the real one: rows listed too small are never downloaded.
-        active.append((R.LISTED_TOO_SMALL, "WIDTH", "min", self.ctx.min_size))
-        active.append((R.LISTED_TOO_SMALL, "HEIGHT", "min", self.ctx.min_size))
-        return active
+        return active + super()._filter_columns()
 
     def _resolve_columns(self, path: Path, schema: pa.Schema, strict: bool = True) -> dict[str, Any]:
         mapping = super()._resolve_columns(path, schema, strict)
@@ -566,6 +592,20 @@ def _first_rows(batches: Iterator[tuple[Path, pa.RecordBatch, dict[str, str]]], 
             return
         seen += batch.num_rows
         yield batch_kinds
+
+
+def _numbers(path: Path, batch: pa.RecordBatch, actual: str, reason: str) -> pa.Array:
+    """A column filtered on, as float64 (csv's bytes read as numbers; empty: null)."""
+    column = _column(batch, actual)
+    if pa.types.is_binary(column.type):
+        column = pc.if_else(pc.equal(as_text(column), ""), None, as_text(column))
+    try:
+        return pc.cast(column, pa.float64(), safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise UsageError(
+            f"column {actual!r} of {path} is filtered on as a number ({reason}) but holds "
+            f"{column.type} values that are not numbers: {str(exc)[:120]}"
+        ) from exc
 
 
 def _kind(path: Path, column: str, arrow_type: pa.DataType) -> str:

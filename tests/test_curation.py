@@ -1,0 +1,57 @@
+"""Curation while downloading: shape filters on the listed sizes (before any request) and on the
+real ones (--max-aspect-ratio, --listed-size)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch
+from tests.test_fetch_urls import stats_of, write_list
+
+NET = ("--allow-private-networks", "--workers", "1")
+
+
+def _shapes(server: LoopbackServer) -> list[dict]:
+    """(real size, listed size): a square; a panorama listed as one; a small image listed as
+    one; a panorama listed as a square (the list lies: only its pixels tell); no listed size."""
+    shapes = [
+        ((300, 300), (300, 300)),
+        ((900, 300), (900, 300)),
+        ((200, 200), (200, 200)),
+        ((700, 300), (300, 300)),
+        ((300, 320), None),
+    ]
+    rows = []
+    for i, (real, listed) in enumerate(shapes):
+        server.routes[f"/s/{i}.jpg"] = make_image(*real, seed=i)
+        row = {"url": server.url(f"/s/{i}.jpg"), "caption": f"c{i}"}
+        if listed is not None:
+            row |= {"width": listed[0], "height": listed[1]}
+        rows.append(row)
+    return rows
+
+
+def test_aspect_ratio_and_listed_sizes(tmp_path: Path, server: LoopbackServer) -> None:
+    listing = write_list(tmp_path / "l.jsonl", _shapes(server))
+    base = ("--dataset", "urls", "--urls", listing, *NET)
+
+    proc = run_fetch(*base, "--out", tmp_path / "real", "--max-aspect-ratio", "2")  # no listed sizes: the pixels decide
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["caption"] for r in read_mds(tmp_path / "real" / "mds")) == ["c0", "c4"]
+    assert stats_of(tmp_path / "real")["rejected"] == {"aspect_ratio": 2, "too_small": 1}
+    assert all(server.hits[f"/s/{i}.jpg"] == 1 for i in range(5))
+
+    server.hits.clear()
+    listed = ("--listed-size", "width,height", "--max-aspect-ratio", "2")
+    proc = run_fetch(*base, "--out", tmp_path / "listed", *listed)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["caption"] for r in read_mds(tmp_path / "listed" / "mds")) == ["c0", "c4"]
+    assert stats_of(tmp_path / "listed")["rejected"] == {"aspect_ratio": 2, "listed_too_small": 1}
+    assert [server.hits[f"/s/{i}.jpg"] for i in range(5)] == [1, 0, 0, 1, 1]  # the listed panorama and small one: never requested
+
+    proc = run_fetch(*base, "--out", tmp_path / "listed", "--max-aspect-ratio", "3", "--listed-size", "width,height")
+    assert proc.returncode == 2 and "max_aspect_ratio: 2.0 → 3.0" in proc.stderr, proc.stderr  # a setting that changes units
+    proc = run_fetch(*base, "--out", tmp_path / "bad", "--max-aspect-ratio", "0.5")
+    assert proc.returncode == 2 and "1 or more" in proc.stderr
+    proc = run_fetch(*base, "--out", tmp_path / "bad", "--listed-size", "width")
+    assert proc.returncode == 2 and "--listed-size" in proc.stderr and "Traceback" not in proc.stderr
