@@ -16,7 +16,7 @@ from fastfetch.config import RunConfig, Selection
 from fastfetch.errors import UsageError, transient_names
 from fastfetch.formats import MOSAIC_BUCKETS, OutputFormat
 from fastfetch.http import USER_AGENT, FetchConfig
-from fastfetch.imaging import RESIZE_FILTERS, ResizeConfig
+from fastfetch.imaging import HASHES, RESIZE_FILTERS, ResizeConfig
 from fastfetch.nodes import Node, detect
 from fastfetch.redact import redact
 from fastfetch.resize_pool import default_workers
@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="drop images whose long side is more than R times their short side (aspect_ratio; default: "
         "keep all); URL lists with listed sizes (laion, --listed-size) drop them before downloading",
+    )
+    img.add_argument(
+        "--hashes",
+        default="",
+        metavar="sha256[,md5]",
+        help="store these digests of each kept image's original downloaded bytes as columns of the same names "
+        "(hex; computed by the resize workers, no second pass; default: none)",
     )
     img.add_argument(
         "--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)"
@@ -245,6 +252,9 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError(f"--quality must be in 1..100 (got {args.quality})")
     if args.max_aspect_ratio is not None and not args.max_aspect_ratio >= 1:
         raise UsageError(f"--max-aspect-ratio is long side / short side: 1 or more (got {args.max_aspect_ratio})")
+    hashes = tuple(dict.fromkeys(h.strip().lower() for h in args.hashes.split(",") if h.strip()))
+    if set(hashes) - set(HASHES):
+        raise UsageError(f"--hashes {args.hashes}: choose among {', '.join(HASHES)} (comma-separated)")
     if args.per_host_rps is not None and not args.per_host_rps > 0:
         raise UsageError(f"--per-host-rps must be positive (got {args.per_host_rps})")
     if args.workers < 0 or args.retries < 0 or (args.limit is not None and args.limit <= 0):
@@ -274,7 +284,9 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         output=_output(args),
         local_cache=args.local_cache.expanduser().absolute() if args.ray and args.local_cache else args.local_cache,
         source_options=options.resolved() if args.ray else options,
-        resize=ResizeConfig(min_size, args.max_size, args.resize_filter, args.quality, max_aspect_ratio=args.max_aspect_ratio),
+        resize=ResizeConfig(
+            min_size, args.max_size, args.resize_filter, args.quality, max_aspect_ratio=args.max_aspect_ratio, hashes=hashes
+        ),
         workers=args.workers,
         fetch=fetch,
         format=output_format,

@@ -105,6 +105,7 @@ class RunConfig:
             "resize_filter": self.resize.resize_filter,
             "quality": self.resize.quality,
             **({"max_aspect_ratio": self.resize.max_aspect_ratio} if self.resize.max_aspect_ratio is not None else {}),
+            **({"hashes": list(self.resize.hashes)} if self.resize.hashes else {}),
             "unit_size": self.unit_size,
             "buckets": list(self.buckets),
             **({"format": self.format.value} if self.format is not OutputFormat.FASTFETCH else {}),

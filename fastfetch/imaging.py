@@ -13,6 +13,7 @@ project, because decoding is where a fetch spends its CPU:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ class ResizeConfig:
     reduced_decode: bool = True  # libjpeg DCT scaling when shrinking ≥ 2×
     keep_original_jpeg: bool = True  # store untouched JPEG bytes when nothing needs changing
     max_aspect_ratio: float | None = None  # long side / short side above this: rejected (--max-aspect-ratio)
+    hashes: tuple[str, ...] = ()  # hashlib names: digests of a kept image's original bytes (--hashes)
+
+
+HASHES = ("sha256", "md5")  # what --hashes may ask for (md5: what mosaic's LAION pipeline records)
 
 
 class Processed(NamedTuple):
@@ -76,6 +81,16 @@ class Processed(NamedTuple):
     height: int = 0
     original_width: int = 0
     original_height: int = 0
+    digests: str = ""  # a kept image's ``ResizeConfig.hashes`` of the original bytes, hex, comma-separated
+
+
+def process_and_hash(data: bytes, cfg: ResizeConfig) -> Processed:
+    """``process``, and the content hashes of a kept image's original bytes (``cfg.hashes``),
+    computed by the process that holds them anyway (a resize worker), never in a second pass."""
+    out = process(data, cfg)
+    if cfg.hashes and out.reason is None:
+        out = out._replace(digests=",".join(hashlib.new(name, data).hexdigest() for name in cfg.hashes))
+    return out
 
 
 def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:

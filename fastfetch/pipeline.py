@@ -236,8 +236,8 @@ class Pipeline:
     def _columns(self, have_done_units: bool) -> dict[str, str]:
         """The MDS columns of every unit: fastfetch's own, then the source's, which may never
         replace one of fastfetch's; and the same as the done units were written with."""
-        extra = self.source.extra_columns()
-        clash = sorted(set(extra) & set(BASE_COLUMNS))
+        extra = {**self.source.extra_columns(), **{name: "str" for name in self.resizer.cfg.hashes}}
+        clash = sorted(set(self.source.extra_columns()) & (set(BASE_COLUMNS) | set(self.resizer.cfg.hashes)))
         if clash:
             raise UsageError(
                 f"column(s) {', '.join(clash)} would replace the one(s) fastfetch writes itself; keep them under "

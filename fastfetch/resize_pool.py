@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastfetch.body import Body, body_bytes, body_len, body_pieces
-from fastfetch.imaging import Processed, ResizeConfig, process
+from fastfetch.imaging import Processed, ResizeConfig, process_and_hash
 from fastfetch.resize_worker import RESULT, TASK
 from fastfetch.stats import peak_rss_mb
 
@@ -91,7 +91,7 @@ class _Results(asyncio.BufferedProtocol):
             return
         if self._fields is None:  # a header: then its reason and data, if it has any
             fields = RESULT.unpack(self._header)
-            size = fields[0] + max(fields[5], 0)
+            size = fields[0] + fields[6] + max(fields[5], 0)
             if size:
                 self._fields, self._body = fields, bytearray(size)
                 self._target, self._filled = memoryview(self._body), 0
@@ -103,13 +103,14 @@ class _Results(asyncio.BufferedProtocol):
         self._target, self._filled = memoryview(self._header), 0
 
     def _complete(self, fields: tuple[int, ...], body: bytearray | bytes) -> None:
-        rlen, width, height, ow, oh, dlen = fields
+        rlen, width, height, ow, oh, dlen, hlen = fields
         reason = body[:rlen].decode() if rlen else None
-        out: Body | None = (memoryview(body)[rlen:],) if dlen > 0 else (b"" if dlen == 0 else None)
+        digests = body[rlen : rlen + hlen].decode() if hlen else ""
+        out: Body | None = (memoryview(body)[rlen + hlen :],) if dlen > 0 else (b"" if dlen == 0 else None)
         future, _ = self._worker.pending.popleft()
         self._worker.answered += 1
         if not future.done():  # the caller may have been cancelled meanwhile
-            future.set_result(Processed(reason, out, width, height, ow, oh))
+            future.set_result(Processed(reason, out, width, height, ow, oh, digests))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost(self._worker)
@@ -141,7 +142,7 @@ class ResizePool:
             if self._broken is not None:
                 raise RuntimeError(self._broken)  # a new one each time: a shared instance's traceback would grow
             if not self._workers:
-                return process(body_bytes(data), self.cfg)
+                return process_and_hash(body_bytes(data), self.cfg)
             worker = min(self._workers, key=lambda w: w.load)
             future: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
             await self._send(worker, future, data)

@@ -9,7 +9,8 @@ Frames on the socket (both directions, in order):
 
 * a task: ``TASK`` (body length), then the body;
 * a result: ``RESULT`` (reason length, width, height, original width and height, data length
-  or -1 for "keep the original bytes"), then the reason, then the new JPEG.
+  or -1 for "keep the original bytes", digests length), then the reason, the digests (ASCII),
+  then the new JPEG.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import signal
 import socket
 import struct
 import sys
+from typing import Any
 
 from fastfetch.heap import keep_freed_memory
-from fastfetch.imaging import ResizeConfig, process, warm_up
+from fastfetch.imaging import ResizeConfig, process_and_hash, warm_up
 
 TASK = struct.Struct("<Q")  # body length
-RESULT = struct.Struct("<iiiiiq")  # reason length, width, height, original w, h, data length (-1: keep original)
+RESULT = struct.Struct("<iiiiiqi")  # reason length, width, height, original w, h, data length (-1: keep original), digests length
 
 
 def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
@@ -49,15 +51,22 @@ def serve(sock: socket.socket, cfg: ResizeConfig, parent: int) -> None:
         body = _read_exactly(sock, TASK.unpack(head)[0])
         if body is None:
             return
-        out = process(body, cfg)
-        reason = (out.reason or "").encode()
+        out = process_and_hash(body, cfg)
+        reason, digests = (out.reason or "").encode(), out.digests.encode()
         data = out.data
         assert data is None or isinstance(data, bytes)  # process() encodes into one bytes object
         frame = (
             RESULT.pack(
-                len(reason), out.width, out.height, out.original_width, out.original_height, -1 if data is None else len(data)
+                len(reason),
+                out.width,
+                out.height,
+                out.original_width,
+                out.original_height,
+                -1 if data is None else len(data),
+                len(digests),
             )
             + reason
+            + digests
         )
         _send(sock, frame, data)
 
@@ -90,7 +99,10 @@ def _main(argv: list[str]) -> None:
     if len(argv) != 3:
         sys.exit("usage: python -m fastfetch.resize_worker SOCKET_FD PARENT_PID CONFIG_JSON (started by ResizePool)")
     fd, parent, config = argv
-    serve(socket.socket(fileno=int(fd)), ResizeConfig(**json.loads(config)), int(parent))
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(config).items()
+    }  # JSON has no tuples
+    serve(socket.socket(fileno=int(fd)), ResizeConfig(**fields), int(parent))
     # Nothing is left to flush (every answer was sent with sendall): skip the interpreter's
     # teardown, which the parent would otherwise wait for at the end of every run.
     os._exit(0)

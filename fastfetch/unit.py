@@ -267,6 +267,8 @@ class UnitWork:
             original_height=processed.original_height,
             key=item.key,
         )
+        if processed.digests:
+            row.update(zip(self.resizer.cfg.hashes, processed.digests.split(","), strict=True))
         if self.layout.format is OutputFormat.MOSAIC:
             row = formats.to_mosaic(row, item.extra)
         writer.write(row)

@@ -1,8 +1,9 @@
 """Curation while downloading: shape filters on the listed sizes (before any request) and on the
-real ones (--max-aspect-ratio, --listed-size)."""
+real ones (--max-aspect-ratio, --listed-size), and content hashes of the downloaded bytes (--hashes)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch
@@ -55,3 +56,38 @@ def test_aspect_ratio_and_listed_sizes(tmp_path: Path, server: LoopbackServer) -
     assert proc.returncode == 2 and "1 or more" in proc.stderr
     proc = run_fetch(*base, "--out", tmp_path / "bad", "--listed-size", "width")
     assert proc.returncode == 2 and "--listed-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_content_hashes_of_the_original_bytes(tmp_path: Path, server: LoopbackServer) -> None:
+    served = {f"/h/{i}.jpg": make_image(*((700, 600) if i % 2 else (300, 300)), seed=i) for i in range(4)}  # two resized
+    server.routes.update(served)
+    listing = write_list(tmp_path / "l.jsonl", [{"url": server.url(p), "caption": p} for p in served])
+    for workers in ("1", "0"):  # in a resize worker, or inline
+        out = tmp_path / f"w{workers}"
+        proc = run_fetch(
+            "--dataset",
+            "urls",
+            "--urls",
+            listing,
+            "--out",
+            out,
+            "--allow-private-networks",
+            "--workers",
+            workers,
+            "--hashes",
+            "sha256,md5",
+        )
+        assert proc.returncode == 0, proc.stderr
+        rows = read_mds(out / "mds")
+        assert len(rows) == 4 and {min(r["width"], r["height"]) for r in rows} == {300, 512}
+        for r in rows:  # of the bytes downloaded, also where the stored JPEG is a resized one
+            assert r["sha256"] == hashlib.sha256(served[r["caption"]]).hexdigest()
+            assert r["md5"] == hashlib.md5(served[r["caption"]]).hexdigest()
+    assert "sha256" not in read_mds_columns(tmp_path / "plain", listing)  # off by default
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "x", "--hashes", "sha1")
+    assert proc.returncode == 2 and "sha256, md5" in proc.stderr
+
+
+def read_mds_columns(out: Path, listing: Path) -> set[str]:
+    assert run_fetch("--dataset", "urls", "--urls", listing, "--out", out, *NET).returncode == 0
+    return set(read_mds(out / "mds")[0])

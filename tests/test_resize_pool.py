@@ -59,15 +59,22 @@ def test_a_burst_of_tasks_at_the_start_is_shared_between_the_workers() -> None:
 def test_result_frames_are_parsed_whatever_sizes_the_reads_come_in() -> None:
     """Frames as a worker writes them, received in reads of 1 byte, 5 bytes and all at once."""
     jpeg = make_image(64, 48)
-    frames = [(b"", 600, 400, 900, 600, jpeg), (b"too_small", 0, 0, 100, 80, None), (b"", 512, 512, 512, 512, b"")]
+    digest = b"e3b0c442" * 8 + b",d41d8cd98f00b204e9800998ecf8427e"
+    frames = [
+        (b"", 600, 400, 900, 600, jpeg, digest),
+        (b"too_small", 0, 0, 100, 80, None, b""),
+        (b"", 512, 512, 512, 512, b"", b""),
+        (b"", 300, 300, 300, 300, None, digest),  # the original kept, with its digests
+    ]
     stream = b"".join(
-        RESULT.pack(len(reason), w, h, ow, oh, -1 if data is None else len(data)) + reason + (data or b"")
-        for reason, w, h, ow, oh, data in frames
+        RESULT.pack(len(reason), w, h, ow, oh, -1 if data is None else len(data), len(dig)) + reason + dig + (data or b"")
+        for reason, w, h, ow, oh, data, dig in frames
     )
     expected = [
-        Processed(None, jpeg, 600, 400, 900, 600),
+        Processed(None, jpeg, 600, 400, 900, 600, digest.decode()),
         Processed("too_small", None, 0, 0, 100, 80),
         Processed(None, b"", 512, 512, 512, 512),
+        Processed(None, None, 300, 300, 300, 300, digest.decode()),
     ]
 
     async def receive(read_size: int) -> list[Processed]:
