@@ -31,7 +31,7 @@ from fastfetch.resize_pool import ResizePool
 from fastfetch.sources.base import Item, Source, Unit
 from fastfetch.stats import Progress, RunCounters
 from fastfetch.storage import StorageError, is_disk_full
-from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, UnitWork, only
+from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, UnitWork, cancel_all, only
 
 MAX_OPEN_UNITS = 4
 #: runs one unit in another process and returns its result (``fastfetch.cluster``)
@@ -102,14 +102,6 @@ class PlanDigest:
 async def _batches(units: list[Unit]) -> AsyncIterator[list[Unit]]:
     if units:
         yield units
-
-
-async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
-    """Cancel the tasks still running and wait until they have rolled back."""
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def node_of(unit_id: str, node_count: int) -> int:
@@ -284,7 +276,7 @@ class Pipeline:
             if fatal:
                 raise fatal[0]
         finally:
-            await _cancel(open_units)
+            await cancel_all(open_units)
             self._close_progress()
 
     async def run_elsewhere(self, todo: AsyncIterator[list[Unit]], submit: Submit, in_flight: int, config: RunConfig) -> None:
@@ -304,7 +296,7 @@ class Pipeline:
                 for task in finished:
                     task.result()
         finally:
-            await _cancel(running)
+            await cancel_all(running)
             self._close_progress()
 
     async def _scheduled(self, todo: AsyncIterator[list[Unit]]) -> AsyncIterator[Unit]:

@@ -198,7 +198,7 @@ class UnitWork:
                 raise failures[0]
         except BaseException as exc:
             handed_out.set()
-            await _cancel_all(tasks)
+            await cancel_all(tasks)
             await asyncio.to_thread(writer.discard)
             if isinstance(exc, Exception):
                 raise UnitFailed(unit.id, exc) from exc
@@ -280,7 +280,8 @@ def _null_value(encoding: str) -> Any:
     return {"float64": float("nan"), "float32": float("nan"), "str": ""}.get(encoding)
 
 
-async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel the tasks still running and wait until they have rolled back."""
     for task in list(tasks):
         task.cancel()
     if tasks:
