@@ -250,11 +250,12 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError(f"--min-size {min_size} is larger than --max-size {args.max_size}")
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be in 1..100 (got {args.quality})")
-    if args.max_aspect_ratio is not None and not args.max_aspect_ratio >= 1:
+    if args.max_aspect_ratio is not None and not 1 <= args.max_aspect_ratio < float("inf"):
         raise UsageError(f"--max-aspect-ratio is long side / short side: 1 or more (got {args.max_aspect_ratio})")
-    hashes = tuple(dict.fromkeys(h.strip().lower() for h in args.hashes.split(",") if h.strip()))
-    if set(hashes) - set(HASHES):
+    asked = {h.strip().lower() for h in args.hashes.split(",") if h.strip()}
+    if asked - set(HASHES):
         raise UsageError(f"--hashes {args.hashes}: choose among {', '.join(HASHES)} (comma-separated)")
+    hashes = tuple(h for h in HASHES if h in asked)  # one order whatever the flag's: the same setting
     if args.per_host_rps is not None and not args.per_host_rps > 0:
         raise UsageError(f"--per-host-rps must be positive (got {args.per_host_rps})")
     if args.workers < 0 or args.retries < 0 or (args.limit is not None and args.limit <= 0):
@@ -309,6 +310,11 @@ def _check_ray(args: argparse.Namespace) -> None:
         )
     if args.merge:
         raise UsageError("--merge is for runs split with --node-rank/--num-nodes; a --ray run merges by itself")
+    if args.per_host_rps is not None:
+        raise UsageError(
+            "--per-host-rps paces the requests of one process, and with --ray every unit task would pace on its own: "
+            "run the list without --ray, or split it by host"
+        )
     if args.ray_tasks is not None and args.ray_tasks <= 0:
         raise UsageError(f"--ray-tasks must be positive (got {args.ray_tasks})")
     if not args.ray.strip():

@@ -51,6 +51,7 @@ class Reason:
     TOO_MANY_REDIRECTS: Final = "too_many_redirects"
     ROBOTS_OPTOUT: Final = "robots_optout"
     ROBOTS_TXT: Final = "robots_txt"
+    ROBOTS_TXT_UNAVAILABLE: Final = "robots_txt_unavailable"
     # images (fastfetch.imaging)
     NOT_AN_IMAGE: Final = "not_an_image"
     DECODE_ERROR: Final = "decode_error"
@@ -92,7 +93,10 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     R.PRIVATE_ADDRESS: ReasonInfo("the host is or resolves to a private address (--allow-private-networks)"),
     R.TOO_MANY_REDIRECTS: ReasonInfo("more than --max-redirects redirects"),
     R.ROBOTS_OPTOUT: ReasonInfo("X-Robots-Tag opts the image out (--ignore-robots)"),
-    R.ROBOTS_TXT: ReasonInfo("the host's robots.txt disallows the URL to --user-agent (--respect-robots-txt), or cannot be read"),
+    R.ROBOTS_TXT: ReasonInfo("the host's robots.txt disallows the URL to --user-agent (--respect-robots-txt)"),
+    R.ROBOTS_TXT_UNAVAILABLE: ReasonInfo(
+        "the host's robots.txt could not be read (5xx, unreachable): everything disallowed, as RFC 9309 asks", transient=True
+    ),
     R.NOT_AN_IMAGE: ReasonInfo("the bytes are no image format Pillow knows"),
     R.DECODE_ERROR: ReasonInfo("an image that cannot be decoded (truncated, corrupt)"),
     R.DECOMPRESSION_BOMB: ReasonInfo("more pixels than any real image holds"),

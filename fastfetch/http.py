@@ -308,6 +308,8 @@ class Fetcher:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        if self.robots is not None:
+            self.robots.close()
         if self._session is not None:
             await self._session.close()
 
@@ -364,16 +366,20 @@ class Fetcher:
 
         The body's bytes stay reserved in ``self.budget`` until the caller calls ``release``.
         """
+        # robots.txt and the host's pace are waited for before a request slot is taken: a host
+        # that answers slowly, or is asked slowly, must not hold up the others' requests
+        if self.robots is not None and (refused := await self.robots.refusal(url)) is not None:
+            return FetchResult(None, refused, 0)
+        if self.pacer is not None:
+            await self.pacer.wait(url)
         attempt = 0
         async with self._slots:
-            if self.robots is not None and not await self.robots.allowed(url):
-                return FetchResult(None, R.ROBOTS_TXT, 0)
             while True:
                 attempt += 1
                 ticket = self.budget.ticket()
                 try:
-                    if self.pacer is not None:
-                        await self.pacer.wait(url)
+                    if attempt > 1 and self.pacer is not None:
+                        await self.pacer.wait(url)  # a retry is a request to the host too
                     data = await self._attempt(url, ticket)
                     return FetchResult(data, None, attempt, ticket)
                 except _Reject as exc:

@@ -89,7 +89,8 @@ def process_and_hash(data: bytes, cfg: ResizeConfig) -> Processed:
     computed by the process that holds them anyway (a resize worker), never in a second pass."""
     out = process(data, cfg)
     if cfg.hashes and out.reason is None:
-        out = out._replace(digests=",".join(hashlib.new(name, data).hexdigest() for name in cfg.hashes))
+        # usedforsecurity=False: md5 as a content hash, allowed where FIPS mode forbids it for security
+        out = out._replace(digests=",".join(hashlib.new(name, data, usedforsecurity=False).hexdigest() for name in cfg.hashes))
     return out
 
 

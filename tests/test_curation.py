@@ -56,6 +56,24 @@ def test_aspect_ratio_and_listed_sizes(tmp_path: Path, server: LoopbackServer) -
     assert proc.returncode == 2 and "1 or more" in proc.stderr
     proc = run_fetch(*base, "--out", tmp_path / "bad", "--listed-size", "width")
     assert proc.returncode == 2 and "--listed-size" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_fetch(*base, "--out", tmp_path / "bad", "--max-aspect-ratio", "inf")
+    assert proc.returncode == 2 and "1 or more" in proc.stderr
+
+
+def test_listed_sizes_that_are_no_sizes(tmp_path: Path, server: LoopbackServer) -> None:
+    """A csv's "NA", " 300 ", 0 or -1 as a listed size: unknown (judged on the pixels), never a
+    plan that stops; a --listed-size column the list does not have is refused."""
+    rows = _shapes(server)[:2]  # a square, and a panorama
+    listing = tmp_path / "l.csv"
+    listing.write_text(f"url,caption,w,h\n{rows[0]['url']},c0, 300 ,NA\n{rows[1]['url']},c1,0,-1\n")
+    out = tmp_path / "o"
+    proc = run_fetch(
+        "--dataset", "urls", "--urls", listing, "--out", out, "--listed-size", "w,h", "--max-aspect-ratio", "2", *NET
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert stats_of(out)["rejected"] == {"aspect_ratio": 1} and server.hits["/s/1.jpg"] == 1  # the pixels told
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "o2", "--listed-size", "width,height", *NET)
+    assert proc.returncode == 2 and "'width' (from --listed-size)" in proc.stderr, proc.stderr
 
 
 def test_content_hashes_of_the_original_bytes(tmp_path: Path, server: LoopbackServer) -> None:

@@ -12,7 +12,10 @@ from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch
 from tests.test_fetch_urls import stats_of, write_list
 
 NET = ("--allow-private-networks", "--workers", "1")
-ROBOTS = b"""# groups: ours by name, everyone else's
+ROBOTS = b"""\xef\xbb\xbf# groups: ours by name (a byte-order mark first, as some servers send), everyone else's
+User-agent: image
+Disallow: /
+
 User-agent: fastfetch
 Disallow: /private/
 Allow: /private/ok
@@ -56,7 +59,7 @@ def test_robots_txt_groups_and_rules(tmp_path: Path, server: LoopbackServer) -> 
         "/other/c.png?v=2",
         "/private/ok.jpg",
         "/public/a.jpg",
-    ]  # the longest rule wins; $ ends a path
+    ]  # the longest rule wins; $ ends a path; the group "image" (a word of our agent's comment) is not ours
     assert stats["rejected"] == {"robots_txt": 2}
     assert server.hits["/private/x.jpg"] == 0 and server.hits["/robots.txt"] == 1  # never asked; the file once
 
@@ -73,7 +76,7 @@ def test_robots_txt_that_cannot_be_read(tmp_path: Path, server: LoopbackServer) 
     assert len(kept) == 6 and stats["rejected"] == {}  # no file: no rules
     server.hits.clear()
     stats, kept = _fetch(tmp_path, "down", _serve(server, 503), "--respect-robots-txt", "--retries", "1")
-    assert kept == [] and stats["rejected"] == {"robots_txt": 6}  # a server error: everything disallowed
+    assert kept == [] and stats["rejected"] == {"robots_txt_unavailable": 6}  # a server error: all disallowed, for now
     assert server.hits["/robots.txt"] == 2 and not any(server.hits[p.split("?")[0]] for p in PATHS)
 
 
@@ -109,3 +112,4 @@ def test_retry_after_holds_back_every_request_to_the_host(tmp_path: Path, server
     assert len(kept) == 6 and len(times) == 7  # one 429, then each image once
     times.sort()
     assert times[1] - times[0] >= 1.9  # after "Retry-After: 2", no request of ours to the host for 2 s
+    assert all(b - a >= 0.45 for a, b in zip(times[1:], times[2:], strict=False))  # then spaced again, not a burst

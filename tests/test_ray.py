@@ -79,6 +79,7 @@ def test_ray_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     for args, says in (
         (("--dataset", "urls", "--urls", "x.txt", "--num-nodes", "2"), "drop --node-rank/--num-nodes"),
         (("--dataset", "urls", "--urls", "x.txt", "--merge"), "a --ray run merges by itself"),
+        (("--dataset", "urls", "--urls", "x.txt", "--per-host-rps", "2"), "every unit task would pace on its own"),
     ):
         proc = run_fetch(*args, "--out", tmp_path / "o", "--ray", "127.0.0.1:1")
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr

@@ -431,6 +431,10 @@ class UrlsSource(Source):
                 raise UsageError(f"--keep-cols {wanted}: that is the URL column, already stored (without credentials) as url")
             keep[name] = actual
         filters = {col: find_column(names, col) for _, col, _, _ in self._filter_columns()}
+        if self.options.listed_size and strict:  # named by the user: a list without them is a mistake
+            for col in self.size_cols or ():
+                if filters.get(col) is None:
+                    raise UsageError(f"{path} has no column {col!r} (from --listed-size); its columns are {names}")
         return {"url": url, "caption": caption, "keep": keep, "filters": filters}
 
     def _normalise(
@@ -497,14 +501,15 @@ class UrlsSource(Source):
             filtered[reason] += pc.sum(bad).as_py() or 0
             keep = pc.invert(bad) if keep is None else pc.and_(keep, pc.invert(bad))
 
+        sizes = self.size_cols or ()
         for reason, col, op, threshold in self._filter_columns():
             actual = found.get(col)
             if actual is not None:
-                values = _numbers(path, batch, actual, reason)
+                values = _sizes(batch, actual) if col in sizes else _numbers(path, batch, actual, reason)
                 drop(reason, pc.greater(values, threshold) if op == "max" else pc.less(values, threshold))
-        sizes, limit = self.size_cols, self.ctx.max_aspect_ratio
-        if sizes is not None and limit is not None and found.get(sizes[0]) and found.get(sizes[1]):
-            w, h = (_numbers(path, batch, found[c] or "", R.ASPECT_RATIO) for c in sizes)
+        limit = self.ctx.max_aspect_ratio
+        if sizes and limit is not None and found.get(sizes[0]) and found.get(sizes[1]):
+            w, h = (_sizes(batch, found[c] or "") for c in sizes)
             drop(R.ASPECT_RATIO, pc.greater(pc.max_element_wise(w, h), pc.multiply(pc.min_element_wise(w, h), limit)))
         return keep
 
@@ -606,6 +611,29 @@ def _numbers(path: Path, batch: pa.RecordBatch, actual: str, reason: str) -> pa.
             f"column {actual!r} of {path} is filtered on as a number ({reason}) but holds "
             f"{column.type} values that are not numbers: {str(exc)[:120]}"
         ) from exc
+
+
+def _sizes(batch: pa.RecordBatch, actual: str) -> pa.Array:
+    """A listed width or height as float64; what is no positive number ("NA", "", 0, -1) is
+    unknown (null): such a row is judged on its pixels, never dropped for its listing."""
+    column = _column(batch, actual)
+    try:
+        values = pc.cast(pc.utf8_trim_whitespace(as_text(column)) if not _is_number(column) else column, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = pa.array([_positive(v) for v in column.to_pylist()], pa.float64())
+    return pc.if_else(pc.greater(values, 0), values, pa.scalar(None, pa.float64()))
+
+
+def _is_number(column: pa.Array) -> bool:
+    return pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_decimal(column.type)
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        number = float(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+    return number if number > 0 else None
 
 
 def _kind(path: Path, column: str, arrow_type: pa.DataType) -> str:
