@@ -82,19 +82,8 @@ def test_content_hashes_of_the_original_bytes(tmp_path: Path, server: LoopbackSe
     listing = write_list(tmp_path / "l.jsonl", [{"url": server.url(p), "caption": p} for p in served])
     for workers in ("1", "0"):  # in a resize worker, or inline
         out = tmp_path / f"w{workers}"
-        proc = run_fetch(
-            "--dataset",
-            "urls",
-            "--urls",
-            listing,
-            "--out",
-            out,
-            "--allow-private-networks",
-            "--workers",
-            workers,
-            "--hashes",
-            "sha256,md5",
-        )
+        args = ("--urls", listing, "--out", out, "--workers", workers, "--hashes", "md5,sha256")  # stored in one order
+        proc = run_fetch("--dataset", "urls", "--allow-private-networks", *args)
         assert proc.returncode == 0, proc.stderr
         rows = read_mds(out / "mds")
         assert len(rows) == 4 and {min(r["width"], r["height"]) for r in rows} == {300, 512}
