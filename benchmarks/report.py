@@ -63,6 +63,11 @@ def sections() -> str:
             rows.append(
                 f"| this session's changes (commit {url['args'].get('before')} → now), same run | {b['kept_per_s']:.1f} → {s['fetch']['kept_per_s']:.1f} kept img/s, CPU {b['cpu_ms_per_url']:.1f} → {s['fetch']['cpu_ms_per_url']:.1f} ms/URL, peak RSS {b['peak_rss_mb']:.0f} → {s['fetch']['peak_rss_mb']:.0f} MB | measured |"
             )
+        if "dedup_rate_ratio" in s:
+            d, f = s["fetch-dedup"], s["fetch"]
+            rows.append(
+                f"| URL mode with `--dedup exact` within 5 % of without (URLs/s; {d['rejected'].get('duplicate_content', 0)} duplicates dropped) | {d['urls_per_s']:.1f} vs {f['urls_per_s']:.1f} URLs/s ({s['dedup_rate_ratio'] - 1:+.1%}), CPU {d['cpu_ms_per_url']:.1f} vs {f['cpu_ms_per_url']:.1f} ms/URL ({s['dedup_cpu_ratio'] - 1:+.1%}) | {verdict(s['dedup_rate_ratio'] >= 0.95)} |"
+            )
         for t in ("fetch", "fetch-before"):
             if f"{t}_cpu_ratio_vs_img2dataset" in s:
                 extra = (

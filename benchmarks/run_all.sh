@@ -10,7 +10,7 @@ URL=() ARCHIVE=()
 if [ ${#ARGS[@]} -eq 0 ]; then
   # Enough work per run that start-up (~0.6 s of imports and planning) weighs as little as
   # it does in a real job: 8000 URLs; 4000 LAION-size and 1920 SA-1B-size archived images.
-  ARGS=(--runs 3) URL=(--repeat 2) ARCHIVE=(--repeat mixed=4,sa1b=8 --tools seed,seed-stock,fetch)
+  ARGS=(--runs 3) URL=(--repeat 2 --tools fetch,img2dataset,fetch-dedup) ARCHIVE=(--repeat mixed=4,sa1b=8 --tools seed,seed-stock,fetch)
 fi
 bash benchmarks/setup.sh
 "$PY" benchmarks/corpus.py $([[ " ${ARGS[*]} " == *" --quick "* ]] && echo --quick)

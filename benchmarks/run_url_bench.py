@@ -199,6 +199,8 @@ def run_one(
         cmd = fetch_cmd(urls, out, args.processes, args.concurrency, help_text)
         if tool == "fetch-before":  # bin/fetch of an older commit (--before REV): what a change gave
             cmd[1] = str(snapshot(args.before) / "bin" / "fetch")
+        if tool == "fetch-dedup":  # the same run with content dedup (--repeat's copies are byte-identical: duplicates)
+            cmd += ["--dedup", "exact"]
         if tool == "fetch-ray":  # the same run as Ray tasks (the Ray head at --ray-address); CPU/RSS: the driver only
             cmd[cmd.index("--workers") + 1] = str(args.ray_workers)
             cmd += ["--ray", args.ray_address]
@@ -229,7 +231,7 @@ def main() -> None:
         "--tools",
         default="fetch,img2dataset",
         help="comma list of fetch, img2dataset, img2dataset-skip (skip_reencode), fetch-before (bin/fetch of commit --before), "
-        "fetch-ray (bin/fetch --ray --ray-address)",
+        "fetch-ray (bin/fetch --ray --ray-address), fetch-dedup (bin/fetch --dedup exact)",
     )
     p.add_argument("--ray-address", default="auto", help="fetch-ray: the Ray cluster (run the whole benchmark inside unshare -n)")
     p.add_argument("--ray-workers", type=int, default=1, help="fetch-ray: --workers of each unit task (its CPUs)")
@@ -343,6 +345,9 @@ def main() -> None:
                 " ".join(s["load"]),
             ]
         )
+    if "fetch" in summary and "fetch-dedup" in summary:  # what --dedup exact costs: input rate and CPU per URL
+        summary["dedup_rate_ratio"] = summary["fetch-dedup"]["urls_per_s"] / summary["fetch"]["urls_per_s"]
+        summary["dedup_cpu_ratio"] = summary["fetch-dedup"]["cpu_ms_per_url"] / summary["fetch"]["cpu_ms_per_url"]
     if "fetch" in summary and "img2dataset" in summary:
         summary["speedup"] = summary["fetch"]["kept_per_s"] / summary["img2dataset"]["kept_per_s"]
     if ceilings:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastfetch import __version__
 from fastfetch.config import RunConfig, Selection
+from fastfetch.dedup import NEAR_BITS, DedupMode
 from fastfetch.errors import UsageError, transient_names
 from fastfetch.formats import MOSAIC_BUCKETS, OutputFormat
 from fastfetch.http import USER_AGENT, FetchConfig
@@ -103,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="sha256[,md5]",
         help="store these digests of each kept image's original downloaded bytes as columns of the same names "
         "(hex; computed by the resize workers, no second pass; default: none)",
+    )
+    img.add_argument(
+        "--dedup",
+        choices=[m.value for m in DedupMode],
+        default=None,
+        help="drop images already kept before them in plan order, in earlier runs into the same --out, or in the "
+        "datasets sharing --dedup-index: exact = the same downloaded bytes (duplicate_content); near = also a "
+        f"perceptual hash within {NEAR_BITS} of 64 bits (near_duplicate: re-encoded, resized, slightly cropped copies)",
+    )
+    img.add_argument(
+        "--dedup-index",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the dedup index file (SQLite) to judge and record kept images in; give several datasets the same file to "
+        "dedup across them (default: dedup.sqlite in --out)",
     )
     img.add_argument(
         "--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)"
@@ -262,6 +279,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         raise UsageError("--workers and --retries must be ≥ 0 and --limit ≥ 1")
     if args.ray is not None:
         _check_ray(args)
+    node = Node() if args.ray else detect(args.node_rank, args.num_nodes)
+    _check_dedup(args, node)
     output_format = OutputFormat(args.format)
     options = source.Options.from_namespace(args)
     fetch = FetchConfig(
@@ -286,8 +305,15 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         local_cache=args.local_cache.expanduser().absolute() if args.ray and args.local_cache else args.local_cache,
         source_options=options.resolved() if args.ray else options,
         resize=ResizeConfig(
-            min_size, args.max_size, args.resize_filter, args.quality, max_aspect_ratio=args.max_aspect_ratio, hashes=hashes
+            min_size,
+            args.max_size,
+            args.resize_filter,
+            args.quality,
+            max_aspect_ratio=args.max_aspect_ratio,
+            hashes=hashes,
+            dedup=args.dedup or "",
         ),
+        dedup_index=args.dedup_index.expanduser().absolute() if args.dedup_index else None,
         workers=args.workers,
         fetch=fetch,
         format=output_format,
@@ -295,7 +321,7 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         unit_size=args.unit_size,
         limit=args.limit,
         selection=Selection(args.subset, tuple(args.ids or ()), args.retry_failed),
-        node=Node() if args.ray else detect(args.node_rank, args.num_nodes),
+        node=node,
         merge_only=args.merge,
         progress=not args.no_progress,
         ray=args.ray,
@@ -319,6 +345,20 @@ def _check_ray(args: argparse.Namespace) -> None:
         raise UsageError(f"--ray-tasks must be positive (got {args.ray_tasks})")
     if not args.ray.strip():
         raise UsageError("--ray needs an address: auto, HOST:PORT or ray://HOST:PORT")
+
+
+def _check_dedup(args: argparse.Namespace, node: Node) -> None:
+    if args.dedup_index is not None and args.dedup is None:
+        raise UsageError("--dedup-index is the index of --dedup: add --dedup exact (or near)")
+    if args.dedup is None:
+        return
+    if args.ray is not None or node.count > 1:
+        raise UsageError(
+            "--dedup judges each unit against every unit before it in plan order, which one machine's run decides: "
+            "run it without --ray and --num-nodes, or keep --hashes sha256 and drop duplicates afterwards"
+        )
+    if args.merge:
+        raise UsageError("--merge only merges node summaries: drop --dedup")
 
 
 def _output(args: argparse.Namespace) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastfetch import storage
+from fastfetch.dedup import DedupIndex, DedupMode
 from fastfetch.formats import OutputFormat
 from fastfetch.http import FetchConfig, Fetcher
 from fastfetch.imaging import ResizeConfig
@@ -47,6 +48,7 @@ class RunConfig:
     progress: bool = True
     ray: str | None = None  # --ray: the Ray cluster that runs the units (auto, HOST:PORT, ray://HOST:PORT)
     ray_tasks: int | None = None  # --ray-tasks: units in flight at once (None: from the cluster's CPUs)
+    dedup_index: Path | None = None  # --dedup-index (None: dedup.sqlite in the state folder); the mode is resize.dedup
 
     @property
     def source_class(self) -> type[Source]:
@@ -78,6 +80,13 @@ class RunConfig:
             self.local_root / "mds", self.node.name, self.buckets, f"{self.output_url}/mds" if self.remote else None, self.format
         )
 
+    def dedup(self) -> DedupIndex | None:
+        """--dedup's index, opened (None without --dedup); its entries are this output's."""
+        if not self.resize.dedup:
+            return None
+        owner = self.output_url if self.remote else str(self.local_root.resolve())
+        return DedupIndex(self.dedup_index or self.state_dir / "dedup.sqlite", owner, DedupMode(self.resize.dedup))
+
     def source(self, fetcher: Fetcher) -> Source:
         """The run's source, not yet opened."""
         ctx = RunContext(
@@ -106,6 +115,8 @@ class RunConfig:
             "quality": self.resize.quality,
             **({"max_aspect_ratio": self.resize.max_aspect_ratio} if self.resize.max_aspect_ratio is not None else {}),
             **({"hashes": list(self.resize.hashes)} if self.resize.hashes else {}),
+            **({"dedup": self.resize.dedup} if self.resize.dedup else {}),
+            **({"dedup_index": str(self.dedup_index)} if self.dedup_index else {}),
             "unit_size": self.unit_size,
             "buckets": list(self.buckets),
             **({"format": self.format.value} if self.format is not OutputFormat.FASTFETCH else {}),

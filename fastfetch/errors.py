@@ -58,6 +58,9 @@ class Reason:
     DECOMPRESSION_BOMB: Final = "decompression_bomb"
     TOO_SMALL: Final = "too_small"
     ASPECT_RATIO: Final = "aspect_ratio"
+    # content dedup (fastfetch.dedup)
+    DUPLICATE_CONTENT: Final = "duplicate_content"
+    NEAR_DUPLICATE: Final = "near_duplicate"
     # archive members (fastfetch.archive)
     CORRUPT: Final = "corrupt"
     ZIP_BOMB: Final = "zip_bomb"
@@ -102,6 +105,8 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     R.DECOMPRESSION_BOMB: ReasonInfo("more pixels than any real image holds"),
     R.TOO_SMALL: ReasonInfo("short side below --min-size"),
     R.ASPECT_RATIO: ReasonInfo("long side over short side above --max-aspect-ratio (listed or real sizes)"),
+    R.DUPLICATE_CONTENT: ReasonInfo("the same bytes as an image kept before it (--dedup)"),
+    R.NEAR_DUPLICATE: ReasonInfo("a perceptual hash within a few bits of an image kept before it (--dedup near)"),
     R.CORRUPT: ReasonInfo("an archive member that cannot be read"),
     R.ZIP_BOMB: ReasonInfo("a zip member that inflates far beyond its stored size"),
     R.ENCRYPTED: ReasonInfo("an encrypted zip member"),

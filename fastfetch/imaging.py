@@ -9,6 +9,14 @@ project, because decoding is where a fetch spends its CPU:
 * a JPEG that must shrink by 2× or more is decoded at reduced scale by libjpeg (``Image.draft``),
   which skips most of the IDCT work;
 * everything else is decoded once, resized once (antialiased) and encoded once.
+
+Content digests for ``--hashes`` and ``--dedup`` are computed here too, by the process that
+holds the bytes and pixels anyway: hashlib digests of the original bytes, and ``phash``, the
+perceptual hash of the decoded image (from the resized pixels when the image was resized; a
+JPEG kept byte for byte is decoded for it at 1/8 scale, which costs a fraction of a full decode).
+``phash`` is the usual DCT hash (imagehash's ``phash``: 32×32 greyscale, the 8×8 lowest
+frequencies against their median, 64 bits) written out in numpy: imagehash would bring scipy and
+PyWavelets into every resize worker for one 32×32 transform.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -60,10 +68,19 @@ class ResizeConfig:
     reduced_decode: bool = True  # libjpeg DCT scaling when shrinking ≥ 2×
     keep_original_jpeg: bool = True  # store untouched JPEG bytes when nothing needs changing
     max_aspect_ratio: float | None = None  # long side / short side above this: rejected (--max-aspect-ratio)
-    hashes: tuple[str, ...] = ()  # hashlib names: digests of a kept image's original bytes (--hashes)
+    hashes: tuple[str, ...] = ()  # hashlib names: digests of a kept image's original bytes stored as columns (--hashes)
+    dedup: str = ""  # "exact" (a sha256 is needed) or "near" (and a phash) for --dedup; "" without
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """The digests computed for each kept image, in the order ``Processed.digests`` gives them:
+        the stored ``hashes``, then what ``dedup`` needs besides."""
+        needed = {"": (), "exact": ("sha256",), "near": ("sha256", PHASH)}[self.dedup]
+        return self.hashes + tuple(d for d in needed if d not in self.hashes)
 
 
 HASHES = ("sha256", "md5")  # what --hashes may ask for (md5: what mosaic's LAION pipeline records)
+PHASH = "phash"  # the perceptual hash's name among the digests (16 hex digits, 64 bits)
 
 
 class Processed(NamedTuple):
@@ -81,17 +98,49 @@ class Processed(NamedTuple):
     height: int = 0
     original_width: int = 0
     original_height: int = 0
-    digests: str = ""  # a kept image's ``ResizeConfig.hashes`` of the original bytes, hex, comma-separated
+    digests: str = ""  # a kept image's ``ResizeConfig.digests``, hex, comma-separated
 
 
 def process_and_hash(data: bytes, cfg: ResizeConfig) -> Processed:
-    """``process``, and the content hashes of a kept image's original bytes (``cfg.hashes``),
-    computed by the process that holds them anyway (a resize worker), never in a second pass."""
+    """``process``, and the digests of a kept image (``cfg.digests``), computed by the process
+    that holds its bytes anyway (a resize worker), never in a second pass."""
     out = process(data, cfg)
-    if cfg.hashes and out.reason is None:
+    if cfg.digests and out.reason is None:
         # usedforsecurity=False: md5 as a content hash, allowed where FIPS mode forbids it for security
-        out = out._replace(digests=",".join(hashlib.new(name, data, usedforsecurity=False).hexdigest() for name in cfg.hashes))
+        values = [
+            out.digests if name == PHASH else hashlib.new(name, data, usedforsecurity=False).hexdigest() for name in cfg.digests
+        ]
+        out = out._replace(digests=",".join(values))
     return out
+
+
+def phash(im: Image.Image) -> str:
+    """The 64-bit DCT perceptual hash of an image, as 16 hex digits (imagehash's ``phash``:
+    near copies differ in a few bits, ``hamming`` counts them)."""
+    import numpy as np  # only a --dedup near run pays for numpy in its workers
+
+    small = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = _dct_rows() @ small @ _dct_rows().T  # the 8×8 lowest frequencies of the 2-D DCT-II
+    bits = (low > np.median(low)).ravel()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def hamming(a: str, b: str) -> int:
+    """Bits in which two ``phash`` values differ."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+_DCT: list[object] = []
+
+
+def _dct_rows() -> Any:
+    """The first 8 rows of the (unnormalised, as scipy's) 32-point DCT-II matrix."""
+    if not _DCT:
+        import numpy as np
+
+        k, n = np.arange(8)[:, None], np.arange(32)[None, :]
+        _DCT.append(2 * np.cos(np.pi * k * (2 * n + 1) / 64))
+    return _DCT[0]
 
 
 def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -142,7 +191,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def process(data: bytes, cfg: ResizeConfig) -> Processed:
-    """Turn downloaded bytes into the stored JPEG, or into a counted rejection reason."""
+    """Turn downloaded bytes into the stored JPEG, or into a counted rejection reason. When
+    ``cfg`` asks for a ``phash``, a kept image's ``digests`` is that (``process_and_hash`` adds
+    the others)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -203,7 +254,7 @@ def _process_open(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Processed:
     ):
         # Nothing to do: the caller stores its own bytes. A file cut short has no end-of-image
         # marker; such a file takes the full decode below, which rejects it.
-        return Processed(None, None, width, height, width, height)
+        return Processed(None, None, width, height, width, height, _small_phash(im) if PHASH in cfg.digests else "")
 
     # Work in stored (unrotated) orientation until the end: rotating the small image is cheaper.
     raw_tw, raw_th = (th, tw) if swap else (tw, th)
@@ -220,4 +271,10 @@ def _process_open(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Processed:
         im = im.transpose(_TRANSPOSE[orientation])
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=cfg.quality)
-    return Processed(None, out.getvalue(), tw, th, width, height)
+    return Processed(None, out.getvalue(), tw, th, width, height, phash(im) if PHASH in cfg.digests else "")
+
+
+def _small_phash(im: Image.Image) -> str:
+    """The phash of a JPEG not otherwise decoded: at the smallest DCT scale that keeps 32×32."""
+    im.draft("L", (64, 64))
+    return phash(im)

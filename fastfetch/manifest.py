@@ -255,8 +255,8 @@ class Manifest:
         """Back to pending (an interrupted unit, rolled back)."""
         self.db.execute("UPDATE units SET state=?, updated=? WHERE id=?", (PENDING, time.time(), unit_id))
 
-    def _tx(self) -> "_Transaction":
-        return _Transaction(self.db)
+    def _tx(self) -> "Transaction":
+        return Transaction(self.db)
 
 
 def _same_unit(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -265,7 +265,9 @@ def _same_unit(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return all(k in new and new[k] == v for k, v in old.items() if k != PREFILTERED)
 
 
-class _Transaction:
+class Transaction:
+    """``with Transaction(db):`` one immediate transaction, rolled back if the block raises."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,12 @@ class UnitWriter:
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
         self._writers: dict[str, MDSWriter] = {}
+        self._written: dict[str, int] = {}  # rows written per bucket
         self.rows = 0
         self.bytes = 0
 
-    def write(self, sample: dict[str, Any]) -> None:
+    def write(self, sample: dict[str, Any]) -> tuple[str, int]:
+        """Append a row; returns where it went (its bucket, its number there), what ``finish`` may drop."""
         bucket = self.layout.bucket_of(min(sample["original_width"], sample["original_height"]))
         writer = self._writers.get(bucket)
         if writer is None:
@@ -107,13 +109,19 @@ class UnitWriter:
         writer.write(sample)
         self.rows += 1
         self.bytes += body_len(sample["jpg"])
+        row = self._written.get(bucket, 0)
+        self._written[bucket] = row + 1
+        return bucket, row
 
-    def finish(self) -> list[str]:
+    def finish(self, drop: Collection[tuple[str, int]] = (), dropped_bytes: int = 0) -> list[str]:
         """Flush, sync and rename every bucket folder into place; upload them when the output
-        is remote. Returns the published folders (relative to the root)."""
+        is remote. Returns the published folders (relative to the root). ``drop``: rows (as
+        ``write`` placed them) left out after all, ``dropped_bytes`` their images' bytes."""
         published = []
+        self.rows -= len(drop)
+        self.bytes -= dropped_bytes
         for bucket, writer in self._writers.items():
-            writer.finish()
+            writer.finish({row for b, row in drop if b == bucket})
             src = self.tmp / (bucket or "all")
             for path in src.iterdir():
                 storage.fsync_path(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -89,7 +90,7 @@ class MDSWriter:
         self._samples: list[bytes] = []
         self._size = 8 + len(self._config_bytes)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mds-shard") if background else None
-        self._pending: Future[None] | None = None  # the shard the thread is writing (at most one)
+        self._pending: Future[dict[str, Any]] | None = None  # the shard the thread is writing (at most one)
         self._failed: BaseException | None = None  # what a shard's write raised: every later call raises it
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -108,7 +109,10 @@ class MDSWriter:
         self._samples.append(data)
         self._size += len(data) + 4
 
-    def finish(self) -> None:
+    def finish(self, drop: Collection[int] = ()) -> None:
+        """Write the last shard and ``index.json``. ``drop``: samples (numbered from 0 in the order
+        written) to leave out after all: the shards holding them are written again without them
+        (a shard left empty goes), the others stay as they are."""
         try:
             if self._failed is not None:
                 raise self._failed
@@ -118,6 +122,8 @@ class MDSWriter:
         finally:
             if self._thread is not None:
                 self._thread.shutdown(wait=True)
+        if drop:
+            self._drop(set(drop))
         with open(os.path.join(self.out, "index.json"), "wb") as f:
             f.write(_json({"version": 2, "shards": self.shards}))
 
@@ -127,7 +133,7 @@ class MDSWriter:
         self._samples = []
         self._size = 8 + len(self._config_bytes)
         if self._thread is None:
-            self._write_shard(samples, len(self.shards))
+            self.shards.append(self._write_shard(samples, len(self.shards)))
         else:
             self._pending = self._thread.submit(self._write_shard, samples, len(self.shards))
 
@@ -137,12 +143,31 @@ class MDSWriter:
         if pending is None:
             return
         try:
-            pending.result()
+            self.shards.append(pending.result())
         except BaseException as exc:
             self._failed = exc
             raise
 
-    def _write_shard(self, samples: list[bytes], index: int) -> None:
+    def _drop(self, drop: set[int]) -> None:
+        kept_shards, first = [], 0
+        for shard in self.shards:
+            n = shard["samples"]
+            gone = {i - first for i in range(first, first + n) if i in drop}
+            first += n
+            if not gone:
+                kept_shards.append(shard)
+                continue
+            path = os.path.join(self.out, shard["raw_data"]["basename"])
+            with open(path, "rb") as f:
+                data = f.read()
+            offsets = struct.unpack_from(f"<{n + 1}I", data, 4)
+            samples = [data[offsets[i] : offsets[i + 1]] for i in range(n) if i not in gone]
+            os.unlink(path)
+            if samples:
+                kept_shards.append(self._write_shard(samples, int(shard["raw_data"]["basename"].split(".")[1])))
+        self.shards = kept_shards
+
+    def _write_shard(self, samples: list[bytes], index: int) -> dict[str, Any]:
         n = len(samples)
         offsets = [4 + 4 * (n + 1) + len(self._config_bytes)]
         for sample in samples:
@@ -156,7 +181,7 @@ class MDSWriter:
             for _, h in hashers:
                 h.update(piece)
         info = {"basename": basename, "bytes": sum(map(len, pieces)), "hashes": {a: h.hexdigest() for a, h in hashers}}
-        self.shards.append({"samples": n, "raw_data": info, "zip_data": None, **self.config})
+        return {"samples": n, "raw_data": info, "zip_data": None, **self.config}
 
 
 def _encode(encoding: str, value: Any) -> Body:

@@ -9,6 +9,7 @@ folder is renamed into place; an interrupted unit is rolled back and redone on t
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 import shutil
@@ -21,6 +22,7 @@ import orjson
 
 from fastfetch import formats, storage
 from fastfetch.config import RunConfig, Selection
+from fastfetch.dedup import CommitOrder, DedupIndex, KeptRow
 from fastfetch.errors import UsageError, changes
 from fastfetch.http import Fetcher
 from fastfetch.manifest import DONE, Manifest
@@ -33,7 +35,9 @@ from fastfetch.stats import Progress, RunCounters
 from fastfetch.storage import StorageError, is_disk_full
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, UnitWork, cancel_all, only
 
-MAX_OPEN_UNITS = 4
+MAX_OPEN_UNITS = 4  # units fetching at once
+#: with --dedup: units open at once, those whose rows are written and wait for their turn to commit included
+MAX_UNCOMMITTED = 4 * MAX_OPEN_UNITS
 #: runs one unit in another process and returns its result (``fastfetch.cluster``)
 Submit = Callable[[UnitSpec], Awaitable[UnitResult]]
 
@@ -129,6 +133,7 @@ class Pipeline:
         counters: RunCounters,
         node: Node,
         progress_enabled: bool = True,
+        dedup: DedupIndex | None = None,
     ) -> None:
         self.source = source
         self.layout = layout
@@ -138,6 +143,8 @@ class Pipeline:
         self.counters = counters
         self.node = node
         self.progress_enabled = progress_enabled
+        self.dedup = dedup
+        self.order = CommitOrder()  # with --dedup, units commit in the order they were scheduled
         self.progress: Progress | None = None
         self.columns: dict[str, str] = {}
         self.plan_digest = ""  # known once the plan is read to its end
@@ -157,6 +164,8 @@ class Pipeline:
             self._redo_units_missing_remotely()
         done = {r.id for r in self.manifest.records(DONE)}
         clean_unfinished(self.layout, self.manifest.ids(), done)
+        if self.dedup is not None:
+            self.dedup.keep_only(done)
         self.columns = self._columns(bool(done))
         digest = PlanDigest()
         self._record(first, 0, done, digest)  # before anything can stop the run: what publishing relies on
@@ -175,9 +184,12 @@ class Pipeline:
         changed is done no more, and its folders go."""
         digest.update(batch)
         self.confirmed.update(u.id for u in batch)
-        for changed in self.manifest.sync_plan(batch, position):
-            done.discard(changed)
-            for rel in self.layout.unit_rels(changed):
+        changed = self.manifest.sync_plan(batch, position)
+        if self.dedup is not None:
+            self.dedup.forget(changed)
+        for changed_id in changed:
+            done.discard(changed_id)
+            for rel in self.layout.unit_rels(changed_id):
                 shutil.rmtree(self.layout.root / rel, ignore_errors=True)
 
     async def _recorded(
@@ -259,7 +271,7 @@ class Pipeline:
         try:
             async for unit in self._scheduled(todo):
                 handed_out = asyncio.Event()
-                task = asyncio.create_task(self._run_unit(unit, handed_out), name=f"unit-{unit.id}")
+                task = asyncio.create_task(self._run_unit(unit, handed_out, self.order.take()), name=f"unit-{unit.id}")
                 open_units.add(task)
                 task.add_done_callback(settle)
                 waiter = asyncio.create_task(handed_out.wait())
@@ -267,8 +279,12 @@ class Pipeline:
                     await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
-                while len(open_units) >= MAX_OPEN_UNITS and not fatal:
-                    await asyncio.wait(open_units, return_when=asyncio.FIRST_COMPLETED)
+                while self._full(open_units) and not fatal:
+                    moved = asyncio.create_task(self.order.moved())
+                    try:
+                        await asyncio.wait([*open_units, moved], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        moved.cancel()
                 if fatal:
                     raise fatal[0]
             if open_units:
@@ -278,6 +294,11 @@ class Pipeline:
         finally:
             await cancel_all(open_units)
             self._close_progress()
+
+    def _full(self, open_units: set[asyncio.Task[None]]) -> bool:
+        """No unit may start now: enough are fetching (units waiting for their turn to commit
+        fetch no more), or too many are uncommitted."""
+        return len(open_units) - self.order.waiting >= MAX_OPEN_UNITS or len(open_units) >= MAX_UNCOMMITTED
 
     async def run_elsewhere(self, todo: AsyncIterator[list[Unit]], submit: Submit, in_flight: int, config: RunConfig) -> None:
         """Run units in other processes (``submit`` runs one there and returns its result), at
@@ -368,9 +389,16 @@ class Pipeline:
         return [rel for r in records for rel in r.dirs]
 
     # -- one unit ----------------------------------------------------------------------------
-    async def _run_unit(self, unit: Unit, handed_out: asyncio.Event) -> None:
+    async def _run_unit(self, unit: Unit, handed_out: asyncio.Event, ticket: int) -> None:
+        try:
+            await self._run_unit_in_turn(unit, handed_out, ticket)
+        finally:
+            self.order.release(ticket)
+
+    async def _run_unit_in_turn(self, unit: Unit, handed_out: asyncio.Event, ticket: int) -> None:
         self.manifest.start(unit.id)
-        work = UnitWork(self.layout, self.columns, self.fetcher, self.resizer, self._item_slots, self._count)
+        judge = None if self.dedup is None else functools.partial(self._judge, ticket)
+        work = UnitWork(self.layout, self.columns, self.fetcher, self.resizer, self._item_slots, self._count, judge=judge)
         committed: list[UnitResult] = []
 
         def commit(result: UnitResult) -> None:
@@ -391,6 +419,19 @@ class Pipeline:
             self._raise_if_disk_full(exc, unit)
             raise
 
+    async def _judge(self, ticket: int, unit: Unit, rows: list[KeptRow]) -> dict[int, str]:
+        """--dedup: a unit's duplicates, once every unit scheduled before it is committed; the
+        run's counters move them from kept to their reason."""
+        assert self.dedup is not None
+        await self.order.turn(ticket)
+        duplicates = await asyncio.to_thread(self.dedup.judge, rows)
+        for row in rows:
+            if row.position in duplicates:
+                self.counters.kept -= 1
+                self.counters.rejected[duplicates[row.position]] += 1
+                self.counters.bytes_out -= row.nbytes
+        return duplicates
+
     def _items(self, unit: Unit) -> AsyncIterator[Item]:
         """A unit's items: from its source, or (a --retry-failed unit) those items of the
         original unit whose keys the manifest remembers as failed."""
@@ -402,6 +443,8 @@ class Pipeline:
     def _commit(self, unit: Unit, result: UnitResult) -> None:
         counts, dirs, failed = result.counts, list(result.dirs), list(result.retryable)
         try:
+            if self.dedup is not None:  # first the index: a unit in it but not done is dropped from it by the next run
+                self.dedup.add(unit.id, result.kept)
             if unit.retry_of is not None:
                 self.manifest.finish_retry(unit.id, unit.retry_of, counts, result.bytes_in, result.bytes_out, dirs, failed)
             else:

@@ -219,16 +219,21 @@ async def _plan_and_run(
         try:
             settings = cfg.settings(source.fingerprint())
             _check_settings(manifest, settings, cfg.state_dir)
-            pipeline = Pipeline(source, cfg.layout(), fetcher, resizer, manifest, counters, cfg.node, cfg.progress)
-            todo = await pipeline.prepare(cfg.selection)
-            outcome.settings, outcome.pipeline = settings, pipeline  # a plan that failed publishes nothing
-            manifest.set_meta("settings", settings)
-            if cluster is None:
-                await pipeline.run(todo)
-            else:
-                await pipeline.run_elsewhere(todo, cluster.submit, cluster.in_flight, cfg)
-            if not pipeline.scheduled:
-                print("nothing to do: every selected unit is already done", file=sys.stderr)
+            dedup = cfg.dedup()
+            try:
+                pipeline = Pipeline(source, cfg.layout(), fetcher, resizer, manifest, counters, cfg.node, cfg.progress, dedup)
+                todo = await pipeline.prepare(cfg.selection)
+                outcome.settings, outcome.pipeline = settings, pipeline  # a plan that failed publishes nothing
+                manifest.set_meta("settings", settings)
+                if cluster is None:
+                    await pipeline.run(todo)
+                else:
+                    await pipeline.run_elsewhere(todo, cluster.submit, cluster.in_flight, cfg)
+                if not pipeline.scheduled:
+                    print("nothing to do: every selected unit is already done", file=sys.stderr)
+            finally:
+                if dedup is not None:
+                    dedup.close()
         finally:
             await source.close()
 

@@ -11,20 +11,22 @@ worker machine with a typed ``UnitSpec``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastfetch import formats
 from fastfetch.body import Body, body_len
 from fastfetch.config import RunConfig
+from fastfetch.dedup import KeptRow
 from fastfetch.errors import TRANSIENT
 from fastfetch.errors import Reason as R
 from fastfetch.formats import OutputFormat
 from fastfetch.http import Fetcher
-from fastfetch.imaging import Processed
+from fastfetch.imaging import PHASH, Processed
 from fastfetch.mds import Layout, UnitWriter
 from fastfetch.redact import public_url
 from fastfetch.resize_pool import ResizePool
@@ -33,6 +35,9 @@ from fastfetch.storage import StorageError, is_disk_full
 
 #: called once per item: (reason or None when kept, bytes in, bytes written)
 OnItem = Callable[[str | None, int, int], None]
+#: --dedup: judges a unit's kept rows once every item is written (waiting for the unit's turn);
+#: returns the duplicates' positions and reasons
+Judge = Callable[[Unit, list[KeptRow]], Awaitable[dict[int, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,7 @@ class UnitResult:
     bytes_out: int
     dirs: tuple[str, ...]
     retryable: tuple[tuple[str, str], ...]  # (key, reason) of transient failures, for --retry-failed
+    kept: tuple[KeptRow, ...] = ()  # with --dedup: the rows kept, for the dedup index
 
 
 class UnitFailed(Exception):
@@ -109,6 +115,13 @@ async def run_unit(spec: UnitSpec, resizer: ResizePool | None = None) -> UnitRes
             resizer.close()
 
 
+async def _enumerate(items: AsyncIterator[Item]) -> AsyncIterator[tuple[int, Item]]:
+    position = 0
+    async for item in items:
+        yield position, item
+        position += 1
+
+
 async def only(items: AsyncIterator[Item], keys: frozenset[str] | set[str]) -> AsyncIterator[Item]:
     async for item in items:
         if item.key in keys:
@@ -128,6 +141,7 @@ class UnitWork:
         slots: asyncio.Semaphore,
         on_item: OnItem,
         attempt: str = "",
+        judge: Judge | None = None,
     ) -> None:
         self.layout = layout
         self.columns = columns
@@ -136,6 +150,7 @@ class UnitWork:
         self.slots = slots
         self.on_item = on_item
         self.attempt = attempt  # this try's own temporary folder (``UnitWriter``)
+        self.judge = judge
 
     async def run(
         self,
@@ -153,16 +168,17 @@ class UnitWork:
         writer = UnitWriter(self.layout, unit.id, self.columns, self.attempt)
         counts: Counter[str] = Counter(unit.prefiltered)
         retryable: list[tuple[str, str]] = []
+        kept: list[KeptRow] = []  # with --dedup
         keys: set[str] = set()
         bytes_in = 0
         tasks: set[asyncio.Task[None]] = set()
 
         failures: list[Exception] = []  # an item whose handling raised (a shard that could not be written)
 
-        async def handle(item: Item, reject: str | None, held: int) -> None:
+        async def handle(item: Item, position: int, reject: str | None, held: int) -> None:
             nonlocal bytes_in
             try:
-                reason, nbytes, written = await self._process(item, reject, writer)
+                reason, nbytes, written = await self._process(item, reject, writer, position, kept)
             except Exception as exc:
                 failures.append(exc)
                 return
@@ -177,7 +193,7 @@ class UnitWork:
             self.on_item(reason, nbytes, written)
 
         try:
-            async for item in items:
+            async for position, item in _enumerate(items):
                 reject = item.reject
                 if reject is None and item.key in keys:
                     reject = R.DUPLICATE_KEY  # an archive naming two members alike: the first one counts
@@ -188,7 +204,7 @@ class UnitWork:
                 except BaseException:
                     self.slots.release()
                     raise
-                task = asyncio.create_task(handle(item, reject, held))
+                task = asyncio.create_task(handle(item, position, reject, held))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             handed_out.set()
@@ -196,6 +212,7 @@ class UnitWork:
                 await asyncio.gather(*list(tasks))
             if failures:  # the unit is not whole: it fails, and is redone by the next run
                 raise failures[0]
+            drop = await self.judge(unit, kept) if self.judge is not None else {}
         except BaseException as exc:
             handed_out.set()
             await cancel_all(tasks)
@@ -204,10 +221,16 @@ class UnitWork:
                 raise UnitFailed(unit.id, exc) from exc
             raise
 
-        def result(dirs: list[str]) -> UnitResult:
-            return UnitResult(unit.id, dict(counts), bytes_in, writer.bytes, tuple(dirs), tuple(retryable))
+        dropped = [r for r in kept if r.position in drop]
+        counts.update(drop.values())
+        counts["kept"] -= len(dropped)
 
-        publish = asyncio.ensure_future(asyncio.to_thread(writer.finish))
+        def result(dirs: list[str]) -> UnitResult:
+            rows = tuple(r for r in kept if r.position not in drop)
+            return UnitResult(unit.id, +counts, bytes_in, writer.bytes, tuple(dirs), tuple(retryable), rows)
+
+        finish = functools.partial(writer.finish, [r.where for r in dropped], sum(r.nbytes for r in dropped))
+        publish = asyncio.ensure_future(asyncio.to_thread(finish))
         try:
             done = result(await asyncio.shield(publish))
         except asyncio.CancelledError:
@@ -233,23 +256,28 @@ class UnitWork:
             return 0
         return await self.fetcher.budget.hold(body_len(item.data))
 
-    async def _process(self, item: Item, reject: str | None, writer: UnitWriter) -> tuple[str | None, int, int]:
-        """Fetch (if needed), resize and write one item: (reason or None, bytes in, bytes written)."""
+    async def _process(
+        self, item: Item, reject: str | None, writer: UnitWriter, position: int, kept: list[KeptRow]
+    ) -> tuple[str | None, int, int]:
+        """Fetch (if needed), resize and write one item: (reason or None, bytes in, bytes written);
+        with --dedup, a kept row is noted in ``kept``."""
         if reject:
             return reject, 0, 0
         if item.data is not None:  # archive members count as bytes in
-            reason, written = self._store(item, item.data, writer, await self.resizer.process(item.data))
+            reason, written = self._store(item, item.data, writer, await self.resizer.process(item.data), position, kept)
             return reason, body_len(item.data), written
         result = await self.fetcher.fetch(item.url or "")
         if result.data is None:
             return result.reason, 0, 0
         try:
-            reason, written = self._store(item, result.data, writer, await self.resizer.process(result.data))
+            reason, written = self._store(item, result.data, writer, await self.resizer.process(result.data), position, kept)
             return reason, len(result.data), written
         finally:
             self.fetcher.release(result)
 
-    def _store(self, item: Item, data: Body, writer: UnitWriter, processed: Processed) -> tuple[str | None, int]:
+    def _store(
+        self, item: Item, data: Body, writer: UnitWriter, processed: Processed, position: int, kept: list[KeptRow]
+    ) -> tuple[str | None, int]:
         """Write the kept image: (None, bytes written), or (the rejection reason, 0)."""
         if processed.reason is not None:
             return processed.reason, 0
@@ -267,12 +295,15 @@ class UnitWork:
             original_height=processed.original_height,
             key=item.key,
         )
-        if processed.digests:
-            row.update(zip(self.resizer.cfg.hashes, processed.digests.split(","), strict=True))
+        digests = dict(zip(self.resizer.cfg.digests, processed.digests.split(","), strict=True)) if processed.digests else {}
+        row.update((name, digests[name]) for name in self.resizer.cfg.hashes)
         if self.layout.format is OutputFormat.MOSAIC:
             row = formats.to_mosaic(row, item.extra)
-        writer.write(row)
-        return None, body_len(row["jpg"])
+        where = writer.write(row)
+        nbytes = body_len(row["jpg"])
+        if self.judge is not None:
+            kept.append(KeptRow(position, where, item.key, digests["sha256"], digests.get(PHASH, ""), nbytes))
+        return None, nbytes
 
 
 def _null_value(encoding: str) -> Any:

@@ -1,0 +1,197 @@
+"""Content dedup while downloading (--dedup exact|near): planted duplicates within a unit, across
+units and across two datasets sharing an index; the first in plan order wins whichever download
+finishes first; a killed run resumes to the uninterrupted run's result."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from tests.conftest import LoopbackServer, make_image, read_mds, run_fetch, start_fetch
+from tests.test_fetch_urls import stats_of, write_list
+from tests.test_reliability import _done_units, _kill_when, _validate_shards
+
+NET = ("--allow-private-networks", "--workers", "1", "--unit-size", "5")
+
+# five units of five rows; each number is an image (byte-identical wherever it repeats)
+PLAN = [0, 1, 2, 1, 3] + [4, 0, 5, 6, 2] + [7, 8, 3, 9, 10] + [11, 5, 5, 0, 1] + [7, 11, 4, 6, 8]
+
+
+def _serve(server: LoopbackServer, prefix: str, plan: list[int], first_delay: float) -> list[dict[str, str]]:
+    """Row j at ``<prefix>/<j>.jpg`` serves image ``plan[j]``; an image's first row answers after
+    ``first_delay`` s, its copies at once (so later copies finish first)."""
+    images = {n: make_image(300 + 40 * (n % 5), 280 + 90 * (n % 3), seed=1000 + n) for n in set(plan)}
+    first = {n: plan.index(n) for n in set(plan)}
+
+    def handler(j: int) -> object:
+        async def answer(request: web.Request) -> web.Response:
+            if first[plan[j]] == j:
+                await asyncio.sleep(first_delay)
+            return web.Response(body=images[plan[j]], content_type="image/jpeg")
+
+        return answer
+
+    for j in range(len(plan)):
+        server.routes[f"{prefix}/{j}.jpg"] = handler(j)  # type: ignore[assignment]
+    return [{"url": server.url(f"{prefix}/{j}.jpg"), "caption": f"r{j}"} for j in range(len(plan))]
+
+
+def _captions(out: Path) -> list[str]:
+    return sorted(r["caption"] for r in read_mds(out / "mds"))
+
+
+def _firsts(plan: list[int]) -> list[str]:
+    return sorted(f"r{plan.index(n)}" for n in set(plan))
+
+
+def test_the_first_in_plan_order_wins_within_and_across_units(tmp_path: Path, server: LoopbackServer) -> None:
+    listing = write_list(tmp_path / "a.jsonl", _serve(server, "/a", PLAN, first_delay=0.4))
+    out = tmp_path / "a"
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--dedup", "exact", "--hashes", "sha256", *NET)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_mds(out / "mds")
+    assert sorted(r["caption"] for r in rows) == _firsts(PLAN)  # the delayed first copies, not the quick later ones
+    assert len({r["sha256"] for r in rows}) == len(rows) == 12
+    stats = stats_of(out)
+    assert stats["kept"] == 12 and stats["rejected"] == {"duplicate_content": len(PLAN) - 12}
+    assert "duplicate_content" in proc.stderr  # the summary names the reason
+    _validate_shards(out / "mds")  # shards written again without their duplicates are whole
+    db = sqlite3.connect(out / "manifest.sqlite")
+    per_unit = [orjson_loads(c) for (c,) in db.execute("SELECT counts FROM units ORDER BY ord")]
+    assert [u.get("duplicate_content", 0) for u in per_unit] == [1, 2, 1, 4, 5]
+    index = sqlite3.connect(out / "dedup.sqlite")
+    assert index.execute("SELECT COUNT(*) FROM exact").fetchone()[0] == 12
+
+    again = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--dedup", "exact", "--hashes", "sha256", *NET)
+    assert again.returncode == 0 and "nothing to do" in again.stderr and _captions(out) == _firsts(PLAN)
+    plain = tmp_path / "plain"
+    assert run_fetch("--dataset", "urls", "--urls", listing, "--out", plain, *NET).returncode == 0
+    assert len(_captions(plain)) == len(PLAN)  # off by default
+    changed = run_fetch("--dataset", "urls", "--urls", listing, "--out", plain, "--dedup", "exact", *NET)
+    assert changed.returncode == 2 and "dedup: None → 'exact'" in changed.stderr, changed.stderr
+
+
+def test_two_datasets_sharing_an_index(tmp_path: Path, server: LoopbackServer) -> None:
+    """B keeps only what A (listed with the same --dedup-index) did not keep; a dataset rebuilt
+    from scratch under the same --out takes its own entries back, never another's."""
+    shared = tmp_path / "shared" / "index.sqlite"
+    plan_a, plan_b = [0, 1, 2, 3], [12, 0, 13, 3, 12]
+    a = write_list(tmp_path / "a.jsonl", _serve(server, "/a", plan_a, first_delay=0))
+    b = write_list(tmp_path / "b.jsonl", _serve(server, "/b", [n if n >= 12 else n for n in plan_b], first_delay=0))
+    server.routes.update({f"/b/{j}.jpg": server.routes[f"/a/{plan_a.index(n)}.jpg"] for j, n in enumerate(plan_b) if n < 12})
+    dedup = ("--dedup", "exact", "--dedup-index", shared, *NET)
+
+    assert run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "A", *dedup).returncode == 0
+    proc = run_fetch("--dataset", "urls", "--urls", b, "--out", tmp_path / "B", *dedup)
+    assert proc.returncode == 0, proc.stderr
+    assert _captions(tmp_path / "B") == ["r0", "r2"]  # 12 and 13: A kept 0 and 3, and 12 repeats in B
+    assert stats_of(tmp_path / "B")["rejected"] == {"duplicate_content": 3}
+    assert not (tmp_path / "B" / "dedup.sqlite").exists()
+
+    alone = run_fetch("--dataset", "urls", "--urls", b, "--out", tmp_path / "B2", "--dedup", "exact", *NET)
+    assert alone.returncode == 0 and _captions(tmp_path / "B2") == ["r0", "r1", "r2", "r3"]  # its own index only
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "A")  # rebuilt from scratch: A's old entries are not "kept before"
+    assert run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "A", *dedup).returncode == 0
+    assert _captions(tmp_path / "A") == ["r0", "r1", "r2", "r3"]
+    db = sqlite3.connect(shared)
+    owners = dict(db.execute("SELECT owner, COUNT(*) FROM exact GROUP BY owner").fetchall())
+    assert owners == {str((tmp_path / "A").resolve()): 4, str((tmp_path / "B").resolve()): 2}
+
+    for bad, says in (
+        (("--dedup-index", shared), "add --dedup exact"),
+        (("--dedup", "exact", "--num-nodes", "2", "--node-rank", "0"), "one machine"),
+        (("--dedup", "exact", "--dedup-index", tmp_path), "cannot be used as a dedup index"),
+    ):
+        proc = run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "bad", *bad, "--allow-private-networks")
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def orjson_loads(text: str) -> dict:
+    import orjson
+
+    return orjson.loads(text)
+
+
+@pytest.mark.slow
+def test_a_killed_deduplicating_run_resumes_to_the_same_result(tmp_path: Path, server: LoopbackServer) -> None:
+    rng = random.Random(3)
+    plan = [rng.randrange(30) for _ in range(80)]  # 16 units, copies everywhere
+    listing = write_list(tmp_path / "l.jsonl", _serve(server, "/k", plan, first_delay=0.3))
+    args = ("--dataset", "urls", "--urls", listing, "--dedup", "exact", "--concurrency", "4", *NET)
+    clean = tmp_path / "clean"
+    assert run_fetch(*args, "--out", clean).returncode == 0
+    assert _captions(clean) == _firsts(plan)
+
+    out = tmp_path / "killed"
+    kills = 0
+    for _ in range(4):
+        before = _done_units(out)
+        proc = start_fetch(*args, "--out", out)
+        if _kill_when(proc, lambda: _done_units(out) > before, 60, every=0.01):
+            time.sleep(rng.uniform(0.0, 0.5))
+            proc.kill()
+            proc.wait()
+            kills += 1
+    assert kills >= 3 and _done_units(out) < 16
+    final = run_fetch(*args, "--out", out)
+    assert final.returncode == 0, final.stderr
+    assert _captions(out) == _captions(clean)
+    assert stats_of(out)["rejected"] == stats_of(clean)["rejected"] == {"duplicate_content": len(plan) - len(set(plan))}
+    index = sqlite3.connect(out / "dedup.sqlite")
+    assert index.execute("SELECT COUNT(*) FROM exact").fetchone()[0] == len(set(plan))
+    _validate_shards(out / "mds")
+
+
+def _photo(seed: int) -> Image.Image:
+    """A picture with detail at every scale (a perceptual hash needs more than a smooth blob)."""
+    rng = random.Random(seed)
+    im = Image.new("RGB", (480, 400))
+    for size in (16, 8, 4):
+        layer = Image.new("RGB", (size, size))
+        layer.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(size * size)])
+        im = Image.blend(im, layer.resize(im.size, Image.Resampling.BICUBIC), 0.5)
+    return im
+
+
+def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def test_near_duplicates(tmp_path: Path, server: LoopbackServer) -> None:
+    """Re-encoded, resized and slightly cropped copies are near duplicates of the image kept
+    before them; a byte-identical copy is an exact one; distinct pictures are all kept."""
+    bases = [_photo(s) for s in range(4)]
+    bodies = [_jpeg(im) for im in bases]
+    for im in bases[:2]:
+        w, h = im.size
+        bodies += [
+            _jpeg(im, 60),
+            _jpeg(im.resize((round(w * 0.9), round(h * 0.9)), Image.Resampling.BICUBIC)),
+            _jpeg(im.crop((5, 4, w - 5, h - 4))),
+        ]
+    bodies.append(bodies[0])
+    for j, body in enumerate(bodies):
+        server.routes[f"/n/{j}.jpg"] = body
+    listing = write_list(
+        tmp_path / "l.jsonl", [{"url": server.url(f"/n/{j}.jpg"), "caption": f"r{j}"} for j in range(len(bodies))]
+    )
+    out = tmp_path / "o"
+    proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--dedup", "near", *NET)
+    assert proc.returncode == 0, proc.stderr
+    assert _captions(out) == ["r0", "r1", "r2", "r3"]
+    assert stats_of(out)["rejected"] == {"near_duplicate": 6, "duplicate_content": 1}
+    exact = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "e", "--dedup", "exact", *NET)
+    assert exact.returncode == 0 and len(_captions(tmp_path / "e")) == len(bodies) - 1  # exact: only the same bytes
