@@ -144,20 +144,21 @@ def pair_distances(rows: list[tuple[str, str, str, str]]) -> tuple[dict[str, lis
 
 
 def worker_cost(n: int) -> dict[str, float]:
-    """ms per image in process_and_hash with --dedup near, exact, and neither, on corpus images."""
-    files = sorted((Path(__file__).parent / "_work" / "corpus").glob("*/web/*"))[:n]
+    """ms per corpus image (its web mix: some too small, some broken) in process_and_hash with
+    --dedup near, exact, and neither."""
+    files = sorted((Path(__file__).parent / "_work" / "corpus").glob("*/web/img/*"))[:n]
     if not files:
         sys.exit("no benchmark corpus: run python benchmarks/corpus.py first")
     bodies = [f.read_bytes() for f in files]
-    out = {}
-    for name, cfg in (("none", ResizeConfig()), ("exact", ResizeConfig(dedup="exact")), ("near", NEAR)):
-        runs = []
-        for _ in range(3):
+    configs = {"none": ResizeConfig(), "exact": ResizeConfig(dedup="exact"), "near": NEAR}
+    runs: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(5):  # the three alternate, so that drift in the machine's load hits them alike
+        for name, cfg in configs.items():
             t = time.process_time()
             for b in bodies:
                 process_and_hash(b, cfg)
-            runs.append((time.process_time() - t) / len(bodies) * 1000)
-        out[name] = statistics.median(runs)
+            runs[name].append((time.process_time() - t) / len(bodies) * 1000)
+    out = {name: statistics.median(r) for name, r in runs.items()}
     out["images"] = len(bodies)
     return out
 

@@ -113,6 +113,11 @@ class UnitWriter:
         self._written[bucket] = row + 1
         return bucket, row
 
+    def flush(self) -> None:
+        """Write every row held in memory to its shard file (a unit about to wait holds none)."""
+        for writer in self._writers.values():
+            writer.flush()
+
     def finish(self, drop: Collection[tuple[str, int]] = (), dropped_bytes: int = 0) -> list[str]:
         """Flush, sync and rename every bucket folder into place; upload them when the output
         is remote. Returns the published folders (relative to the root). ``drop``: rows (as

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -114,11 +114,7 @@ class MDSWriter:
         written) to leave out after all: the shards holding them are written again without them
         (a shard left empty goes), the others stay as they are."""
         try:
-            if self._failed is not None:
-                raise self._failed
-            if self._samples:
-                self._flush()
-            self._wait()
+            self.flush()
         finally:
             if self._thread is not None:
                 self._thread.shutdown(wait=True)
@@ -148,6 +144,15 @@ class MDSWriter:
             self._failed = exc
             raise
 
+    def flush(self) -> None:
+        """Write the samples held in memory as a shard now (a writer that waits before ``finish``
+        holds none)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._samples:
+            self._flush()
+        self._wait()
+
     def _drop(self, drop: set[int]) -> None:
         kept_shards, first = [], 0
         for shard in self.shards:
@@ -159,7 +164,7 @@ class MDSWriter:
                 continue
             path = os.path.join(self.out, shard["raw_data"]["basename"])
             with open(path, "rb") as f:
-                data = f.read()
+                data = memoryview(f.read())  # the samples are slices of it, not copies
             offsets = struct.unpack_from(f"<{n + 1}I", data, 4)
             samples = [data[offsets[i] : offsets[i + 1]] for i in range(n) if i not in gone]
             os.unlink(path)
@@ -167,7 +172,7 @@ class MDSWriter:
                 kept_shards.append(self._write_shard(samples, int(shard["raw_data"]["basename"].split(".")[1])))
         self.shards = kept_shards
 
-    def _write_shard(self, samples: list[bytes], index: int) -> dict[str, Any]:
+    def _write_shard(self, samples: Sequence[bytes | memoryview], index: int) -> dict[str, Any]:
         n = len(samples)
         offsets = [4 + 4 * (n + 1) + len(self._config_bytes)]
         for sample in samples:

@@ -212,7 +212,10 @@ class UnitWork:
                 await asyncio.gather(*list(tasks))
             if failures:  # the unit is not whole: it fails, and is redone by the next run
                 raise failures[0]
-            drop = await self.judge(unit, kept) if self.judge is not None else {}
+            drop = {}
+            if self.judge is not None:
+                await asyncio.to_thread(writer.flush)  # what waits for its turn waits on disk, not in memory
+                drop = await self.judge(unit, kept)
         except BaseException as exc:
             handed_out.set()
             await cancel_all(tasks)

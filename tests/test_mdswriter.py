@@ -96,3 +96,35 @@ def test_a_shard_the_thread_cannot_write_fails_the_writer(tmp_path: Path) -> Non
         with pytest.raises(FileNotFoundError):
             call()
     assert not (tmp_path / "w" / "index.json").exists()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_dropped_samples_leave_the_same_files_as_never_writing_them(tmp_path: Path, background: bool) -> None:
+    """--dedup drops samples after they were written: the shards holding them are written again,
+    byte for byte what streaming writes for the samples kept, shard for shard; a shard left
+    empty goes."""
+    samples = _samples(40)
+    ours = MDSWriter(str(tmp_path / "ours"), COLUMNS, hashes=["xxh64"], size_limit=40_000, background=background)
+    for sample in samples:
+        ours.write(sample)
+    ours.flush()  # as a unit waiting for its turn: everything on disk first
+    per_shard = [s["samples"] for s in ours.shards]
+    assert len(per_shard) >= 4 and per_shard[1] >= 2
+    first_of = [sum(per_shard[:i]) for i in range(len(per_shard))]
+    emptied = set(range(first_of[1], first_of[1] + per_shard[1]))  # all of the second shard
+    drop = {0, first_of[2], first_of[3] - 1, first_of[3] + 1, len(samples) - 1} | emptied  # shards' first and last samples
+    ours.finish(drop)
+
+    ds = StreamingDataset(local=str(tmp_path / "ours"), shuffle=False, batch_size=1)
+    assert [ds[i]["key"] for i in range(len(ds))] == [s["key"] for i, s in enumerate(samples) if i not in drop]
+    assert "shard.00001.mds" not in {p.name for p in (tmp_path / "ours").iterdir()}
+    for shard in ours.shards:  # each rewritten shard: streaming's file for its kept samples
+        index = int(shard["raw_data"]["basename"].split(".")[1])
+        kept = [s for i, s in enumerate(samples) if first_of[index] <= i < first_of[index] + per_shard[index] and i not in drop]
+        alone = tmp_path / f"ref{index}"
+        with StreamingWriter(out=str(alone), columns=COLUMNS, hashes=["xxh64"], size_limit=40_000) as reference:
+            for s in kept:
+                reference.write(s)
+        theirs = (alone / "shard.00000.mds").read_bytes()
+        assert (tmp_path / "ours" / shard["raw_data"]["basename"]).read_bytes() == theirs
+        assert shard["samples"] == len(kept) and shard["raw_data"]["bytes"] == len(theirs)
