@@ -17,7 +17,8 @@ whole set, shuffled, through ``DedupIndex.judge`` in units of 50, as a run commi
   group), those dropped. Distinct framings of one scene are separate groups: dropping one is a
   false positive.
 * cost: the resize worker's time per image with ``--dedup near`` over ``exact``, on the
-  benchmark corpus's images; ``judge``'s time per image against indexes of 10k to 1M hashes.
+  benchmark corpus's images; ``judge``'s time per image; the near search's time per query in
+  0.1M to 10M codes, against comparing every code.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from corpus import skimage_dir  # noqa: E402
 
 from fastfetch.dedup import NEAR_BITS, DedupIndex, DedupMode, KeptRow  # noqa: E402
 from fastfetch.imaging import ResizeConfig, hamming, process_and_hash  # noqa: E402
+from fastfetch.nearsearch import HammingIndex  # noqa: E402
 
 PHOTOS = [
     "astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "ihc.png",
@@ -186,6 +188,27 @@ def judge_cost(sizes: list[int]) -> dict[int, float]:
     return out
 
 
+def search_cost(sizes: list[int]) -> dict[int, tuple[float, float]]:
+    """ms per query of ``HammingIndex.near`` and of comparing every code, over uniformly random
+    codes of each count (real hashes cluster, which fills some tables' buckets more)."""
+    rng = np.random.default_rng(1)
+    out = {}
+    for size in sizes:
+        codes = rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True)
+        index = HammingIndex(NEAR_BITS)
+        index.add(codes)
+        queries = [int(q) for q in rng.integers(0, 2**64 - 1, 2000, dtype=np.uint64, endpoint=True)]
+        t = time.perf_counter()
+        for q in queries:
+            index.near(q)
+        tabled = (time.perf_counter() - t) / len(queries) * 1000
+        t = time.perf_counter()
+        for q in queries[:100]:
+            np.bitwise_count(codes ^ np.uint64(q)).min()
+        out[size] = (tabled, (time.perf_counter() - t) / 100 * 1000)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -200,7 +223,8 @@ def main() -> None:
             [t, f"{sum(d <= t for d in positives) / len(positives):.1%}", sum(d <= t for d in same), sum(d <= t for d in other)]
         )
     worker = worker_cost(100 if args.quick else 400)
-    judge = judge_cost([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    judge = judge_cost([10_000, 100_000])
+    search = search_cost([100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000])
     groups = len({g for g, *_ in rows})
     summary = {
         "near_bits": NEAR_BITS,
@@ -214,6 +238,7 @@ def main() -> None:
         "other_scene_min_bits": min(other),
         "worker_ms": worker,
         "judge_ms_by_index_size": judge,
+        "search_ms_by_index_size": search,
     }
     kind_table = md_table(["copy", "bits from its original: median", "max", f"within {NEAR_BITS}"], [
         [k, statistics.median(v), max(v), f"{sum(d <= NEAR_BITS for d in v)}/{len(v)}"] for k, v in kinds.items()
@@ -225,7 +250,14 @@ def main() -> None:
             [f"resize worker, no dedup ({worker['images']} corpus images)", f"{worker['none']:.2f}"],
             ["resize worker, --dedup exact (sha256)", f"{worker['exact']:.2f}"],
             ["resize worker, --dedup near (sha256 + phash)", f"{worker['near']:.2f}"],
-            *[[f"judge (near) against {n:,} kept hashes", f"{ms:.3f}"] for n, ms in judge.items()],
+            *[
+                [f"judge (near, a 1000-row unit, SQLite included) against {n:,} kept images", f"{ms:.3f}"]
+                for n, ms in judge.items()
+            ],
+            *[
+                [f"near search in {n:,} random codes: tables / every code compared", f"{a:.3f} / {b:.3f}"]
+                for n, (a, b) in search.items()
+            ],
         ],
     )
     text = (

@@ -12,9 +12,8 @@ of its units that the manifest does not hold as done (``keep_only``) and redoes 
 
 * ``exact``: the same original bytes (sha256), counted ``duplicate_content``;
 * ``near``: also a perceptual hash (``imaging.phash``, 64 bits) within ``NEAR_BITS`` of a kept
-  one, counted ``near_duplicate``. Near hashes are compared exhaustively (XOR and popcount over
-  every kept hash in numpy), exact at any distance but linear in the index's size
-  (benchmarks/RESULTS.md has the cost per image).
+  one, counted ``near_duplicate``; the search is exact (``nearsearch.HammingIndex``, held in
+  memory: ~24 bytes per kept image), its cost per image in benchmarks/RESULTS.md.
 
 The index is SQLite (one file, shared by datasets through ``--dedup-index``; runs writing into it
 at once take turns through its lock). Each entry names its dataset (``owner``: the output it was
@@ -30,11 +29,14 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastfetch.errors import Reason as R
 from fastfetch.errors import UsageError
 from fastfetch.manifest import Transaction
+
+if TYPE_CHECKING:
+    from fastfetch.nearsearch import HammingIndex
 
 #: the most bits two perceptual hashes may differ in for the images to be near duplicates
 #: (re-encoded and resized copies differ in 0–6, crops of 2–5 % in up to 20, distinct photos of
@@ -81,7 +83,7 @@ class DedupIndex:
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"--dedup-index {path}: cannot be used as a dedup index ({exc}); choose another file") from exc
-        self._near: Any = None  # the index's perceptual hashes (numpy uint64), loaded on first use
+        self._near: HammingIndex | None = None  # the index's perceptual hashes, loaded on first use
         self._near_seen = 0  # the last ``near`` entry loaded
         self._lock = threading.Lock()  # judge runs in a thread, the rest on the event loop
 
@@ -97,7 +99,7 @@ class DedupIndex:
             self.db.executemany("INSERT OR IGNORE INTO done_units VALUES (?)", [(u,) for u in done])
             for table in ("exact", "near"):
                 self.db.execute(f"DELETE FROM {table} WHERE owner=? AND unit NOT IN (SELECT id FROM done_units)", (self.owner,))
-        self._near = None
+            self._near = None
 
     def forget(self, units: Iterable[str]) -> None:
         """Drop this dataset's entries of these units (their spec changed: they are redone)."""
@@ -107,7 +109,7 @@ class DedupIndex:
         with self._lock, self._tx():
             for table in ("exact", "near"):
                 self.db.executemany(f"DELETE FROM {table} WHERE owner=? AND unit=?", rows)
-        self._near = None
+            self._near = None
 
     def judge(self, rows: list[KeptRow]) -> dict[int, str]:
         """The duplicates among a unit's kept rows: position → reason. A row is judged against
@@ -115,17 +117,19 @@ class DedupIndex:
         with self._lock:
             known = self._known_digests([r.sha256 for r in rows])
             seen: set[str] = set()
-            near = _NearSet(self._near_hashes()) if self.mode is DedupMode.NEAR else None
+            near, in_unit = (self._near_codes(), _hamming_index()) if self.mode is DedupMode.NEAR else (None, None)
             dropped: dict[int, str] = {}
             for row in sorted(rows, key=lambda r: r.position):
                 if row.sha256 in known or row.sha256 in seen:
                     dropped[row.position] = R.DUPLICATE_CONTENT
-                elif near is not None and near.near(int(row.phash, 16)):
-                    dropped[row.position] = R.NEAR_DUPLICATE
-                else:
-                    seen.add(row.sha256)
-                    if near is not None:
-                        near.add(int(row.phash, 16))
+                    continue
+                if near is not None and in_unit is not None:
+                    code = int(row.phash, 16)
+                    if near.near(code) or in_unit.near(code):
+                        dropped[row.position] = R.NEAR_DUPLICATE
+                        continue
+                    in_unit.add(code)
+                seen.add(row.sha256)
             return dropped
 
     def add(self, unit_id: str, rows: Iterable[KeptRow]) -> None:
@@ -151,21 +155,16 @@ class DedupIndex:
             known.update(r[0].hex() for r in self.db.execute(f"SELECT digest FROM exact WHERE digest IN ({marks})", chunk))
         return known
 
-    def _near_hashes(self) -> Any:
-        """Every perceptual hash in the index (also those other datasets added since the last
-        call), as numpy uint64."""
+    def _near_codes(self) -> HammingIndex:
+        """The index's perceptual hashes in memory: loaded whole at first, then what was added
+        since (by this run's units and by other datasets sharing the file)."""
         import numpy as np
 
-        new = self.db.execute(
-            "SELECT id, phash FROM near WHERE id > ? ORDER BY id", (0 if self._near is None else self._near_seen,)
-        )
-        got = new.fetchall()
-        fresh = np.array([h for _, h in got], dtype=np.int64).view(np.uint64)
         if self._near is None:
-            self._near = fresh
-        elif len(fresh):
-            self._near = np.concatenate([self._near, fresh])
+            self._near, self._near_seen = _hamming_index(), 0
+        got = self.db.execute("SELECT id, phash FROM near WHERE id > ? ORDER BY id", (self._near_seen,)).fetchall()
         if got:
+            self._near.add(np.array([h for _, h in got], dtype=np.int64).view(np.uint64))
             self._near_seen = got[-1][0]
         return self._near
 
@@ -173,24 +172,10 @@ class DedupIndex:
         return Transaction(self.db)
 
 
-class _NearSet:
-    """Perceptual hashes to compare against: the index's, and those added while judging a unit."""
+def _hamming_index() -> HammingIndex:
+    from fastfetch.nearsearch import HammingIndex  # numpy, only for --dedup near
 
-    def __init__(self, indexed: Any) -> None:
-        self.indexed = indexed
-        self.added: list[int] = []
-
-    def near(self, value: int) -> bool:
-        import numpy as np
-
-        if any((value ^ h).bit_count() <= NEAR_BITS for h in self.added):
-            return True
-        if not len(self.indexed):
-            return False
-        return bool(np.bitwise_count(self.indexed ^ np.uint64(value)).min() <= NEAR_BITS)
-
-    def add(self, value: int) -> None:
-        self.added.append(value)
+    return HammingIndex(NEAR_BITS)
 
 
 def _signed(value: int) -> int:

@@ -195,3 +195,29 @@ def test_near_duplicates(tmp_path: Path, server: LoopbackServer) -> None:
     assert stats_of(out)["rejected"] == {"near_duplicate": 6, "duplicate_content": 1}
     exact = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "e", "--dedup", "exact", *NET)
     assert exact.returncode == 0 and len(_captions(tmp_path / "e")) == len(bodies) - 1  # exact: only the same bytes
+
+
+def test_the_near_search_finds_what_comparing_every_code_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HammingIndex`` (tables by 16-bit substring, plus recent codes compared in full) answers
+    exactly as the exhaustive comparison, at and around the radius."""
+    import numpy as np
+
+    from fastfetch import nearsearch
+
+    monkeypatch.setattr(nearsearch, "FOLD_AT", 700)  # codes both in the tables and recent
+    rng = random.Random(11)
+    stored = [rng.getrandbits(64) for _ in range(2000)]
+    stored += [s ^ (0xFFFF << 16 * (i % 4)) for i, s in enumerate(stored[:50])]  # far in one substring only
+    index = nearsearch.HammingIndex(10)
+    for i in range(0, len(stored), 300):
+        index.add(np.array(stored[i : i + 300], dtype=np.uint64))
+    assert len(index) == len(stored) and len(index._tabled) >= 1400 and index._recent_n
+    queries = [rng.getrandbits(64) for _ in range(200)]
+    for k in range(0, 16):  # a stored code with k bits flipped, spread over the substrings or in one
+        for s in rng.sample(stored, 12):
+            spread = s ^ sum(1 << b for b in rng.sample(range(64), k))
+            packed = s ^ ((1 << k) - 1) << rng.choice([0, 16, 32, 48 - max(k - 16, 0)])
+            queries += [spread, packed & (2**64 - 1)]
+    expected = [min((q ^ s).bit_count() for s in stored) <= 10 for q in queries]
+    assert [index.near(q) for q in queries] == expected
+    assert 0 < sum(expected) < len(queries)
