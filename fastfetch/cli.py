@@ -115,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     img.add_argument(
         "--dedup-index",
-        type=Path,
         default=None,
         metavar="FILE",
         help="the dedup index file (SQLite) to judge and record kept images in; give several datasets the same file to "
@@ -313,7 +312,7 @@ def parse(argv: list[str] | None = None) -> RunConfig:
             hashes=hashes,
             dedup=args.dedup or "",
         ),
-        dedup_index=args.dedup_index.expanduser().absolute() if args.dedup_index else None,
+        dedup_index=Path(args.dedup_index).expanduser().absolute() if args.dedup_index else None,
         workers=args.workers,
         fetch=fetch,
         format=output_format,
@@ -353,10 +352,14 @@ def _check_dedup(args: argparse.Namespace, node: Node) -> None:
     if args.dedup is None:
         return
     if args.ray is not None or node.count > 1:
+        several = "--ray" if args.ray is not None else f"{node.count} nodes (--num-nodes, or torchrun's/Slurm's variables)"
         raise UsageError(
-            "--dedup judges each unit against every unit before it in plan order, which one machine's run decides: "
-            "run it without --ray and --num-nodes, or keep --hashes sha256 and drop duplicates afterwards"
+            f"--dedup judges each unit against every unit before it in plan order, which one machine's run decides, "
+            f"and this run has {several}: run it on one machine (--num-nodes 1 overrides the variables), or store "
+            "--hashes sha256 and drop duplicates afterwards"
         )
+    if args.dedup_index is not None and (is_remote(args.dedup_index) or "://" in args.dedup_index):
+        raise UsageError(f"--dedup-index {args.dedup_index}: the index is a local SQLite file (a path, not a URL)")
     if args.merge:
         raise UsageError("--merge only merges node summaries: drop --dedup")
 

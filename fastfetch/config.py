@@ -85,7 +85,11 @@ class RunConfig:
         if not self.resize.dedup:
             return None
         owner = self.output_url if self.remote else str(self.local_root.resolve())
-        return DedupIndex(self.dedup_index or self.state_dir / "dedup.sqlite", owner, DedupMode(self.resize.dedup))
+        return DedupIndex(self.dedup_index or self.default_dedup_index, owner, DedupMode(self.resize.dedup))
+
+    @property
+    def default_dedup_index(self) -> Path:
+        return (self.state_dir / "dedup.sqlite").absolute()
 
     def source(self, fetcher: Fetcher) -> Source:
         """The run's source, not yet opened."""
@@ -116,7 +120,7 @@ class RunConfig:
             **({"max_aspect_ratio": self.resize.max_aspect_ratio} if self.resize.max_aspect_ratio is not None else {}),
             **({"hashes": list(self.resize.hashes)} if self.resize.hashes else {}),
             **({"dedup": self.resize.dedup} if self.resize.dedup else {}),
-            **({"dedup_index": str(self.dedup_index)} if self.dedup_index else {}),
+            **({"dedup_index": str(self.dedup_index)} if self.dedup_index not in (None, self.default_dedup_index) else {}),
             "unit_size": self.unit_size,
             "buckets": list(self.buckets),
             **({"format": self.format.value} if self.format is not OutputFormat.FASTFETCH else {}),

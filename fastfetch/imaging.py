@@ -81,6 +81,7 @@ class ResizeConfig:
 
 HASHES = ("sha256", "md5")  # what --hashes may ask for (md5: what mosaic's LAION pipeline records)
 PHASH = "phash"  # the perceptual hash's name among the digests (16 hex digits, 64 bits)
+PHASH_MIN_TERMS = 16  # of its 64 frequencies, those that must be non-zero for an image to have a phash
 
 
 class Processed(NamedTuple):
@@ -116,11 +117,15 @@ def process_and_hash(data: bytes, cfg: ResizeConfig) -> Processed:
 
 def phash(im: Image.Image) -> str:
     """The 64-bit DCT perceptual hash of an image, as 16 hex digits (imagehash's ``phash``:
-    near copies differ in a few bits, ``hamming`` counts them)."""
+    near copies differ in a few bits, ``hamming`` counts them); "" for an image too plain to
+    have one (a flat colour, a one-way gradient: most of its coefficients are zero, and
+    comparing zeros with their median would give bits of rounding noise)."""
     import numpy as np  # only a --dedup near run pays for numpy in its workers
 
     small = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = _dct_rows() @ small @ _dct_rows().T  # the 8×8 lowest frequencies of the 2-D DCT-II
+    if np.count_nonzero(np.abs(low) > 1e-6 * np.abs(low).max(initial=0.0)) < PHASH_MIN_TERMS:
+        return ""
     bits = (low > np.median(low)).ravel()
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 

@@ -133,20 +133,29 @@ class Manifest:
                     # planned by an older version that recorded less about the unit: same unit
                     self.db.execute("UPDATE units SET spec=? WHERE id=?", (spec, unit.id))
                 elif known != spec:
-                    changed.append(unit.id)
-                    retries = [
-                        r[0]
-                        for r in self.db.execute(f"SELECT id FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ?", (unit.id,))
-                    ]
-                    changed.extend(retries)
-                    self.db.executemany("DELETE FROM units WHERE id=?", [(r,) for r in retries])
-                    self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit.id,))
-                    self.db.execute(
-                        "UPDATE units SET ord=?, spec=?, rows=?, state=?, counts='{}', bytes_in=0,"
-                        " bytes_out=0, error=NULL, updated=? WHERE id=?",
-                        (order, spec, unit.rows, PENDING, time.time(), unit.id),
-                    )
+                    changed.extend(self._start_over(unit.id))
+                    self.db.execute("UPDATE units SET ord=?, spec=?, rows=? WHERE id=?", (order, spec, unit.rows, unit.id))
         return changed
+
+    def redo(self, unit_id: str) -> list[str]:
+        """A done unit to be done again from scratch (its objects went missing): its retry units
+        are dropped; returns its id and theirs (their folders are to go)."""
+        with self._tx():
+            return self._start_over(unit_id)
+
+    def _start_over(self, unit_id: str) -> list[str]:
+        """Within a transaction: the unit back to pending with nothing done, its retry units and
+        failed keys gone; returns its id and its retry units' ids."""
+        retries = [
+            r[0] for r in self.db.execute(f"SELECT id FROM units WHERE json_extract(spec, '$.{RETRY_OF}') = ?", (unit_id,))
+        ]
+        self.db.executemany("DELETE FROM units WHERE id=?", [(r,) for r in retries])
+        self.db.execute("DELETE FROM failed_keys WHERE unit=?", (unit_id,))
+        self.db.execute(
+            "UPDATE units SET state=?, counts='{}', bytes_in=0, bytes_out=0, error=NULL, updated=? WHERE id=?",
+            (PENDING, time.time(), unit_id),
+        )
+        return [unit_id, *retries]
 
     def records(self, state: str | None = None) -> list[UnitRecord]:
         query = "SELECT id, spec, rows, state, attempts, counts, bytes_in, bytes_out, error, dirs FROM units"

@@ -22,7 +22,7 @@ import orjson
 
 from fastfetch import formats, storage
 from fastfetch.config import RunConfig, Selection
-from fastfetch.dedup import CommitOrder, DedupIndex, KeptRow
+from fastfetch.dedup import DedupIndex, JudgeOrder, KeptRow
 from fastfetch.errors import UsageError, changes
 from fastfetch.http import Fetcher
 from fastfetch.manifest import DONE, Manifest
@@ -36,7 +36,7 @@ from fastfetch.storage import StorageError, is_disk_full
 from fastfetch.unit import UnitFailed, UnitResult, UnitSpec, UnitWork, cancel_all, only
 
 MAX_OPEN_UNITS = 4  # units fetching at once
-#: with --dedup: units open at once, those whose rows are written and wait for their turn to commit included
+#: with --dedup: units open at once, those whose rows are written and wait for their turn to be judged included
 MAX_UNCOMMITTED = 4 * MAX_OPEN_UNITS
 #: runs one unit in another process and returns its result (``fastfetch.cluster``)
 Submit = Callable[[UnitSpec], Awaitable[UnitResult]]
@@ -66,18 +66,18 @@ def select(units: list[Unit], selection: Selection, node: Node, first: int = 0) 
 
 
 def _selected(units: list[Unit], selection: Selection, first: int) -> list[Unit]:
-    if selection.ids:  # a number picks that unit of every split chosen (train-000 and valid-000)
-        by_number: dict[int, list[Unit]] = {}
-        for i, u in enumerate(units, first):
-            by_number.setdefault(unit_number(u.id, i), []).append(u)
-        missing = [i for i in selection.ids if i not in by_number]
+    if selection.ids:  # a number picks that unit of every split chosen (train-000 and valid-000), in plan order
+        numbered = [(unit_number(u.id, i), u) for i, u in enumerate(units, first)]
+        have = {n for n, _ in numbered}
+        missing = [i for i in selection.ids if i not in have]
         if missing:
-            shown = sorted(by_number)
+            shown = sorted(have)
             raise UsageError(
                 f"--ids {' '.join(map(str, missing))}: no such unit; this dataset has units "
                 f"{shown[0]}..{shown[-1]} ({len(units)} in all)"
             )
-        return [u for i in dict.fromkeys(selection.ids) for u in by_number[i]]
+        wanted = set(selection.ids)
+        return [u for n, u in numbered if n in wanted]
     if selection.subset == "small":
         return [u for i, u in enumerate(units, first) if i % 100 == 0]
     return units
@@ -106,6 +106,11 @@ class PlanDigest:
 async def _batches(units: list[Unit]) -> AsyncIterator[list[Unit]]:
     if units:
         yield units
+
+
+async def _each(batches: list[tuple[int, list[Unit]]]) -> AsyncIterator[tuple[int, list[Unit]]]:
+    for batch in batches:
+        yield batch
 
 
 def node_of(unit_id: str, node_count: int) -> int:
@@ -144,7 +149,7 @@ class Pipeline:
         self.node = node
         self.progress_enabled = progress_enabled
         self.dedup = dedup
-        self.order = CommitOrder()  # with --dedup, units commit in the order they were scheduled
+        self.order = JudgeOrder()  # with --dedup, units are judged in the order they were scheduled
         self.progress: Progress | None = None
         self.columns: dict[str, str] = {}
         self.plan_digest = ""  # known once the plan is read to its end
@@ -165,6 +170,7 @@ class Pipeline:
         done = {r.id for r in self.manifest.records(DONE)}
         clean_unfinished(self.layout, self.manifest.ids(), done)
         if self.dedup is not None:
+            self._check_dedup_index(bool(done))
             self.dedup.keep_only(done)
         self.columns = self._columns(bool(done))
         digest = PlanDigest()
@@ -177,7 +183,20 @@ class Pipeline:
         if selection.ids:  # a unit number is looked up in the whole plan
             units = [u async for _, batch in recorded for u in batch]
             return _batches([u for u in select(units, selection, self.node) if u.id not in done])
+        if self.dedup is not None:  # every changed unit leaves the index before any unit is judged
+            return self._todo(_each([batch async for batch in recorded]), selection, done)
         return self._todo(recorded, selection, done)
+
+    def _check_dedup_index(self, have_done_units: bool) -> None:
+        """The dedup index is the one the done units were judged against (not deleted, not replaced)."""
+        assert self.dedup is not None
+        known = self.manifest.get_meta("dedup_index")
+        if have_done_units and known is not None and known != self.dedup.id:
+            raise UsageError(
+                f"the dedup index {self.dedup.path} is not the one this output's finished units were judged against "
+                "(it was deleted or replaced): put that file back, or choose a new --out"
+            )
+        self.manifest.set_meta("dedup_index", self.dedup.id)
 
     def _record(self, batch: list[Unit], position: int, done: set[str], digest: PlanDigest) -> None:
         """Record a batch of the plan (from ``position`` on) in the manifest: a unit whose spec
@@ -220,7 +239,11 @@ class Pipeline:
         that names missing shards."""
         assert self.layout.remote is not None
         present = set(storage.relative_names(self.layout.remote))
+        redone: set[str] = set()
         for record in self.manifest.records(DONE):
+            original = record.retry_of or record.id  # a retry's rows are its unit's
+            if original in redone:
+                continue
             for rel in record.dirs:
                 local = self.layout.root / rel / "index.json"
                 names = ["index.json"]
@@ -230,11 +253,13 @@ class Pipeline:
                 if missing:
                     print(
                         f"unit {record.id}: {len(missing)} of its objects are missing from {self.layout.remote}/{rel}; "
-                        "redoing it",
+                        f"redoing {original}",
                         file=sys.stderr,
                     )
-                    self.manifest.reset(record.retry_of or record.id)  # a retry's rows are its unit's
-                    self.manifest.reset(record.id)
+                    for gone in self.manifest.redo(original):  # with its retry units: it is done again whole
+                        for gone_rel in self.layout.unit_rels(gone):
+                            shutil.rmtree(self.layout.root / gone_rel, ignore_errors=True)
+                    redone.add(original)
                     break
 
     def _columns(self, have_done_units: bool) -> dict[str, str]:
@@ -296,8 +321,8 @@ class Pipeline:
             self._close_progress()
 
     def _full(self, open_units: set[asyncio.Task[None]]) -> bool:
-        """No unit may start now: enough are fetching (units waiting for their turn to commit
-        fetch no more), or too many are uncommitted."""
+        """No unit may start now: enough are fetching (units waiting for their turn to be judged
+        fetch no more), or too many are open."""
         return len(open_units) - self.order.waiting >= MAX_OPEN_UNITS or len(open_units) >= MAX_UNCOMMITTED
 
     async def run_elsewhere(self, todo: AsyncIterator[list[Unit]], submit: Submit, in_flight: int, config: RunConfig) -> None:
@@ -420,11 +445,15 @@ class Pipeline:
             raise
 
     async def _judge(self, ticket: int, unit: Unit, rows: list[KeptRow]) -> dict[int, str]:
-        """--dedup: a unit's duplicates, once every unit scheduled before it is committed; the
-        run's counters move them from kept to their reason."""
+        """--dedup: a unit's duplicates, once every unit scheduled before it was judged (the
+        next may be judged as soon as this one is: its kept images are in the index); the run's
+        counters move them from kept to their reason."""
         assert self.dedup is not None
         await self.order.turn(ticket)
-        duplicates = await asyncio.to_thread(self.dedup.judge, rows)
+        try:
+            duplicates = await asyncio.to_thread(self.dedup.judge, unit.id, rows)
+        finally:
+            self.order.release(ticket)
         for row in rows:
             if row.position in duplicates:
                 self.counters.kept -= 1
@@ -443,8 +472,6 @@ class Pipeline:
     def _commit(self, unit: Unit, result: UnitResult) -> None:
         counts, dirs, failed = result.counts, list(result.dirs), list(result.retryable)
         try:
-            if self.dedup is not None:  # first the index: a unit in it but not done is dropped from it by the next run
-                self.dedup.add(unit.id, result.kept)
             if unit.retry_of is not None:
                 self.manifest.finish_retry(unit.id, unit.retry_of, counts, result.bytes_in, result.bytes_out, dirs, failed)
             else:

@@ -51,7 +51,6 @@ class UnitResult:
     bytes_out: int
     dirs: tuple[str, ...]
     retryable: tuple[tuple[str, str], ...]  # (key, reason) of transient failures, for --retry-failed
-    kept: tuple[KeptRow, ...] = ()  # with --dedup: the rows kept, for the dedup index
 
 
 class UnitFailed(Exception):
@@ -229,8 +228,7 @@ class UnitWork:
         counts["kept"] -= len(dropped)
 
         def result(dirs: list[str]) -> UnitResult:
-            rows = tuple(r for r in kept if r.position not in drop)
-            return UnitResult(unit.id, +counts, bytes_in, writer.bytes, tuple(dirs), tuple(retryable), rows)
+            return UnitResult(unit.id, +counts, bytes_in, writer.bytes, tuple(dirs), tuple(retryable))
 
         finish = functools.partial(writer.finish, [r.where for r in dropped], sum(r.nbytes for r in dropped))
         publish = asyncio.ensure_future(asyncio.to_thread(finish))

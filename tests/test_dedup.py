@@ -108,13 +108,88 @@ def test_two_datasets_sharing_an_index(tmp_path: Path, server: LoopbackServer) -
     owners = dict(db.execute("SELECT owner, COUNT(*) FROM exact GROUP BY owner").fetchall())
     assert owners == {str((tmp_path / "A").resolve()): 4, str((tmp_path / "B").resolve()): 2}
 
+    replaced = tmp_path / "replaced.sqlite"
+    assert (
+        run_fetch(
+            "--dataset", "urls", "--urls", a, "--out", tmp_path / "R", *dedup[:2], "--dedup-index", replaced, *NET
+        ).returncode
+        == 0
+    )
+    replaced.unlink()
     for bad, says in (
         (("--dedup-index", shared), "add --dedup exact"),
         (("--dedup", "exact", "--num-nodes", "2", "--node-rank", "0"), "one machine"),
         (("--dedup", "exact", "--dedup-index", tmp_path), "cannot be used as a dedup index"),
+        (("--dedup", "exact", "--dedup-index", tmp_path / "A" / "manifest.sqlite"), "tables of something else"),
+        (("--dedup", "near", "--dedup-index", shared), "one of --dedup exact"),
+        (("--dedup", "exact", "--dedup-index", "s3://bucket/index.sqlite"), "a path, not a URL"),
     ):
         proc = run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "bad", *bad, "--allow-private-networks")
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "R", *dedup[:2], "--dedup-index", replaced, *NET)
+    assert proc.returncode == 2 and "deleted or replaced" in proc.stderr, proc.stderr  # not silently a new, empty index
+
+
+def test_runs_sharing_an_index_at_once_never_both_keep_an_image(tmp_path: Path, server: LoopbackServer) -> None:
+    """A unit's kept images enter the index in the transaction that judged them: two datasets
+    of the same images, run at the same time, split them between them."""
+    images = [make_image(300 + i % 7 * 10, 300 + i % 5 * 10, seed=5000 + i) for i in range(24)]
+
+    def on_tick(body: bytes) -> object:
+        async def answer(request: web.Request) -> web.Response:  # answers on 0.2 s ticks: units of both runs finish together
+            await asyncio.sleep(0.2 - time.time() % 0.2)
+            return web.Response(body=body, content_type="image/jpeg")
+
+        return answer
+
+    procs = []
+    for name in "AB":
+        for i, body in enumerate(images):
+            server.routes[f"/{name}/{i}.jpg"] = on_tick(body)  # type: ignore[assignment]
+        rows = [{"url": server.url(f"/{name}/{i}.jpg"), "caption": f"{name}{i}"} for i in range(24)]
+        args = ("--urls", write_list(tmp_path / f"{name}.jsonl", rows), "--out", tmp_path / name, "--hashes", "sha256")
+        procs.append(start_fetch("--dataset", "urls", *args, "--dedup", "exact", "--dedup-index", tmp_path / "i.sqlite", *NET))
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0
+    kept = [{r["sha256"] for r in read_mds(tmp_path / name / "mds")} for name in "AB"]
+    assert not kept[0] & kept[1] and len(kept[0] | kept[1]) == 24
+
+
+def test_an_edited_list_is_judged_against_its_new_plan(tmp_path: Path, server: LoopbackServer) -> None:
+    """The first unit gains a copy of an image a far unit kept before the list was edited, and
+    that unit loses it: the copy is kept, because a changed unit leaves the index before any
+    unit is judged (the whole plan is recorded first)."""
+    plan = list(range(80))
+    x = make_image(333, 333, seed=4242)
+    rows = _serve(server, "/e", plan, first_delay=0.05)
+    server.routes["/e/x-old.jpg"] = server.routes["/e/x-new.jpg"] = x
+    rows[78] = {"url": server.url("/e/x-old.jpg"), "caption": "X, last unit"}
+    args = ("--dataset", "urls", "--dedup", "exact", "--allow-private-networks", "--workers", "1", "--unit-size", "2")
+    out = tmp_path / "o"
+    assert run_fetch(*args, "--urls", write_list(tmp_path / "l1.jsonl", rows), "--out", out).returncode == 0
+    edited = [dict(r) for r in rows]
+    edited[0] = {"url": server.url("/e/x-new.jpg"), "caption": "X, first unit"}
+    for row in edited[2:36]:
+        row["caption"] += " (edited)"
+    edited[78] = {"url": server.url("/e/0.jpg"), "caption": "no longer X"}
+    proc = run_fetch(*args, "--urls", write_list(tmp_path / "l2.jsonl", edited), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    captions = _captions(out)
+    assert "X, first unit" in captions and "X, last unit" not in captions
+
+
+def test_a_waiting_scheduler_wakes_for_a_release_made_before_it_first_ran() -> None:
+    from fastfetch.dedup import JudgeOrder
+
+    async def main() -> None:
+        order = JudgeOrder()
+        first, second = order.take(), order.take()
+        woken = asyncio.create_task(order.moved())  # its event is the one current now
+        order.release(first)
+        await asyncio.wait_for(woken, 5)
+        await asyncio.wait_for(order.turn(second), 5)
+
+    asyncio.run(main())
 
 
 def orjson_loads(text: str) -> dict:
@@ -183,6 +258,7 @@ def test_near_duplicates(tmp_path: Path, server: LoopbackServer) -> None:
             _jpeg(im.crop((5, 4, w - 5, h - 4))),
         ]
     bodies.append(bodies[0])
+    bodies += [_jpeg(Image.new("RGB", (300, 300), colour)) for colour in ("white", "red")]  # too plain for a phash: bytes only
     for j, body in enumerate(bodies):
         server.routes[f"/n/{j}.jpg"] = body
     listing = write_list(
@@ -191,7 +267,7 @@ def test_near_duplicates(tmp_path: Path, server: LoopbackServer) -> None:
     out = tmp_path / "o"
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--dedup", "near", *NET)
     assert proc.returncode == 0, proc.stderr
-    assert _captions(out) == ["r0", "r1", "r2", "r3"]
+    assert _captions(out) == ["r0", "r1", "r11", "r12", "r2", "r3"]
     assert stats_of(out)["rejected"] == {"near_duplicate": 6, "duplicate_content": 1}
     exact = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "e", "--dedup", "exact", *NET)
     assert exact.returncode == 0 and len(_captions(tmp_path / "e")) == len(bodies) - 1  # exact: only the same bytes

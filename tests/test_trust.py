@@ -958,10 +958,12 @@ def test_seen_urls_agree_with_a_set() -> None:
 def test_units_whose_objects_disappeared_are_redone(tmp_path: Path, server: LoopbackServer, s3: dict[str, str]) -> None:
     import boto3
 
-    from tests.conftest import fetch_env, serve_numbered
+    from tests.conftest import fetch_env, flaky, make_image, serve_numbered
     from tests.test_scaleout import _remote_rows
 
-    listing = write_list(tmp_path / "l.parquet", serve_numbered(server, "/g", 9))
+    rows = serve_numbered(server, "/g", 9)
+    state, server.routes["/g/4.jpg"] = flaky(make_image(300, 300, seed=4))  # unit 00001 gets a retry unit
+    listing = write_list(tmp_path / "l.parquet", rows)
     args = (
         "--dataset",
         "urls",
@@ -975,7 +977,9 @@ def test_units_whose_objects_disappeared_are_redone(tmp_path: Path, server: Loop
         "3",
         *NET,
     )
-    assert run_fetch(*args, env=fetch_env(**s3)).returncode == 0
+    assert run_fetch(*args, "--retries", "0", env=fetch_env(**s3)).returncode == 0
+    state["down"] = False
+    assert run_fetch(*args, "--retry-failed", env=fetch_env(**s3)).returncode == 0
     bucket = boto3.client(
         "s3",
         endpoint_url=s3["S3_ENDPOINT_URL"],
@@ -987,4 +991,4 @@ def test_units_whose_objects_disappeared_are_redone(tmp_path: Path, server: Loop
     proc = run_fetch(*args, env=fetch_env(**s3))
     assert proc.returncode == 0 and "unit 00001" in proc.stderr, proc.stderr
     got = _remote_rows(s3, "s3://data/gone/mds", tmp_path / "read")
-    assert sorted(r["caption"] for r in got) == sorted(f"c{i}" for i in range(9))
+    assert sorted(r["caption"] for r in got) == sorted(f"c{i}" for i in range(9))  # the retry's row once, with its unit
