@@ -7,7 +7,8 @@
 The planted set is made from the photographs that ship inside scikit-image (nothing is
 downloaded): each photo gives three distinct framings of one scene (60 % crops at different
 places; the stereo pair motorcycle_left/right are two photos of one scene too), each upscaled to
-a 400 px short side. Each framing gets copies: re-encoded at JPEG quality 50, 70 and 85,
+a 600 px short side (so that it is resized to 512 and hashed from the resized pixels, while its
+copies of 480 px or less are kept as they are and hashed from a 1/8 decode). Each framing gets copies: re-encoded at JPEG quality 50, 70 and 85,
 resized to 80, 90 and 95 %, and cropped by 2 and 5 % (centred, and from one corner). Every image
 goes through ``imaging.process_and_hash`` as a resize worker runs it (min 256, max 512), and the
 whole set, shuffled, through ``DedupIndex.judge`` in units of 50, as a run commits them.
@@ -61,7 +62,7 @@ def jpeg(im: Image.Image, quality: int = 90) -> bytes:
 
 
 def framings() -> list[tuple[str, str, Image.Image]]:
-    """(scene, framing name, image): three 60 % crops of each photo, 400 px short side."""
+    """(scene, framing name, image): three 60 % crops of each photo, 600 px short side."""
     out = []
     for name in PHOTOS:
         im = Image.open(skimage_dir() / name).convert("RGB")
@@ -71,7 +72,7 @@ def framings() -> list[tuple[str, str, Image.Image]]:
             cw, ch = int(w * 0.6), int(h * 0.6)
             x, y = int((w - cw) * j / 2), int((h - ch) * ((j * 7) % 3) / 2)
             crop = im.crop((x, y, x + cw, y + ch))
-            scale = 400 / min(crop.size)
+            scale = 600 / min(crop.size)
             out.append(
                 (
                     scene,
@@ -177,8 +178,8 @@ def judge_cost(sizes: list[int]) -> dict[int, float]:
                 "filler", [KeptRow(i, ("", 0), "k", f"{have + i:064x}", f"{int(h):016x}", 0) for i, h in enumerate(hashes)]
             )
             have = size
-            rows = [
-                KeptRow(i, ("", i), "q", f"{10**9 + i:064x}", f"{int(h):016x}", 0)
+            rows = [  # digests of their own, never seen before (an exact duplicate is not searched)
+                KeptRow(i, ("", i), "q", f"{10**12 * size + i:064x}", f"{int(h):016x}", 0)
                 for i, h in enumerate(rng.integers(0, 2**63, 1000))
             ]
             index.judge("warm", rows[:1])  # loads the index's hashes once, as a run does
