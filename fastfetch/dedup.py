@@ -186,10 +186,11 @@ class DedupIndex:
 
         if self._near is None:
             self._near, self._near_seen = _hamming_index(), 0
-        got = self.db.execute("SELECT id, phash FROM near WHERE id > ? ORDER BY id", (self._near_seen,)).fetchall()
-        if got:
-            self._near.add(np.array([h for _, h in got], dtype=np.int64).view(np.uint64))
-            self._near_seen = got[-1][0]
+        rows = self.db.execute("SELECT id, phash FROM near WHERE id > ? ORDER BY id", (self._near_seen,))
+        while chunk := rows.fetchmany(1 << 18):  # a large index is read in pieces, not as one list of tuples
+            pairs = np.array(chunk, dtype=np.int64)
+            self._near.add(pairs[:, 1].view(np.uint64))
+            self._near_seen = int(pairs[-1, 0])
         return self._near
 
     def _tx(self) -> Transaction:

@@ -18,12 +18,13 @@ milliseconds, which on the fetch's event loop would stall every download in flig
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO
 
 import xxhash
 
@@ -128,10 +129,11 @@ class MDSWriter:
         samples = self._samples
         self._samples = []
         self._size = 8 + len(self._config_bytes)
+        sizes = [len(sample) for sample in samples]
         if self._thread is None:
-            self.shards.append(self._write_shard(samples, len(self.shards)))
+            self.shards.append(self._write_shard(sizes, samples, len(self.shards)))
         else:
-            self._pending = self._thread.submit(self._write_shard, samples, len(self.shards))
+            self._pending = self._thread.submit(self._write_shard, sizes, samples, len(self.shards))
 
     def _wait(self) -> None:
         """Let the shard in the thread finish; what it raised (a full disk) fails the writer for good."""
@@ -163,30 +165,44 @@ class MDSWriter:
                 kept_shards.append(shard)
                 continue
             path = os.path.join(self.out, shard["raw_data"]["basename"])
-            with open(path, "rb") as f:
-                data = memoryview(f.read())  # the samples are slices of it, not copies
-            offsets = struct.unpack_from(f"<{n + 1}I", data, 4)
-            samples = [data[offsets[i] : offsets[i + 1]] for i in range(n) if i not in gone]
-            os.unlink(path)
-            if samples:
-                kept_shards.append(self._write_shard(samples, int(shard["raw_data"]["basename"].split(".")[1])))
+            with open(path, "rb") as old:
+                offsets = struct.unpack(f"<{n + 1}I", old.read(4 * (n + 2))[4:])
+                kept = [i for i in range(n) if i not in gone]
+                if kept:  # the kept samples are read one by one while the new shard is written: never the whole file at once
+                    sizes = [offsets[i + 1] - offsets[i] for i in kept]
+                    index = int(shard["raw_data"]["basename"].split(".")[1])
+                    kept_shards.append(self._write_shard(sizes, _read_samples(old, offsets, kept), index, temporary=True))
+                    os.replace(path + ".new", path)
+            if not kept:
+                os.unlink(path)
         self.shards = kept_shards
 
-    def _write_shard(self, samples: Sequence[bytes | memoryview], index: int) -> dict[str, Any]:
-        n = len(samples)
+    def _write_shard(
+        self, sizes: list[int], samples: Iterable[bytes | memoryview], index: int, temporary: bool = False
+    ) -> dict[str, Any]:
+        """Write shard ``index`` of samples of the given sizes (under ``<name>.new`` if
+        ``temporary``), hashing it as it goes."""
+        n = len(sizes)
         offsets = [4 + 4 * (n + 1) + len(self._config_bytes)]
-        for sample in samples:
-            offsets.append(offsets[-1] + len(sample))
-        pieces = [struct.pack(f"<I{n + 1}I", n, *offsets), self._config_bytes, *samples]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
         basename = f"shard.{index:05}.mds"
-        with open(os.path.join(self.out, basename), "wb") as f:
-            f.writelines(pieces)  # the shard is never joined into one more copy
         hashers = [(a, hasher(a)) for a in self.hashes]
-        for piece in pieces:
-            for _, h in hashers:
-                h.update(piece)
-        info = {"basename": basename, "bytes": sum(map(len, pieces)), "hashes": {a: h.hexdigest() for a, h in hashers}}
+        written = 0
+        with open(os.path.join(self.out, basename + (".new" if temporary else "")), "wb") as f:
+            for piece in itertools.chain([struct.pack(f"<I{n + 1}I", n, *offsets), self._config_bytes], samples):
+                f.write(piece)  # the shard is never joined into one more copy
+                written += len(piece)
+                for _, h in hashers:
+                    h.update(piece)
+        info = {"basename": basename, "bytes": written, "hashes": {a: h.hexdigest() for a, h in hashers}}
         return {"samples": n, "raw_data": info, "zip_data": None, **self.config}
+
+
+def _read_samples(f: BinaryIO, offsets: Sequence[int], rows: list[int]) -> Iterator[bytes]:
+    for i in rows:
+        f.seek(offsets[i])
+        yield f.read(offsets[i + 1] - offsets[i])
 
 
 def _encode(encoding: str, value: Any) -> Body:

@@ -54,11 +54,11 @@ class HammingIndex:
             self._recent = grown
         self._recent[self._recent_n : need] = codes
         self._recent_n = need
-        if self._recent_n >= FOLD_AT:
-            self._fold()
 
     def near(self, code: int) -> bool:
         """Whether a stored code is within ``radius`` bits of ``code``."""
+        if self._recent_n >= FOLD_AT:  # folded when asked, so that loading in chunks folds once
+            self._fold()
         q = np.uint64(code)
         recent = self._recent[: self._recent_n]
         if len(recent) and np.bitwise_count(recent ^ q).min() <= self.radius:
