@@ -64,11 +64,6 @@ def sections() -> str:
             rows.append(
                 f"| this session's changes (commit {url['args'].get('before')} → now), same run | {b['kept_per_s']:.1f} → {s['fetch']['kept_per_s']:.1f} kept img/s, CPU {b['cpu_ms_per_url']:.1f} → {s['fetch']['cpu_ms_per_url']:.1f} ms/URL, peak RSS {b['peak_rss_mb']:.0f} → {s['fetch']['peak_rss_mb']:.0f} MB | measured |"
             )
-        if "dedup_rate_ratio" in s:
-            d, f = s["fetch-dedup"], s["fetch"]
-            rows.append(
-                f"| URL mode with `--dedup exact` within 5 % of without (URLs/s; {d['rejected'].get('duplicate_content', 0)} duplicates dropped) | {d['urls_per_s']:.1f} vs {f['urls_per_s']:.1f} URLs/s ({s['dedup_rate_ratio'] - 1:+.1%}), CPU {d['cpu_ms_per_url']:.1f} vs {f['cpu_ms_per_url']:.1f} ms/URL ({s['dedup_cpu_ratio'] - 1:+.1%}) | {verdict(s['dedup_rate_ratio'] >= 0.95)} |"
-            )
         for t in ("fetch", "fetch-before"):
             if f"{t}_cpu_ratio_vs_img2dataset" in s:
                 extra = (
@@ -79,6 +74,12 @@ def sections() -> str:
                 rows.append(
                     f"| (load-robust view) CPU per URL, {t} vs img2dataset | img2dataset uses {s[f'{t}_cpu_ratio_vs_img2dataset']:.2f}× the CPU of {t}{extra} | info |"
                 )
+    if url and "dedup_rate_ratio" in url["summary"]:
+        s = url["summary"]
+        d, f = s["fetch-dedup"], s["fetch"]
+        rows.append(
+            f"| URL mode with `--dedup exact` within 5 % of without (URLs/s; {d['rejected'].get('duplicate_content', 0)} duplicates dropped) | {d['urls_per_s']:.1f} vs {f['urls_per_s']:.1f} URLs/s ({s['dedup_rate_ratio'] - 1:+.1%}), CPU {d['cpu_ms_per_url']:.1f} vs {f['cpu_ms_per_url']:.1f} ms/URL ({s['dedup_cpu_ratio'] - 1:+.1%}) | {verdict(s['dedup_rate_ratio'] >= 0.95)} |"
+        )
     if arch:
         s = arch["summary"]
         for v, name in (("mixed", "LAION-like sizes"), ("sa1b", "SA-1B-like, 1500 px")):
@@ -234,7 +235,8 @@ def sections() -> str:
             "`process_and_hash` as a resize worker runs it, then the set, shuffled, through `DedupIndex.judge` in units of "
             "50 as a run commits them. Precision: of the images dropped, those whose group had an image kept before; "
             "recall: of the images that should go, those dropped. Costs: CPU per corpus image in the worker (median of 5 "
-            "alternating rounds), and `judge` per image against indexes of each size (linear: an exhaustive XOR-popcount).\n"
+            "alternating rounds), `judge` per image, and the near search per query (`nearsearch.HammingIndex`) against "
+            "comparing every kept code.\n"
         )
         out.append(near["text"] + "\n")
     if micro:
