@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="the dedup index file (SQLite) to judge and record kept images in; give several datasets the same file to "
-        "dedup across them (default: dedup.sqlite in --out)",
+        "dedup across them (default: dedup.sqlite beside the manifest: in --out, or in --local-cache for a remote --out)",
     )
     img.add_argument(
         "--resize-filter", choices=sorted(RESIZE_FILTERS), default="bicubic", help="downscaling filter (antialiased)"
@@ -312,7 +312,7 @@ def parse(argv: list[str] | None = None) -> RunConfig:
             hashes=hashes,
             dedup=args.dedup or "",
         ),
-        dedup_index=Path(args.dedup_index).expanduser().absolute() if args.dedup_index else None,
+        dedup_index=Path(args.dedup_index).expanduser().absolute() if args.dedup_index is not None else None,
         workers=args.workers,
         fetch=fetch,
         format=output_format,
@@ -347,6 +347,8 @@ def _check_ray(args: argparse.Namespace) -> None:
 
 
 def _check_dedup(args: argparse.Namespace, node: Node) -> None:
+    if args.dedup_index is not None and not args.dedup_index.strip():
+        raise UsageError("--dedup-index needs a file name (or leave it out: dedup.sqlite beside the manifest)")
     if args.dedup_index is not None and args.dedup is None:
         raise UsageError("--dedup-index is the index of --dedup: add --dedup exact (or near)")
     if args.dedup is None:

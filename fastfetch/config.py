@@ -10,6 +10,7 @@ from typing import Any
 
 from fastfetch import storage
 from fastfetch.dedup import DedupIndex, DedupMode
+from fastfetch.errors import UsageError
 from fastfetch.formats import OutputFormat
 from fastfetch.http import FetchConfig, Fetcher
 from fastfetch.imaging import ResizeConfig
@@ -81,15 +82,16 @@ class RunConfig:
         )
 
     def dedup(self) -> DedupIndex | None:
-        """--dedup's index, opened (None without --dedup); its entries are this output's."""
+        """--dedup's index, opened (None without --dedup). Not part of ``settings``: the index
+        records an id the manifest checks, so the same file under another path is fine."""
         if not self.resize.dedup:
             return None
-        owner = self.output_url if self.remote else str(self.local_root.resolve())
-        return DedupIndex(self.dedup_index or self.default_dedup_index, owner, DedupMode(self.resize.dedup))
-
-    @property
-    def default_dedup_index(self) -> Path:
-        return (self.state_dir / "dedup.sqlite").absolute()
+        path = self.dedup_index or (self.state_dir / "dedup.sqlite").absolute()
+        mds = (self.local_root / "mds").resolve()
+        if path.resolve().is_relative_to(mds):
+            raise UsageError(f"--dedup-index {path} is inside the dataset's MDS folder {mds}: keep it outside")
+        place = self.output_url if self.remote else str(self.local_root.resolve())
+        return DedupIndex(path, place, DedupMode(self.resize.dedup))
 
     def source(self, fetcher: Fetcher) -> Source:
         """The run's source, not yet opened."""
@@ -120,7 +122,6 @@ class RunConfig:
             **({"max_aspect_ratio": self.resize.max_aspect_ratio} if self.resize.max_aspect_ratio is not None else {}),
             **({"hashes": list(self.resize.hashes)} if self.resize.hashes else {}),
             **({"dedup": self.resize.dedup} if self.resize.dedup else {}),
-            **({"dedup_index": str(self.dedup_index)} if self.dedup_index not in (None, self.default_dedup_index) else {}),
             "unit_size": self.unit_size,
             "buckets": list(self.buckets),
             **({"format": self.format.value} if self.format is not OutputFormat.FASTFETCH else {}),

@@ -117,10 +117,11 @@ def process_and_hash(data: bytes, cfg: ResizeConfig) -> Processed:
 
 
 def phash(im: Image.Image) -> str:
-    """The 64-bit DCT perceptual hash of an image, as 16 hex digits (imagehash's ``phash``:
-    near copies differ in a few bits, ``hamming`` counts them); "" for an image too plain to
-    have one (a flat colour, a one-way gradient: most of its coefficients are zero, and
-    comparing zeros with their median would give bits of rounding noise)."""
+    """The 64-bit DCT perceptual hash of an image as 16 hex digits (imagehash's ``phash``: near
+    copies differ in a few bits, ``hamming`` counts them), then its mean colour as 6 (RRGGBB:
+    the hash is of the grey image); "" for an image too plain to have one (a flat colour, a
+    one-way gradient: most of its coefficients are zero, and comparing zeros with their median
+    would give bits of rounding noise)."""
     import numpy as np  # only a --dedup near run pays for numpy in its workers
 
     factor = min(im.size) // 64
@@ -131,12 +132,14 @@ def phash(im: Image.Image) -> str:
     if np.count_nonzero(np.abs(low) > 1e-6 * np.abs(low).max(initial=0.0)) < PHASH_MIN_TERMS:
         return ""
     bits = (low > np.median(low)).ravel()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    colour = np.asarray(im.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    red, green, blue = (int(round(c)) for c in colour)
+    return f"{int(''.join('1' if bit else '0' for bit in bits), 2):016x}{red:02x}{green:02x}{blue:02x}"
 
 
 def hamming(a: str, b: str) -> int:
-    """Bits in which two ``phash`` values differ."""
-    return (int(a, 16) ^ int(b, 16)).bit_count()
+    """Bits in which two ``phash`` values' hashes differ."""
+    return (int(a[:16], 16) ^ int(b[:16], 16)).bit_count()
 
 
 _DCT: list[object] = []
@@ -285,5 +288,5 @@ def _process_open(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Processed:
 
 def _small_phash(im: Image.Image) -> str:
     """The phash of a JPEG not otherwise decoded: at the smallest DCT scale that keeps 32×32."""
-    im.draft("L", (64, 64))
+    im.draft("RGB", (64, 64))  # in colour: the phash carries the mean colour
     return phash(im)

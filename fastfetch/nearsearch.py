@@ -55,26 +55,32 @@ class HammingIndex:
         self._recent[self._recent_n : need] = codes
         self._recent_n = need
 
+    def settle(self) -> None:
+        """Fold the recent codes into the tables if there are many (searching does it too)."""
+        if self._recent_n >= FOLD_AT:
+            self._fold()
+
     def near(self, code: int) -> bool:
         """Whether a stored code is within ``radius`` bits of ``code``."""
-        if self._recent_n >= FOLD_AT:  # folded when asked, so that loading in chunks folds once
-            self._fold()
+        return len(self.within(code)) > 0
+
+    def within(self, code: int) -> Any:
+        """The stored codes within ``radius`` bits of ``code``: their places in the order added."""
+        self.settle()  # folded when asked, so that loading in chunks folds once
         q = np.uint64(code)
         recent = self._recent[: self._recent_n]
-        if len(recent) and np.bitwise_count(recent ^ q).min() <= self.radius:
-            return True
-        if not len(self._tabled):
-            return False
-        subs = np.array([(code >> (BITS * j)) & (BUCKETS - 1) for j in range(SUBSTRINGS)], dtype=np.int64)
-        buckets = ((subs[:, None] ^ self._masks[None, :]) + (np.arange(SUBSTRINGS) * (BUCKETS + 1))[:, None]).ravel()
-        lo, hi = self._starts[buckets], self._starts[buckets + 1]
-        sizes = hi - lo
-        total = int(sizes.sum())
-        if not total:
-            return False
-        # the concatenation of the ranges lo[i]:hi[i], without a Python loop
-        found = np.repeat(lo - (np.cumsum(sizes) - sizes), sizes) + np.arange(total)
-        return bool(np.bitwise_count(self._tabled[self._order[found]] ^ q).min() <= self.radius)
+        hits = [np.flatnonzero(np.bitwise_count(recent ^ q) <= self.radius) + len(self._tabled)]
+        if len(self._tabled):
+            subs = np.array([(code >> (BITS * j)) & (BUCKETS - 1) for j in range(SUBSTRINGS)], dtype=np.int64)
+            buckets = ((subs[:, None] ^ self._masks[None, :]) + (np.arange(SUBSTRINGS) * (BUCKETS + 1))[:, None]).ravel()
+            lo, hi = self._starts[buckets], self._starts[buckets + 1]
+            sizes = hi - lo
+            total = int(sizes.sum())
+            if total:
+                # the concatenation of the ranges lo[i]:hi[i], without a Python loop
+                found = self._order[np.repeat(lo - (np.cumsum(sizes) - sizes), sizes) + np.arange(total)]
+                hits.insert(0, np.unique(found[np.bitwise_count(self._tabled[found] ^ q) <= self.radius]))
+        return np.concatenate(hits).astype(np.int64)
 
     def _fold(self) -> None:
         """Rebuild the tables over every code (a sort per substring, radix: linear)."""

@@ -15,6 +15,7 @@ import re
 import shutil
 import sqlite3
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -188,7 +189,8 @@ class Pipeline:
         return self._todo(recorded, selection, done)
 
     def _check_dedup_index(self, have_done_units: bool) -> None:
-        """The dedup index is the one the done units were judged against (not deleted, not replaced)."""
+        """The dedup index is the one the done units were judged against (not deleted, not
+        replaced), and this dataset's entries are filed under the owner id its manifest keeps."""
         assert self.dedup is not None
         known = self.manifest.get_meta("dedup_index")
         if have_done_units and known is not None and known != self.dedup.id:
@@ -197,6 +199,16 @@ class Pipeline:
                 "(it was deleted or replaced): put that file back, or choose a new --out"
             )
         self.manifest.set_meta("dedup_index", self.dedup.id)
+        owner = self.manifest.get_meta("dedup_owner")
+        if owner is None:
+            owner = uuid.uuid4().hex
+            self.manifest.set_meta("dedup_owner", owner)
+        self.dedup.claim(owner, fresh=not have_done_units)
+        if have_done_units and not self.dedup.holds_any() and any(r.counts.get("kept") for r in self.manifest.records(DONE)):
+            raise UsageError(
+                f"the dedup index {self.dedup.path} no longer holds this output's kept images (a dataset rebuilt where this "
+                "one was before took them back): choose a new --out, or rebuild this one from scratch"
+            )
 
     def _record(self, batch: list[Unit], position: int, done: set[str], digest: PlanDigest) -> None:
         """Record a batch of the plan (from ``position`` on) in the manifest: a unit whose spec
@@ -204,7 +216,9 @@ class Pipeline:
         digest.update(batch)
         self.confirmed.update(u.id for u in batch)
         changed = self.manifest.sync_plan(batch, position)
-        if self.dedup is not None:
+        if self.dedup is not None and changed:
+            for dependent in sorted(self.dedup.dependents(changed) & done):  # they dropped images a changed unit had kept
+                changed += self.manifest.redo(self.manifest.unit(dependent).retry_of or dependent)
             self.dedup.forget(changed)
         for changed_id in changed:
             done.discard(changed_id)
@@ -487,7 +501,7 @@ class Pipeline:
         done = self.manifest.records(DONE)
         kept = sum(r.counts.get("kept", 0) for r in done)
         per_image = sum(r.bytes_out for r in done) / kept if kept else 100_000
-        needed = int(per_image * (unit.rows or 10_000) * MAX_OPEN_UNITS)
+        needed = int(per_image * (unit.rows or 10_000) * (MAX_UNCOMMITTED if self.dedup is not None else MAX_OPEN_UNITS))
         path = getattr(exc, "filename", None) or getattr(exc.__cause__, "filename", None) or self.layout.root
         raise DiskFull(Path(path), needed) from exc
 

@@ -105,8 +105,8 @@ def test_two_datasets_sharing_an_index(tmp_path: Path, server: LoopbackServer) -
     assert run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "A", *dedup).returncode == 0
     assert _captions(tmp_path / "A") == ["r0", "r1", "r2", "r3"]
     db = sqlite3.connect(shared)
-    owners = dict(db.execute("SELECT owner, COUNT(*) FROM exact GROUP BY owner").fetchall())
-    assert owners == {str((tmp_path / "A").resolve()): 4, str((tmp_path / "B").resolve()): 2}
+    places = dict(db.execute("SELECT place, COUNT(*) FROM exact JOIN owners USING (owner) GROUP BY place").fetchall())
+    assert places == {str((tmp_path / "A").resolve()): 4, str((tmp_path / "B").resolve()): 2}
 
     replaced = tmp_path / "replaced.sqlite"
     assert (
@@ -123,6 +123,8 @@ def test_two_datasets_sharing_an_index(tmp_path: Path, server: LoopbackServer) -
         (("--dedup", "exact", "--dedup-index", tmp_path / "A" / "manifest.sqlite"), "tables of something else"),
         (("--dedup", "near", "--dedup-index", shared), "one of --dedup exact"),
         (("--dedup", "exact", "--dedup-index", "s3://bucket/index.sqlite"), "a path, not a URL"),
+        (("--dedup", "exact", "--dedup-index", ""), "needs a file name"),
+        (("--dedup", "exact", "--dedup-index", tmp_path / "bad" / "mds" / "i.sqlite"), "inside the dataset's MDS folder"),
     ):
         proc = run_fetch("--dataset", "urls", "--urls", a, "--out", tmp_path / "bad", *bad, "--allow-private-networks")
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -176,6 +178,29 @@ def test_an_edited_list_is_judged_against_its_new_plan(tmp_path: Path, server: L
     assert proc.returncode == 0, proc.stderr
     captions = _captions(out)
     assert "X, first unit" in captions and "X, last unit" not in captions
+
+
+def test_a_moved_dataset_keeps_its_entries_and_an_edit_reopens_what_it_dropped(tmp_path: Path, server: LoopbackServer) -> None:
+    """The index knows a dataset by the id its manifest keeps, not by its folder: moved, it
+    resumes as itself. An edited unit that had kept an image reopens the units that dropped
+    their copies of it: one of them keeps it now."""
+    import shutil
+
+    plan = [0, 1, 2, 3] + [4, 0, 5, 6] + [7, 8, 9, 10]
+    rows = _serve(server, "/m", plan, first_delay=0)
+    args = ("--dataset", "urls", "--dedup", "exact", "--allow-private-networks", "--workers", "1", "--unit-size", "4")
+    assert run_fetch(*args, "--urls", write_list(tmp_path / "l1.jsonl", rows), "--out", tmp_path / "a").returncode == 0
+    assert "r5" not in _captions(tmp_path / "a")  # unit 1's copy of image 0
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    server.routes["/m/new.jpg"] = make_image(290, 310, seed=99)
+    edited = [dict(r) for r in rows]
+    edited[0] = {"url": server.url("/m/new.jpg"), "caption": "image 0 replaced"}
+    proc = run_fetch(*args, "--urls", write_list(tmp_path / "l2.jsonl", edited), "--out", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    fresh = tmp_path / "fresh"
+    assert run_fetch(*args, "--urls", tmp_path / "l2.jsonl", "--out", fresh).returncode == 0
+    assert _captions(tmp_path / "b") == _captions(fresh) and "r5" in _captions(fresh)
+    assert stats_of(tmp_path / "b")["rejected"] == stats_of(fresh)["rejected"] == {}
 
 
 def test_a_waiting_scheduler_wakes_for_a_release_made_before_it_first_ran() -> None:
@@ -239,6 +264,15 @@ def _photo(seed: int) -> Image.Image:
     return im
 
 
+def _shirt(colour: str) -> Image.Image:
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (400, 400), "white")
+    outline = [(100, 80), (300, 80), (360, 160), (300, 180), (300, 360), (100, 360), (100, 180), (40, 160)]
+    ImageDraw.Draw(im).polygon(outline, fill=colour)
+    return im
+
+
 def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
     out = io.BytesIO()
     im.save(out, "JPEG", quality=quality)
@@ -259,6 +293,7 @@ def test_near_duplicates(tmp_path: Path, server: LoopbackServer) -> None:
         ]
     bodies.append(bodies[0])
     bodies += [_jpeg(Image.new("RGB", (300, 300), colour)) for colour in ("white", "red")]  # too plain for a phash: bytes only
+    bodies += [_jpeg(_shirt(colour)) for colour in ("red", "blue")]  # one shape, two colours: two images
     for j, body in enumerate(bodies):
         server.routes[f"/n/{j}.jpg"] = body
     listing = write_list(
@@ -267,7 +302,7 @@ def test_near_duplicates(tmp_path: Path, server: LoopbackServer) -> None:
     out = tmp_path / "o"
     proc = run_fetch("--dataset", "urls", "--urls", listing, "--out", out, "--dedup", "near", *NET)
     assert proc.returncode == 0, proc.stderr
-    assert _captions(out) == ["r0", "r1", "r11", "r12", "r2", "r3"]
+    assert _captions(out) == ["r0", "r1", "r11", "r12", "r13", "r14", "r2", "r3"]
     assert stats_of(out)["rejected"] == {"near_duplicate": 6, "duplicate_content": 1}
     exact = run_fetch("--dataset", "urls", "--urls", listing, "--out", tmp_path / "e", "--dedup", "exact", *NET)
     assert exact.returncode == 0 and len(_captions(tmp_path / "e")) == len(bodies) - 1  # exact: only the same bytes
