@@ -65,7 +65,8 @@ class HammingIndex:
         return len(self.within(code)) > 0
 
     def within(self, code: int) -> Any:
-        """The stored codes within ``radius`` bits of ``code``: their places in the order added."""
+        """The stored codes within ``radius`` bits of ``code``: their places in the order added
+        (a place may repeat: a code can be found through more than one substring)."""
         self.settle()  # folded when asked, so that loading in chunks folds once
         q = np.uint64(code)
         recent = self._recent[: self._recent_n]
@@ -79,8 +80,8 @@ class HammingIndex:
             if total:
                 # the concatenation of the ranges lo[i]:hi[i], without a Python loop
                 found = self._order[np.repeat(lo - (np.cumsum(sizes) - sizes), sizes) + np.arange(total)]
-                hits.insert(0, np.unique(found[np.bitwise_count(self._tabled[found] ^ q) <= self.radius]))
-        return np.concatenate(hits).astype(np.int64)
+                hits.insert(0, found[np.bitwise_count(self._tabled[found] ^ q) <= self.radius].astype(np.int64))
+        return np.concatenate(hits)
 
     def _fold(self) -> None:
         """Rebuild the tables over every code (a sort per substring, radix: linear)."""

@@ -94,11 +94,11 @@ def test_a_shard_lost_in_the_writer_thread_fails_the_unit(tmp_path: Path, server
     monkeypatch.setattr(mds, "SHARD_BYTES", 1)  # a shard per image
     real, calls = mdswriter.MDSWriter._write_shard, []
 
-    def write_shard(self, samples, index):  # noqa: ANN001 - the first shard meets a full disk, the rest do not
-        calls.append(index)
+    def write_shard(self, *args, **kwargs):  # noqa: ANN002, ANN003 - the first shard meets a full disk, the rest do not
+        calls.append(args)
         if len(calls) == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, samples, index)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(mdswriter.MDSWriter, "_write_shard", write_shard)
     with pytest.raises(UnitFailed) as failed:
