@@ -294,8 +294,10 @@ def test_at_most_four_archives_are_spooled_at_once(tmp_path: Path, server: Loopb
 
     def watch() -> None:
         while not stop.is_set():
-            if spool.is_dir():
+            try:
                 most[0] = max(most[0], sum(1 for p in spool.rglob("*.parquet*") if p.is_file()))
+            except FileNotFoundError:  # a spool folder removed while it was being listed: look again
+                pass
             stop.wait(0.002)
 
     watcher = threading.Thread(target=watch)
